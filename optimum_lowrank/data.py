@@ -1,0 +1,270 @@
+"""Text and sentence-pair sources for evaluation and calibration.
+
+- :func:`load_text` reads calibration or evaluation text: a text file, a
+  Hugging Face data set (``datasets:NAME[:CONFIG][:SPLIT]``, optional dependency) or,
+  by default, :func:`default_text`, English prose shipped with Python itself.
+- :func:`load_sts_pairs` reads STS Benchmark sentence pairs with gold scores.
+- :func:`token_windows` tokenizes a text once and cuts fixed-length windows.
+- :func:`shared_data_dir` locates the real data sets used by tests and benchmarks.
+
+Nothing heavy happens at import time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from optimum_lowrank.errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "default_text",
+    "load_sts_pairs",
+    "load_text",
+    "shared_data_dir",
+    "token_windows",
+]
+
+_DATASETS_PREFIX = "datasets:"
+
+
+def default_text() -> tuple[str, str]:
+    """English prose that ships with every Python install, for data-free calibration.
+
+    The values of ``pydoc_data.topics.topics``: the Python language reference
+    sections that ``help()`` shows (about 0.5-0.8 M characters, depending on the
+    Python version), joined by blank lines in sorted key order.
+
+    Returns
+    -------
+    text : str
+    description : str
+        Says where the text comes from and its length in characters.
+
+    Raises
+    ------
+    DataError
+        If this Python was built without ``pydoc_data`` (some minimal distributions).
+    """
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as exc:  # pragma: no cover - stripped Python builds
+        raise DataError(
+            "this Python has no pydoc_data module for the default text; pass a text file instead"
+        ) from exc
+    text = "\n\n".join(topics[key].strip() for key in sorted(topics))
+    return text, f"Python reference documentation (pydoc_data.topics, {len(text):,} characters)"
+
+
+def load_text(source: str | os.PathLike | None) -> tuple[str, str]:
+    """Load evaluation or calibration text.
+
+    Parameters
+    ----------
+    source : str, PathLike or None
+        - ``None``: :func:`default_text`;
+        - ``"datasets:NAME[:CONFIG][:SPLIT]"``: a Hugging Face data set (needs the
+          optional ``datasets`` package; SPLIT defaults to ``test``), its ``text``
+          column (or first string column) joined by newlines, e.g.
+          ``datasets:wikitext:wikitext-2-raw-v1:test``;
+        - otherwise a path to a UTF-8 text file, read with universal newlines.
+
+    Returns
+    -------
+    text : str
+    description : str
+        Human description of the source, e.g. ``"wiki.test.raw (1,288,556 characters)"``.
+
+    Raises
+    ------
+    DataError
+        If the file does not exist, is not a file, cannot be decoded, or holds only
+        whitespace; if ``datasets`` is not installed or the data set cannot be loaded.
+    """
+    if source is None:
+        return default_text()
+    text_source = os.fspath(source)
+    if text_source.startswith(_DATASETS_PREFIX):
+        return _load_hf_text(text_source[len(_DATASETS_PREFIX):])
+    path = Path(text_source).expanduser()
+    if not path.exists():
+        raise DataError(f"text file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise DataError(f"text source {str(path)!r} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"text file {str(path)!r} is not UTF-8: {exc}") from exc
+    if not text.strip():
+        raise DataError(f"text file {str(path)!r} is empty")
+    return text, f"{path.name} ({len(text):,} characters, {path.resolve()})"
+
+
+def _load_hf_text(spec: str) -> tuple[str, str]:
+    parts = spec.split(":")
+    if not parts[0] or len(parts) > 3:
+        raise DataError(f"expected datasets:NAME[:CONFIG][:SPLIT], got {_DATASETS_PREFIX}{spec!r}")
+    name = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "test"
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError(
+            f"text source {_DATASETS_PREFIX}{spec} needs the optional 'datasets' package: pip install datasets"
+        ) from exc
+    try:
+        dataset = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types (network, missing config)
+        raise DataError(f"cannot load data set {name!r} (config {config!r}, split {split!r}): {exc}") from exc
+    columns = [c for c, f in dataset.features.items() if getattr(f, "dtype", None) == "string"]
+    if not columns:
+        raise DataError(f"data set {name!r} has no string column (columns: {list(dataset.features)})")
+    column = "text" if "text" in columns else columns[0]
+    text = "\n".join(dataset[column])
+    if not text.strip():
+        raise DataError(f"data set {name!r} split {split!r} column {column!r} is empty")
+    label = ":".join(p for p in (name, config, split) if p)
+    return text, f"{label} column {column!r} ({len(text):,} characters, Hugging Face datasets)"
+
+
+def load_sts_pairs(path: str | os.PathLike) -> list[tuple[str, str, float]]:
+    """Read STS Benchmark sentence pairs with their gold similarity.
+
+    Two layouts are accepted:
+
+    - the original release (``sts-dev.tsv``): no header, tab-separated
+      ``genre, file, year, id, score, sentence1, sentence2``; extra trailing columns
+      (a few rows carry two) are ignored;
+    - a TSV with a header row naming ``sentence1``, ``sentence2`` and one of
+      ``score``, ``label`` or ``similarity_score`` (GLUE / datasets exports).
+
+    Fields are split on tabs only (no CSV quoting: the sentences contain quotes).
+
+    Parameters
+    ----------
+    path : str or PathLike
+
+    Returns
+    -------
+    list of (sentence1, sentence2, score)
+        ``score`` as in the file (0-5 for STS-B), in file order.
+
+    Raises
+    ------
+    DataError
+        If the file is missing or has no pairs, or a row has too few columns or a
+        score that is not a finite number (the message gives the line number).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"STS pairs file {str(path)!r} does not exist")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = [(number, line.split("\t")) for number, line in enumerate(lines, 1) if line.strip()]
+    if not rows:
+        raise DataError(f"STS pairs file {str(path)!r} is empty")
+
+    header = [h.strip().lower() for h in rows[0][1]]
+    if "sentence1" in header and "sentence2" in header:
+        score_names = [n for n in ("score", "label", "similarity_score") if n in header]
+        if not score_names:
+            raise DataError(
+                f"{str(path)!r}: the header has sentence1/sentence2 but no score column "
+                "(expected one of score, label, similarity_score)"
+            )
+        i_score, i_s1, i_s2 = header.index(score_names[0]), header.index("sentence1"), header.index("sentence2")
+        rows = rows[1:]
+    else:
+        i_score, i_s1, i_s2 = 4, 5, 6
+
+    needed = max(i_score, i_s1, i_s2) + 1
+    pairs: list[tuple[str, str, float]] = []
+    for number, fields in rows:
+        if len(fields) < needed:
+            raise DataError(f"{str(path)!r} line {number}: {len(fields)} tab-separated fields, expected at least {needed}")
+        try:
+            score = float(fields[i_score])
+        except ValueError:
+            score = math.nan
+        if not math.isfinite(score):
+            raise DataError(f"{str(path)!r} line {number}: score {fields[i_score]!r} is not a finite number")
+        pairs.append((fields[i_s1].strip(), fields[i_s2].strip(), score))
+    if not pairs:
+        raise DataError(f"STS pairs file {str(path)!r} has a header but no pairs")
+    return pairs
+
+
+def shared_data_dir() -> Path | None:
+    """Locate the shared real data sets (WikiText-2, STS-B, SST-2) for tests and benchmarks.
+
+    Looks, in order, at ``$OPTIMUM_LOWRANK_DATA``, ``<project root>/../shared/data``
+    and ``<project root>/shared/data``, where the project root is the folder
+    holding the ``optimum_lowrank`` package (a source checkout).
+
+    Returns
+    -------
+    Path or None
+        The first of those folders that exists, or None.
+    """
+    env = os.environ.get("OPTIMUM_LOWRANK_DATA")
+    candidates = [Path(env).expanduser()] if env else []
+    root = Path(__file__).resolve().parent.parent
+    candidates += [root.parent / "shared" / "data", root / "shared" / "data"]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def token_windows(
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    seq_len: int,
+    max_windows: int,
+    stride: int | None = None,
+) -> torch.LongTensor:
+    """Tokenize ``text`` once (no special tokens) and cut it into fixed windows.
+
+    Window ``i`` holds tokens ``[i * stride, i * stride + seq_len)``; only full
+    windows are returned, at most ``max_windows`` of them, from the start of the text.
+
+    Parameters
+    ----------
+    tokenizer : PreTrainedTokenizerBase
+    text : str
+    seq_len : int, >= 1
+        Tokens per window.
+    max_windows : int, >= 1
+    stride : int, >= 1, optional
+        Tokens between window starts; defaults to ``seq_len`` (no overlap).
+
+    Returns
+    -------
+    torch.LongTensor, shape (n_windows, seq_len)
+        ``1 <= n_windows <= max_windows``.
+
+    Raises
+    ------
+    ValueError
+        If ``seq_len``, ``max_windows`` or ``stride`` is below 1.
+    DataError
+        If the text has fewer than ``seq_len`` tokens.
+    """
+    import torch
+
+    stride = seq_len if stride is None else stride
+    for name, value in (("seq_len", seq_len), ("max_windows", max_windows), ("stride", stride)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    if len(ids) < seq_len:
+        raise DataError(f"the text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}")
+    n = min(max_windows, (len(ids) - seq_len) // stride + 1)
+    tensor = torch.tensor(ids, dtype=torch.long)
+    return torch.stack([tensor[i * stride : i * stride + seq_len] for i in range(n)])

@@ -1,0 +1,67 @@
+"""Typed errors raised by optimum-lowrank.
+
+Every error the library raises on bad input derives from :class:`LowRankError`,
+so a caller (or the CLI) can catch one type and print its message, which names
+the offending field and the allowed values.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from optimum_lowrank.report import OptimizationReport
+
+
+class LowRankError(Exception):
+    """Base class of every error raised by optimum-lowrank on bad input."""
+
+
+class RecipeError(LowRankError, ValueError):
+    """A recipe is malformed: bad YAML, unknown key, unknown pass, value out of range."""
+
+
+class UnknownPassError(RecipeError):
+    """A recipe names a pass id that no registered plugin provides."""
+
+
+class DuplicatePassError(LowRankError):
+    """Two plugins register a pass under the same id."""
+
+
+class TargetError(RecipeError):
+    """A pass target matches no module, or only modules of a type the pass cannot handle."""
+
+
+class PassError(LowRankError, ValueError):
+    """A pass cannot be applied to the module it was given (rank out of range, ...)."""
+
+
+class ModelLoadError(LowRankError):
+    """A model specification does not resolve to a loadable model."""
+
+
+class DataError(LowRankError, ValueError):
+    """Evaluation or calibration data is missing, empty or malformed."""
+
+
+class ExportError(LowRankError):
+    """ONNX export, checking, parity or quantization failed."""
+
+
+class OutputExistsError(LowRankError):
+    """The output folder exists and is not empty (pass ``overwrite=True``)."""
+
+
+class AccuracyError(LowRankError):
+    """The compressed model failed the recipe's accuracy gate.
+
+    Attributes
+    ----------
+    report : OptimizationReport
+        The full report, with every accuracy figure measured before the gate failed.
+    """
+
+    def __init__(self, message: str, report: OptimizationReport):
+        super().__init__(message)
+        self.report = report

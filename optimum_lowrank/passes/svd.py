@@ -1,0 +1,224 @@
+"""Truncated SVD of linear layers and token embeddings: the baseline every other pass is measured against.
+
+``W (out x in) ~= A B`` with ``A = U_r sqrt(S_r)``, ``B = sqrt(S_r) V_r^T``, stored as
+two linear layers (``in -> r`` without bias, ``r -> out`` with the original bias);
+an embedding table ``E (V x d)`` becomes ``nn.Embedding(V, r)`` followed by
+``nn.Linear(r, d, bias=False)``.
+
+Recipe
+------
+.. code-block:: yaml
+
+    - {pass: svd, targets: ["re:.*intermediate\\\\.dense"], rank_ratio: 0.5}
+    - {pass: svd, targets: [model.embed_tokens], compression_ratio: 4}   # tied LM head shares the factors
+
+References
+----------
+.. [1] Eckart, Young, "The approximation of one matrix by another of lower rank", Psychometrika, 1936.
+.. [2] Wang et al., "SVD-LLM: Truncation-aware Singular Value Decomposition for
+   Large Language Model Compression", arXiv 2403.07378 (plain SVD as the baseline, Table 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from optimum_lowrank.errors import PassError
+from optimum_lowrank.hookspecs import hookimpl
+from optimum_lowrank.layers.lowrank import LowRankEmbedding, LowRankHead, LowRankLinear, linear_weight, split_factors
+from optimum_lowrank.passes.base import CompressionPass, PassConfig, PassContext
+from optimum_lowrank.report import LayerReport
+
+__all__ = ["SVDConfig", "SVDPass", "choose_rank", "tied_output_head"]
+
+RANK_OPTIONS = ("rank", "rank_ratio", "compression_ratio", "energy")
+
+
+class SVDConfig(PassConfig):
+    """Options of the ``svd`` pass. Exactly one of the four rank options is set.
+
+    Attributes
+    ----------
+    rank : int >= 1
+        The same rank for every target. Refused (error) where it would not reduce
+        the layer's parameters or exceeds ``min(out_features, in_features)``.
+    rank_ratio : float in (0, 1]
+        Rank as a fraction of ``min(out_features, in_features)``, rounded, at least 1.
+    compression_ratio : float > 1
+        Parameters before / after per layer: ``r = floor(out * in / (ratio * (out + in)))``.
+    energy : float in (0, 1]
+        Smallest rank keeping this fraction of the sum of squared singular values.
+    tied_head : {"shared", "untie"}
+        For an input embedding tied to the output head: ``shared`` (default) makes the
+        head reuse the factors, ``logits = (h P) A^T``, so the savings are real;
+        ``untie`` keeps a dense copy of the original head (saves only the input side).
+
+    With ``rank_ratio``, ``compression_ratio`` or ``energy``, a layer whose rank would
+    not reduce its parameters is skipped with a report line.
+    """
+
+    rank: int | None = Field(None, ge=1)
+    rank_ratio: float | None = Field(None, gt=0, le=1)
+    compression_ratio: float | None = Field(None, gt=1)
+    energy: float | None = Field(None, gt=0, le=1)
+    tied_head: Literal["shared", "untie"] = "shared"
+
+    @model_validator(mode="after")
+    def _exactly_one_rank_option(self) -> SVDConfig:
+        given = [name for name in RANK_OPTIONS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of {', '.join(RANK_OPTIONS)}; got {', '.join(given) or 'none'}")
+        return self
+
+
+def choose_rank(config: SVDConfig, shape: tuple[int, int], singular_values: Tensor | None = None) -> int:
+    """The rank ``config`` asks for on an ``(m, n)`` matrix.
+
+    Parameters
+    ----------
+    config : SVDConfig
+    shape : (m, n)
+    singular_values : Tensor of shape (min(m, n),), descending
+        Needed for ``energy``.
+
+    Returns
+    -------
+    int, >= 1 (may exceed the break-even rank; the caller decides to skip or refuse).
+
+    Raises
+    ------
+    PassError
+        If ``rank`` exceeds ``min(m, n)``.
+    """
+    m, n = shape
+    full = min(m, n)
+    if config.rank is not None:
+        if config.rank > full:
+            raise PassError(f"rank {config.rank} exceeds min(out, in) = {full} of a {m}x{n} weight; valid ranks: 1..{full}")
+        return config.rank
+    if config.rank_ratio is not None:
+        return max(1, round(config.rank_ratio * full))
+    if config.compression_ratio is not None:
+        return max(1, math.floor(m * n / (config.compression_ratio * (m + n))))
+    assert singular_values is not None and config.energy is not None
+    energy = singular_values.double().square().cumsum(0)
+    kept = energy / energy[-1]
+    return min(full, int(torch.searchsorted(kept, torch.tensor(config.energy, dtype=kept.dtype) - 1e-12).item()) + 1)
+
+
+def tied_output_head(model: nn.Module, embedding: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(name, module)`` of the output head sharing ``embedding.weight``, or None if untied."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None or getattr(head, "weight", None) is not embedding.weight:
+        return None
+    name = next(name for name, module in model.named_modules() if module is head)
+    return name, head
+
+
+class SVDPass(CompressionPass):
+    """Truncated SVD of ``nn.Linear``, GPT-2 ``Conv1D`` and ``nn.Embedding`` at a chosen rank.
+
+    A factorization pays off only when ``r < out * in / (out + in)``; below that
+    break-even the layer is replaced, above it the layer is skipped (or, for an
+    explicit ``rank``, refused). See :class:`SVDConfig` for the options and the
+    module docstring for the recipe syntax and references.
+    """
+
+    name = "svd"
+    config_class = SVDConfig
+    target_types = (nn.Linear, "Conv1D", nn.Embedding)
+    summary = "truncated SVD of Linear / Conv1D / Embedding (rank, rank_ratio, compression_ratio or energy)"
+
+    config: SVDConfig
+
+    def apply(self, model: nn.Module, targets: dict[str, nn.Module], context: PassContext) -> list[LayerReport]:
+        reports = []
+        for name, module in targets.items():
+            if isinstance(module, nn.Embedding):
+                reports.append(self._embedding(model, name, module))
+            else:
+                reports.append(self._linear(model, name, module))
+        return reports
+
+    def _decompose(self, name: str, weight: Tensor) -> tuple[int, tuple[Tensor, Tensor, Tensor]] | tuple[int, None]:
+        m, n = weight.shape
+        if not torch.isfinite(weight).all():
+            raise PassError(f"{name}: weight contains NaN or inf; cannot factorize")
+        svd = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+        rank = choose_rank(self.config, (m, n), svd[1])
+        if rank * (m + n) >= m * n:
+            if self.config.rank is not None:
+                raise PassError(
+                    f"{name}: rank {rank} would not reduce a {m}x{n} layer "
+                    f"({rank * (m + n):,} >= {m * n:,} parameters); use rank < {m * n / (m + n):.1f}"
+                )
+            return rank, None
+        return rank, svd
+
+    def _linear(self, model: nn.Module, name: str, module: nn.Module) -> LayerReport:
+        weight, bias = linear_weight(module)
+        before = sum(p.numel() for p in module.parameters())
+        rank, svd = self._decompose(name, weight)
+        if svd is None:
+            return LayerReport(name, type(module).__name__, "skipped", before, before, rank, _break_even_note(rank, weight.shape))
+        layer = LowRankLinear(weight.shape[1], weight.shape[0], rank, bias=bias is not None)
+        layer.load_factors(*split_factors(*svd, rank), bias).to(weight.dtype)
+        model.set_submodule(name, layer)
+        error = _relative_error(svd[1], rank)
+        return LayerReport(name, type(module).__name__, "factorized", before, sum(p.numel() for p in layer.parameters()), rank, metrics={"relative_error": error})
+
+    def _embedding(self, model: nn.Module, name: str, module: nn.Embedding) -> LayerReport:
+        head = tied_output_head(model, module)
+        before = module.weight.numel()
+        rank, svd = self._decompose(name, module.weight)
+        if svd is None:
+            return LayerReport(name, "Embedding", "skipped", before, before, rank, _break_even_note(rank, module.weight.shape))
+        layer = LowRankEmbedding(module.num_embeddings, module.embedding_dim, rank, padding_idx=module.padding_idx)
+        a, b = split_factors(*svd, rank)
+        with torch.no_grad():
+            layer.codes.weight.copy_(a)
+            layer.proj.weight.copy_(b.t())
+        layer.to(module.weight.dtype)
+        after = sum(p.numel() for p in layer.parameters())
+        note = ""
+        if head is not None:
+            head_name, head_module = head
+            bias = getattr(head_module, "bias", None)
+            if self.config.tied_head == "shared":
+                model.set_submodule(head_name, LowRankHead(layer, bias))
+                note = f"tied output head {head_name!r} shares the factors (logits = (h P) A^T)"
+            else:
+                dense = nn.Linear(module.embedding_dim, module.num_embeddings, bias=bias is not None)
+                with torch.no_grad():
+                    dense.weight.copy_(module.weight)
+                    if bias is not None:
+                        dense.bias.copy_(bias)
+                model.set_submodule(head_name, dense.to(module.weight.dtype))
+                after += before
+                note = f"tied output head {head_name!r} untied and kept dense ({before:,} parameters stay)"
+            if getattr(model, "config", None) is not None:
+                model.config.tie_word_embeddings = False
+        model.set_submodule(name, layer)
+        return LayerReport(name, "Embedding", "factorized", before, after, rank, note, {"relative_error": _relative_error(svd[1], rank)})
+
+
+def _relative_error(singular_values: Tensor, rank: int) -> float:
+    """``||W - W_r||_F / ||W||_F`` from the singular values (Eckart-Young)."""
+    energy = singular_values.double().square()
+    return float((energy[rank:].sum() / energy.sum()).sqrt())
+
+
+def _break_even_note(rank: int, shape: tuple[int, int] | torch.Size) -> str:
+    m, n = shape
+    return f"rank {rank} would not reduce a {m}x{n} layer (break-even rank {m * n / (m + n):.1f})"
+
+
+@hookimpl
+def lowrank_register_passes(register) -> None:
+    register(SVDPass)

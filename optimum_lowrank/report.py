@@ -1,0 +1,178 @@
+"""The optimization report: dataclasses that serialise to JSON and render as a console table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["AccuracyReport", "ExportReport", "LayerReport", "OptimizationReport", "PassReport", "format_table"]
+
+
+@dataclass
+class LayerReport:
+    """What a pass did to one module.
+
+    Attributes
+    ----------
+    name : str
+        Qualified module name.
+    module_type : str
+    action : str
+        ``factorized``, ``replaced`` or ``skipped``.
+    params_before, params_after : int
+        Parameters of the module (after = before when skipped).
+    rank : int or None
+    note : str
+        Why a layer was skipped, tied-head handling, errors measured, ...
+    """
+
+    name: str
+    module_type: str
+    action: str
+    params_before: int
+    params_after: int
+    rank: int | None = None
+    note: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PassReport:
+    """One recipe step: the layers it touched, the model's parameter count before/after, seconds."""
+
+    pass_id: str
+    config: dict[str, Any]
+    layers: list[LayerReport]
+    model_params_before: int
+    model_params_after: int
+    seconds: float
+
+    @property
+    def touched(self) -> int:
+        return sum(layer.action != "skipped" for layer in self.layers)
+
+
+@dataclass
+class AccuracyReport:
+    """The accuracy gate. Values are in the metric's own unit (perplexity; Spearman x 100; cosine)."""
+
+    metric: str
+    higher_is_better: bool
+    data: str
+    threshold_name: str
+    threshold: float
+    original: float | None = None
+    compressed_torch: float | None = None
+    onnx_fp32: float | None = None
+    onnx_quantized: float | None = None
+    original_onnx_quantized: float | None = None
+    passed: bool | None = None
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExportReport:
+    """Files written and checks run on them. Sizes in MB (1e6 bytes); latencies in milliseconds."""
+
+    task: str
+    opset: int | None
+    quantization: str
+    files: dict[str, str] = field(default_factory=dict)
+    sizes_mb: dict[str, float] = field(default_factory=dict)
+    parity: dict[str, Any] = field(default_factory=dict)
+    latency: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class OptimizationReport:
+    """Everything :func:`optimum_lowrank.optimize` did and measured."""
+
+    model: str
+    kind: str
+    recipe: dict[str, Any]
+    params_before: int
+    params_after: int
+    passes: list[PassReport] = field(default_factory=list)
+    accuracy: AccuracyReport | None = None
+    export: ExportReport | None = None
+    output: str | None = None
+    calibration: str = ""
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def compression_ratio(self) -> float:
+        """Whole-model parameters before / after."""
+        return self.params_before / max(self.params_after, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["compression_ratio"] = round(self.compression_ratio, 4)
+        return data
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, default=str)
+        if path is not None:
+            Path(path).write_text(text + "\n", encoding="utf-8")
+        return text
+
+    def table(self) -> str:
+        """The report as plain-text tables for a console."""
+        parts = [f"model: {self.model} ({self.kind})"]
+        rows = [
+            [p.pass_id, f"{p.touched}/{len(p.layers)}", f"{p.model_params_before:,}", f"{p.model_params_after:,}", f"{p.seconds:.1f}"]
+            for p in self.passes
+        ]
+        rows.append(["total", "", f"{self.params_before:,}", f"{self.params_after:,}", f"{self.seconds:.1f}"])
+        parts.append(format_table(["pass", "layers touched", "params before", "params after", "seconds"], rows))
+        parts.append(f"compression ratio (model parameters): {self.compression_ratio:.3f}x")
+        skipped = [f"  {p.pass_id}: {layer.name}: {layer.note}" for p in self.passes for layer in p.layers if layer.action == "skipped"]
+        if skipped:
+            parts.append(f"skipped layers ({len(skipped)}):\n" + "\n".join(skipped[:10]) + ("\n  ..." if len(skipped) > 10 else ""))
+        acc = self.accuracy
+        if acc is not None:
+            cells = [acc.original, acc.compressed_torch, acc.onnx_fp32, acc.onnx_quantized]
+            verdict = {None: "not checked", True: "PASS", False: "FAIL"}[acc.passed]
+            parts.append(
+                format_table(
+                    ["metric", "original", "compressed torch", "ONNX fp32", "ONNX quantized", "gate"],
+                    [[acc.metric] + [_fmt(v) for v in cells] + [f"{verdict} ({acc.threshold_name}={acc.threshold:g})"]],
+                )
+            )
+            parts.append(f"accuracy data: {acc.data}")
+        exp = self.export
+        if exp is not None:
+            rows = [[name, f"{size:.1f}"] for name, size in exp.sizes_mb.items()]
+            parts.append(format_table(["file", "MB"], rows))
+            if exp.parity:
+                parts.append(
+                    f"ORT vs PyTorch parity: max |diff| {exp.parity.get('max_abs_diff', float('nan')):.2e} "
+                    f"(atol {exp.parity.get('atol')}) -> {'ok' if exp.parity.get('passed') else 'MISMATCH'}"
+                )
+            if exp.latency:
+                rows = [
+                    [name, _fmt(lat.get("median_ms")), str(lat.get("batch_size")), str(lat.get("seq_len")), str(lat.get("threads"))]
+                    for name, lat in exp.latency.items()
+                ]
+                parts.append(format_table(["ORT CPU latency", "median ms", "batch", "seq", "threads"], rows))
+        parts.extend(f"note: {note}" for note in self.notes)
+        if self.output:
+            parts.append(f"output: {self.output}")
+        return "\n\n".join(parts)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.1f}"
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """Align ``rows`` under ``header`` in columns separated by two spaces."""
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)

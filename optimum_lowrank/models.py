@@ -207,7 +207,7 @@ def _load_folder(folder: Path, source: str, tokenizer: PreTrainedTokenizerBase |
     auto = AutoModelForCausalLM if kind == "decoder" else AutoModel
     try:
         model = auto.from_pretrained(
-            str(folder), config=config, torch_dtype=torch.float32, local_files_only=True
+            str(folder), config=config, dtype=torch.float32, local_files_only=True
         )
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load the model in {str(folder)!r} with {auto.__name__}: {exc}") from exc
@@ -257,7 +257,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
     try:
         loaded = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32, local_files_only=True
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
         )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
     except Exception as exc:  # noqa: BLE001
@@ -268,8 +268,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.torch_dtype = torch.float32
-    plain = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    config.dtype = torch.float32
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = {k: v.to(torch.float32) for k, v in loaded.state_dict().items()}
     missing, unexpected = plain.load_state_dict(state, strict=False)
     # With tied embeddings lm_head.weight shares embed_tokens.weight; nothing else may be missing.
@@ -418,7 +418,7 @@ def _load_hub(repo_id: str, tokenizer: PreTrainedTokenizerBase | None) -> Loaded
     kind = _config_kind(config)
     auto = AutoModelForCausalLM if kind == "decoder" else AutoModel
     try:
-        model = auto.from_pretrained(repo_id, config=config, torch_dtype=torch.float32)
+        model = auto.from_pretrained(repo_id, config=config, dtype=torch.float32)
         if tokenizer is None:
             from transformers import AutoTokenizer
 

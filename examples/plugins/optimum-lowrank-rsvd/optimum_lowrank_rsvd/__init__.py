@@ -1,0 +1,71 @@
+"""Randomized SVD of linear layers: an example optimum-lowrank plugin.
+
+References
+----------
+.. [1] Halko, Martinsson, Tropp, "Finding structure with randomness:
+   Probabilistic algorithms for constructing approximate matrix
+   decompositions", SIAM Review 53(2), 2011, arXiv 0909.4061.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from optimum_lowrank import hookimpl
+from optimum_lowrank.errors import PassError
+from optimum_lowrank.layers import LowRankLinear
+from optimum_lowrank.passes import CompressionPass, PassConfig, PassContext
+from optimum_lowrank.report import LayerReport
+
+
+class RandomizedSVDConfig(PassConfig):
+    """``rank`` (>= 1, below the layer's break-even rank), ``oversampling`` (>= 0)
+    extra random directions and ``power_iterations`` (0..10) subspace iterations."""
+
+    rank: int = Field(ge=1)
+    oversampling: int = Field(8, ge=0)
+    power_iterations: int = Field(2, ge=0, le=10)
+
+
+class RandomizedSVDPass(CompressionPass):
+    """Rank-``rank`` factorization of each target ``nn.Linear`` by randomized SVD.
+
+    Raises
+    ------
+    PassError
+        If ``rank`` exceeds ``min(out_features, in_features)`` or would not reduce the layer.
+    """
+
+    name = "randomized_svd"
+    config_class = RandomizedSVDConfig
+    target_types = (nn.Linear,)
+    summary = "rank-r factorization of Linear layers by randomized SVD (Halko et al. 2011)"
+
+    def apply(self, model: nn.Module, targets: dict[str, nn.Module], context: PassContext) -> list[LayerReport]:
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(context.seed)
+        try:
+            return [self._factorize(model, name, module) for name, module in targets.items()]
+        finally:
+            torch.random.set_rng_state(generator_state)
+
+    def _factorize(self, model: nn.Module, name: str, linear: nn.Linear) -> LayerReport:
+        out_features, in_features = linear.weight.shape
+        rank = self.config.rank
+        if rank * (out_features + in_features) >= out_features * in_features or rank > min(out_features, in_features):
+            raise PassError(f"{name}: rank {rank} does not reduce a {out_features}x{in_features} layer")
+        q = min(rank + self.config.oversampling, min(out_features, in_features))
+        u, s, v = torch.svd_lowrank(linear.weight.detach().float(), q=q, niter=self.config.power_iterations)
+        root = s[:rank].sqrt()
+        layer = LowRankLinear(in_features, out_features, rank, bias=linear.bias is not None)
+        layer.load_factors(u[:, :rank] * root, (v[:, :rank] * root).t(), linear.bias)
+        model.set_submodule(name, layer)
+        before = linear.weight.numel() + (0 if linear.bias is None else linear.bias.numel())
+        return LayerReport(name, "Linear", "factorized", before, sum(p.numel() for p in layer.parameters()), rank)
+
+
+@hookimpl
+def lowrank_register_passes(register) -> None:
+    register(RandomizedSVDPass)

@@ -1,0 +1,73 @@
+"""Export of compressed models to ONNX, ONNX Runtime quantization and latency.
+
+Submodules
+----------
+onnx
+    :func:`export_onnx` (wraps Optimum's ``onnx_export_from_model`` on the
+    in-memory model), :func:`check_parity` (ONNX Runtime vs PyTorch),
+    :func:`onnx_size_mb`, :func:`onnx_task`, :func:`build_dummy_feeds`.
+quantize
+    :func:`quantize_onnx` (``none``, ``dynamic_int8``, ``static_int8``,
+    ``weight_int8``, ``weight_int4``), :func:`calibration_feeds_from_ids`.
+latency
+    :func:`measure_latency`.
+optimize
+    :func:`optimize_graph` (ORTOptimizer levels 0-2).
+
+Importing this package is cheap: the names below are loaded from their
+submodule (and torch / onnx / onnxruntime / optimum with it) on first access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "ParityResult": "onnx",
+    "build_dummy_feeds": "onnx",
+    "check_parity": "onnx",
+    "export_onnx": "onnx",
+    "feeds_for_input_ids": "onnx",
+    "onnx_size_mb": "onnx",
+    "onnx_task": "onnx",
+    "QUANTIZATION_METHODS": "quantize",
+    "calibration_feeds_from_ids": "quantize",
+    "quantize_onnx": "quantize",
+    "LatencyResult": "latency",
+    "measure_latency": "latency",
+    "optimize_graph": "optimize",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from optimum_lowrank.exporters.latency import LatencyResult, measure_latency
+    from optimum_lowrank.exporters.onnx import (
+        ParityResult,
+        build_dummy_feeds,
+        check_parity,
+        export_onnx,
+        feeds_for_input_ids,
+        onnx_size_mb,
+        onnx_task,
+    )
+    from optimum_lowrank.exporters.optimize import optimize_graph
+    from optimum_lowrank.exporters.quantize import (
+        QUANTIZATION_METHODS,
+        calibration_feeds_from_ids,
+        quantize_onnx,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module_name}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,122 @@
+"""Latency of an ONNX graph under ONNX Runtime on CPU."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from optimum_lowrank.errors import ExportError
+from optimum_lowrank.exporters.onnx import _first_line, build_dummy_feeds, infer_vocab_size, make_session
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LatencyResult", "measure_latency"]
+
+
+@dataclass
+class LatencyResult:
+    """Wall-clock time of one forward pass.
+
+    Attributes
+    ----------
+    median_ms : float
+        Median over ``repeats`` runs, milliseconds.
+    p90_ms : float
+        90th percentile (linear interpolation), milliseconds.
+    batch_size : int
+    seq_len : int
+        Tokens per sequence (decoders: no past).
+    threads : int
+        ONNX Runtime intra-op threads.
+    repeats : int
+        Timed runs (after warm-up).
+    """
+
+    median_ms: float
+    p90_ms: float
+    batch_size: int
+    seq_len: int
+    threads: int
+    repeats: int
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form."""
+        return asdict(self)
+
+
+def measure_latency(
+    onnx_path: Path,
+    *,
+    batch_size: int = 1,
+    seq_len: int = 128,
+    repeats: int = 20,
+    warmup: int = 3,
+    threads: int = 2,
+    vocab_size: int | None = None,
+) -> LatencyResult:
+    """Time full forward passes of ``batch_size x seq_len`` random tokens.
+
+    ONNX Runtime ``CPUExecutionProvider``, ``intra_op_num_threads=threads``,
+    ``inter_op_num_threads=1``, sequential execution, default graph
+    optimisations. Decoders get empty past key/values, so this is prefill time.
+    Timing uses :func:`time.perf_counter` around ``session.run``.
+
+    Parameters
+    ----------
+    onnx_path : Path
+    batch_size : int, >= 1
+    seq_len : int, >= 1
+    repeats : int, >= 1
+        Timed runs.
+    warmup : int, >= 0
+        Untimed runs first.
+    threads : int, >= 1
+    vocab_size : int, optional
+        Token ids come from ``[0, vocab_size)``. When ``None``: ``config.json``
+        next to the graph, else the embedding table in the graph, else 2 (ids
+        0 and 1, valid for any vocabulary).
+
+    Returns
+    -------
+    LatencyResult
+
+    Raises
+    ------
+    ValueError
+        If a count is out of range.
+    ExportError
+        If ONNX Runtime cannot load or run the graph.
+    """
+    if repeats < 1 or warmup < 0 or threads < 1:
+        raise ValueError(f"need repeats >= 1, warmup >= 0, threads >= 1; got {repeats}, {warmup}, {threads}")
+    onnx_path = Path(onnx_path)
+    if vocab_size is None:
+        vocab_size = infer_vocab_size(onnx_path)
+        if vocab_size is None:
+            logger.warning("vocabulary size of %s unknown; timing with token ids 0 and 1", onnx_path)
+            vocab_size = 2
+    session = make_session(onnx_path, threads=threads)
+    feeds = build_dummy_feeds(session, batch_size, seq_len, vocab_size, seed=0)
+    output_names = [o.name for o in session.get_outputs()]
+    times = []
+    try:
+        for _ in range(warmup):
+            session.run(output_names, feeds)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            session.run(output_names, feeds)
+            times.append((time.perf_counter() - start) * 1e3)
+    except Exception as exc:
+        raise ExportError(f"ONNX Runtime failed to run {onnx_path}: {_first_line(exc)}") from exc
+    return LatencyResult(
+        median_ms=float(np.median(times)),
+        p90_ms=float(np.percentile(times, 90)),
+        batch_size=batch_size,
+        seq_len=seq_len,
+        threads=threads,
+        repeats=repeats,
+    )

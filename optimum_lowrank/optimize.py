@@ -1,0 +1,390 @@
+"""The pipeline: load -> passes -> accuracy gate -> ONNX export -> quantization -> report.
+
+Nothing the caller owns is modified: passes run on a deep copy of the model,
+and files are written to a temporary folder next to ``output`` that is renamed
+into place only when every check has passed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from optimum_lowrank.errors import AccuracyError, ExportError, OutputExistsError
+from optimum_lowrank.passes.base import PassContext, count_parameters
+from optimum_lowrank.recipe import Recipe, load_recipe
+from optimum_lowrank.report import AccuracyReport, ExportReport, OptimizationReport, PassReport
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from optimum_lowrank.evaluation import Evaluator
+    from optimum_lowrank.models import LoadedModel
+    from optimum_lowrank.plugins import PassRegistry
+
+__all__ = ["apply_passes", "optimize"]
+
+
+def optimize(
+    model: str | os.PathLike | PreTrainedModel,
+    recipe: Recipe | dict | str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    overwrite: bool = False,
+    registry: PassRegistry | None = None,
+    progress: bool = True,
+) -> OptimizationReport:
+    """Compress ``model`` as ``recipe`` says, check its accuracy, and export it.
+
+    Parameters
+    ----------
+    model : PreTrainedModel, local model folder, ``.gguf`` file, alias or hub id
+        Aliases ``minilm`` and ``smollm2`` name the packaged real models
+        (see :mod:`optimum_lowrank.models`).
+    recipe : Recipe, dict, YAML path or YAML text
+        See :mod:`optimum_lowrank.recipe`.
+    output : path, optional
+        Folder to write ``onnx/model.onnx``, ``onnx/model_quantized.onnx`` (when
+        quantizing) and ``report.json``. Without it, exported files are checked
+        and then discarded.
+    tokenizer : PreTrainedTokenizerBase, optional
+        Required when ``model`` is an in-memory model whose tokenizer cannot be found.
+    overwrite : bool
+        Replace an existing non-empty ``output`` folder (only once everything succeeded).
+    registry : PassRegistry, optional
+        Where pass ids are looked up; defaults to every installed plugin.
+    progress : bool
+        Print step progress to stderr.
+
+    Returns
+    -------
+    OptimizationReport
+        Also written to ``output/report.json``.
+
+    Raises
+    ------
+    RecipeError, TargetError, PassError
+        Bad recipe, target or option; raised before anything is written.
+    ModelLoadError, DataError
+        The model or the evaluation/calibration data cannot be loaded.
+    OutputExistsError
+        ``output`` exists, is not empty and ``overwrite`` is False.
+    AccuracyError
+        The gate failed; carries the report. Nothing is written.
+    ExportError
+        Export, ONNX checking, ORT parity or quantization failed.
+    """
+    from optimum_lowrank.models import load_model
+
+    started = time.perf_counter()
+    say = _Progress(progress)
+    recipe = load_recipe(recipe, registry)
+    out_dir = _check_output(output, overwrite)
+    with say.step("loading model"):
+        loaded = load_model(model, tokenizer)
+    if loaded.kind == "decoder":
+        torch.set_flush_denormal(True)
+    evaluator = None
+    if recipe.accuracy is not None:
+        with say.step("preparing accuracy data"):
+            evaluator = _build_evaluator(recipe, loaded)
+    context = _context(recipe, loaded)
+
+    compressed, pass_reports = apply_passes(loaded.model, recipe, context, registry, say)
+    report = OptimizationReport(
+        model=loaded.source,
+        kind=loaded.kind,
+        recipe=recipe.to_dict(),
+        params_before=count_parameters(loaded.model),
+        params_after=count_parameters(compressed),
+        passes=pass_reports,
+        calibration=context.calibration_description,
+        notes=context.notes,
+    )
+
+    if evaluator is not None:
+        report.accuracy = _accuracy_report(recipe, evaluator)
+        with say.step(f"evaluating {evaluator.metric} (original, compressed)"):
+            report.accuracy.original = evaluator.evaluate_torch(loaded.model)
+            report.accuracy.compressed_torch = evaluator.evaluate_torch(compressed)
+        _gate(report, fail_fast=True)
+
+    if recipe.export is None:
+        report.seconds = time.perf_counter() - started
+        if out_dir is not None:
+            with _staging(out_dir) as staging:
+                report.output = str(out_dir)
+                report.to_json(staging / "report.json")
+        return report
+
+    with _staging(out_dir) as staging:
+        report.export = _export(compressed, loaded, recipe, context, evaluator, report, staging, say)
+        _gate(report, fail_fast=False)
+        report.seconds = time.perf_counter() - started
+        report.output = None if out_dir is None else str(out_dir)
+        if out_dir is not None:
+            report.export.files = {k: str(out_dir / Path(v).relative_to(staging)) for k, v in report.export.files.items()}
+        report.to_json(staging / "report.json")
+        if out_dir is None:
+            report.notes.append("no output folder given: the exported files were checked and discarded")
+    return report
+
+
+def apply_passes(
+    model: torch.nn.Module,
+    recipe: Recipe,
+    context: PassContext,
+    registry: PassRegistry | None = None,
+    progress: _Progress | None = None,
+) -> tuple[torch.nn.Module, list[PassReport]]:
+    """Run the recipe's passes on a deep copy of ``model``.
+
+    Returns
+    -------
+    compressed : nn.Module
+        The copy, in eval mode; ``model`` itself is never modified.
+    reports : list of PassReport, one per recipe step.
+
+    Raises
+    ------
+    TargetError, PassError
+        From target selection or the pass itself; the copy is discarded.
+    """
+    from optimum_lowrank.plugins import get_registry
+
+    registry = registry or get_registry()
+    progress = progress or _Progress(False)
+    compressed = copy.deepcopy(model)
+    reports = []
+    for index, step in enumerate(recipe.passes):
+        compression_pass = registry.get(step.pass_id)(step.config)
+        with progress.step(f"pass {index + 1}/{len(recipe.passes)}: {step.pass_id}"):
+            targets = compression_pass.select(compressed)
+            before = count_parameters(compressed)
+            t0 = time.perf_counter()
+            layers = compression_pass.apply(compressed, targets, context)
+            seconds = time.perf_counter() - t0
+        reports.append(PassReport(step.pass_id, step.to_dict(), layers, before, count_parameters(compressed), seconds))
+    return compressed.eval(), reports
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Progress:
+    """Step-by-step progress lines on stderr (the long steps: loading, passes, export, evaluation)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    @contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        if self.enabled:
+            print(f"[optimum-lowrank] {what} ...", file=sys.stderr, flush=True)
+        yield
+        if self.enabled:
+            print(f"[optimum-lowrank] {what}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+
+def _check_output(output: str | os.PathLike | None, overwrite: bool) -> Path | None:
+    if output is None:
+        return None
+    out_dir = Path(output).absolute()
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise OutputExistsError(f"output {out_dir} exists and is not a folder")
+        if any(out_dir.iterdir()) and not overwrite:
+            raise OutputExistsError(f"output folder {out_dir} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+    return out_dir
+
+
+@contextmanager
+def _staging(out_dir: Path | None) -> Iterator[Path]:
+    """A temporary folder renamed to ``out_dir`` if the block succeeds, removed otherwise."""
+    parent = out_dir.parent if out_dir is not None else None
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-" if out_dir else "optimum-lowrank-", dir=parent))
+    try:
+        yield staging
+        if out_dir is not None:
+            backup = None
+            if out_dir.exists():
+                backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+                out_dir.rename(backup)
+            staging.rename(out_dir)
+            if backup is not None:
+                shutil.rmtree(backup, ignore_errors=True)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _context(recipe: Recipe, loaded: LoadedModel) -> PassContext:
+    from optimum_lowrank.data import load_text, token_windows
+
+    cal = recipe.calibration
+
+    def calibration_ids() -> torch.Tensor:
+        text, _ = load_text(cal.data)
+        return token_windows(loaded.tokenizer, text, cal.seq_len, cal.num_samples)
+
+    if cal.data is None:
+        description = "pydoc_data.topics (English prose shipped with Python; no data named in the recipe)"
+    else:
+        description = str(cal.data)
+    description += f", {cal.num_samples} windows of {cal.seq_len} tokens"
+    return PassContext(
+        kind=loaded.kind,
+        tokenizer=loaded.tokenizer,
+        calibration_loader=calibration_ids,
+        calibration_description=description,
+        seed=recipe.seed,
+    )
+
+
+def _build_evaluator(recipe: Recipe, loaded: LoadedModel) -> Evaluator:
+    from optimum_lowrank.evaluation import build_evaluator
+
+    acc = recipe.accuracy
+    options: dict[str, Any]
+    if acc.metric == "perplexity":
+        options = {"seq_len": acc.seq_len, "stride": acc.stride or acc.seq_len, "max_windows": acc.max_windows}
+    elif acc.metric == "stsb_spearman":
+        options = {"max_pairs": acc.max_pairs}
+    else:
+        options = {"num_samples": acc.num_samples, "seq_len": min(acc.seq_len, 128)}
+    return build_evaluator(acc.metric, loaded, data=acc.data, reference_model=loaded.model, **options)
+
+
+def _accuracy_report(recipe: Recipe, evaluator: Evaluator) -> AccuracyReport:
+    name, value = recipe.accuracy.threshold
+    return AccuracyReport(
+        metric=evaluator.metric,
+        higher_is_better=evaluator.higher_is_better,
+        data=evaluator.description,
+        threshold_name=name,
+        threshold=value,
+    )
+
+
+def _acceptable(acc: AccuracyReport, value: float) -> bool:
+    if acc.threshold_name == "max_increase":
+        return value <= acc.original * (1 + acc.threshold)
+    if acc.threshold_name == "max_drop":
+        return value >= acc.original - acc.threshold
+    return value >= acc.threshold
+
+
+def _gate(report: OptimizationReport, fail_fast: bool) -> None:
+    """Check every measured figure against the threshold; raise AccuracyError on any failure."""
+    acc = report.accuracy
+    if acc is None:
+        return
+    figures = {"compressed torch": acc.compressed_torch, "ONNX fp32": acc.onnx_fp32, "ONNX quantized": acc.onnx_quantized}
+    acc.failures = [
+        f"{name} {acc.metric} {value:.4g} vs original {acc.original:.4g} ({acc.threshold_name}={acc.threshold:g})"
+        for name, value in figures.items()
+        if value is not None and not _acceptable(acc, value)
+    ]
+    acc.passed = not acc.failures
+    if acc.failures:
+        where = " before export" if fail_fast else ""
+        raise AccuracyError(f"accuracy gate failed{where}: " + "; ".join(acc.failures), report)
+
+
+def _export(
+    compressed: torch.nn.Module,
+    loaded: LoadedModel,
+    recipe: Recipe,
+    context: PassContext,
+    evaluator: Evaluator | None,
+    report: OptimizationReport,
+    staging: Path,
+    say: _Progress,
+) -> ExportReport:
+    from optimum_lowrank.exporters.latency import measure_latency
+    from optimum_lowrank.exporters.onnx import check_parity, export_onnx, onnx_size_mb, onnx_task
+    from optimum_lowrank.exporters.quantize import calibration_feeds_from_ids, quantize_onnx
+
+    cfg = recipe.export
+    task = onnx_task(compressed)
+    vocab_size = getattr(loaded.model.config, "vocab_size", None)
+    result = ExportReport(task=task, opset=cfg.opset, quantization=cfg.quantize)
+    onnx_dir = staging / "onnx"
+
+    t0 = time.perf_counter()
+    with say.step(f"exporting ONNX ({task})"):
+        fp32 = export_onnx(compressed, onnx_dir, task, cfg.opset)
+    result.seconds["export"] = time.perf_counter() - t0
+    result.files["onnx_fp32"] = str(fp32)
+    result.sizes_mb["onnx/model.onnx"] = onnx_size_mb(fp32)
+
+    with say.step("checking ONNX Runtime vs PyTorch parity"):
+        parity = check_parity(compressed, fp32, atol=cfg.parity_atol, vocab_size=vocab_size)
+    result.parity = parity.to_dict()
+    if not parity.passed:
+        raise ExportError(
+            f"ONNX Runtime output differs from PyTorch: max |diff| {parity.max_abs_diff:.3g} > atol {cfg.parity_atol:g} "
+            f"({parity.per_shape}); nothing was written"
+        )
+
+    graphs = {"output fp32": fp32}
+    if cfg.quantize != "none":
+        feeds = None
+        if cfg.quantize == "static_int8":
+            feeds = calibration_feeds_from_ids(fp32, [ids.unsqueeze(0).numpy() for ids in context.calibration_ids])
+        t0 = time.perf_counter()
+        with say.step(f"quantizing ({cfg.quantize})"):
+            quantized = quantize_onnx(
+                fp32,
+                onnx_dir / "model_quantized.onnx",
+                cfg.quantize,
+                per_channel=cfg.per_channel,
+                reduce_range=cfg.reduce_range,
+                calibration_feeds=feeds,
+                block_size=cfg.block_size,
+            )
+        result.seconds["quantize"] = time.perf_counter() - t0
+        result.files["onnx_quantized"] = str(quantized)
+        result.sizes_mb["onnx/model_quantized.onnx"] = onnx_size_mb(quantized)
+        graphs["output quantized"] = quantized
+
+    acc = report.accuracy
+    if evaluator is not None:
+        with say.step(f"evaluating {evaluator.metric} with ONNX Runtime"):
+            acc.onnx_fp32 = evaluator.evaluate_onnx(fp32)
+            if "output quantized" in graphs:
+                acc.onnx_quantized = evaluator.evaluate_onnx(graphs["output quantized"])
+
+    if cfg.latency is not None:
+        lat = cfg.latency
+        options = dict(batch_size=lat.batch_size, seq_len=lat.seq_len, repeats=lat.repeats, threads=lat.threads, vocab_size=vocab_size)
+        if cfg.baseline_latency:
+            with say.step("exporting the original model for the latency baseline"), tempfile.TemporaryDirectory() as tmp:
+                original = export_onnx(loaded.model, Path(tmp) / "onnx", task, cfg.opset)
+                result.sizes_mb["original fp32 (not kept)"] = onnx_size_mb(original)
+                result.latency["original fp32"] = measure_latency(original, **options).to_dict()
+        with say.step("measuring ONNX Runtime latency"):
+            for name, path in graphs.items():
+                result.latency[name] = measure_latency(path, **options).to_dict()
+    _save_tokenizer(loaded, onnx_dir)
+    return result
+
+
+def _save_tokenizer(loaded: LoadedModel, onnx_dir: Path) -> None:
+    """Keep the tokenizer next to the graphs so ``ORTModel.from_pretrained(onnx_dir)`` works."""
+    if loaded.tokenizer is not None and not (onnx_dir / "tokenizer_config.json").exists():
+        loaded.tokenizer.save_pretrained(onnx_dir)

@@ -79,7 +79,7 @@ class PassRegistry:
 
     def collect(self, pm: pluggy.PluginManager) -> PassRegistry:
         """Call every plugin's ``lowrank_register_passes``, recording which plugin registered what."""
-        for impl in reversed(pm.hook.lowrank_register_passes.get_hookimpls()):
+        for impl in pm.hook.lowrank_register_passes.get_hookimpls():
             self._current_plugin = impl.plugin_name
             try:
                 impl.function(register=self)

@@ -8,11 +8,10 @@ onnx
     :func:`onnx_size_mb`, :func:`onnx_task`, :func:`build_dummy_feeds`.
 quantize
     :func:`quantize_onnx` (``none``, ``dynamic_int8``, ``static_int8``,
-    ``weight_int8``, ``weight_int4``), :func:`calibration_feeds_from_ids`.
+    ``weight_int8``, ``weight_int4``), :func:`calibration_feeds_from_ids`,
+    :func:`optimize_graph` (ORTOptimizer levels 0-2).
 latency
     :func:`measure_latency`.
-optimize
-    :func:`optimize_graph` (ORTOptimizer levels 0-2).
 
 Importing this package is cheap: the names below are loaded from their
 submodule (and torch / onnx / onnxruntime / optimum with it) on first access.
@@ -36,7 +35,8 @@ _EXPORTS = {
     "quantize_onnx": "quantize",
     "LatencyResult": "latency",
     "measure_latency": "latency",
-    "optimize_graph": "optimize",
+    "OPTIMIZATION_LEVELS": "quantize",
+    "optimize_graph": "quantize",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -52,10 +52,11 @@ if TYPE_CHECKING:  # pragma: no cover
         onnx_size_mb,
         onnx_task,
     )
-    from optimum_lowrank.exporters.optimize import optimize_graph
     from optimum_lowrank.exporters.quantize import (
+        OPTIMIZATION_LEVELS,
         QUANTIZATION_METHODS,
         calibration_feeds_from_ids,
+        optimize_graph,
         quantize_onnx,
     )
 

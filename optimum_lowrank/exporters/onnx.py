@@ -104,9 +104,18 @@ def onnx_task(model: PreTrainedModel) -> str:
     return task or "feature-extraction"
 
 
+def _drop_tied_weight_notes(record: logging.LogRecord) -> bool:
+    # Optimum's tied-weight deduplication warns when a head reuses another
+    # module's parameters through a custom module; the tracer already emits
+    # one initializer per shared parameter, so these notes are noise.
+    return record.module != "transformations_utils" or record.levelno >= logging.ERROR
+
+
 @contextlib.contextmanager
 def _quiet_export() -> Iterator[None]:
     """Silence tracer warnings and Optimum's progress logs during an export."""
+    optimum_logger = logging.getLogger("optimum")
+    optimum_logger.addFilter(_drop_tied_weight_notes)
     saved = {}
     for name in _NOISY_LOGGERS:
         lg = logging.getLogger(name)
@@ -130,6 +139,7 @@ def _quiet_export() -> Iterator[None]:
         try:
             yield
         finally:
+            optimum_logger.removeFilter(_drop_tied_weight_notes)
             for name, level in saved.items():
                 logging.getLogger(name).setLevel(level)
             if hf_logging is not None:

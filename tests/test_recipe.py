@@ -1,0 +1,88 @@
+"""Recipe validation: every bad input gets an error naming the field and the allowed values."""
+
+from __future__ import annotations
+
+import pytest
+
+from optimum_lowrank.errors import RecipeError, UnknownPassError
+from optimum_lowrank.recipe import Recipe, load_recipe
+
+SMALLEST = """
+version: 1
+passes:
+  - {pass: svd, targets: ["re:.*intermediate\\\\.dense"], rank_ratio: 0.5}
+export: {quantize: dynamic_int8}
+"""
+
+
+def test_smallest_recipe_parses_and_round_trips():
+    recipe = load_recipe(SMALLEST)
+    assert recipe.passes[0].pass_id == "svd"
+    assert recipe.passes[0].config.rank_ratio == 0.5
+    assert recipe.passes[0].config.targets == ("re:.*intermediate\\.dense",)
+    assert recipe.export.quantize == "dynamic_int8"
+    assert recipe.accuracy is None
+    assert load_recipe(recipe.to_yaml()) == recipe
+
+
+def test_empty_passes_is_the_baseline():
+    recipe = load_recipe({"version": 1, "passes": []})
+    assert recipe.passes == () and recipe.export is None
+
+
+def test_recipe_file_and_missing_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(SMALLEST)
+    assert load_recipe(path).passes[0].pass_id == "svd"
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("version: 1\npasses: [", "malformed YAML"),
+        ("- just a list", "a recipe is a mapping"),
+        ("passes: []", "missing required key 'version'"),
+        ("version: 2", r"unknown version 2 \(supported: \[1\]\)"),
+        ("version: 1\nfoo: 1", "unknown key 'foo'; allowed keys: version, passes"),
+        ("version: 1\npasses: {pass: svd}", "'passes' must be a list"),
+        ("version: 1\npasses: [{targets: [a]}]", "each pass is a mapping with a 'pass' id"),
+        ("version: 1\npasses: [{pass: svd, targets: [a], rnk: 3}]", "unknown key 'rnk'; allowed keys: targets, rank, rank_ratio"),
+        ("version: 1\npasses: [{pass: svd, targets: [a], rank: 3, energy: 0.5}]", "set exactly one of rank, rank_ratio, compression_ratio, energy; got rank, energy"),
+        ("version: 1\npasses: [{pass: svd, targets: [a]}]", "set exactly one of .*got none"),
+        ("version: 1\npasses: [{pass: svd, targets: [a], rank: 0}]", "rank: Input should be greater than or equal to 1"),
+        ("version: 1\npasses: [{pass: svd, targets: [a], rank_ratio: 1.5}]", "rank_ratio: Input should be less than or equal to 1"),
+        ("version: 1\npasses: [{pass: svd, targets: [a], rank_ratio: 0}]", "rank_ratio: Input should be greater than 0"),
+        ("version: 1\npasses: [{pass: svd, targets: [a], energy: 1.01}]", "energy: Input should be less than or equal to 1"),
+        ("version: 1\npasses: [{pass: svd, targets: [a], compression_ratio: 1}]", "compression_ratio: Input should be greater than 1"),
+        ("version: 1\npasses: [{pass: svd, targets: [], rank: 2}]", "targets"),
+        ("version: 1\npasses: [{pass: svd, targets: ['re:(('], rank: 2}]", "not a valid regular expression"),
+        ("version: 1\npasses: [{pass: svd, targets: [a], rank: 2, tied_head: drop}]", "tied_head: Input should be 'shared' or 'untie'"),
+        ("version: 1\naccuracy: {metric: perplexity, max_drop: 1}", "takes the threshold 'max_increase', not max_drop"),
+        ("version: 1\naccuracy: {metric: perplexity}", "needs the threshold 'max_increase'"),
+        ("version: 1\naccuracy: {metric: bleu, max_drop: 1}", "metric: Input should be 'perplexity', 'stsb_spearman' or 'cosine_agreement'"),
+        ("version: 1\naccuracy: {metric: stsb_spearman, max_drop: 1}", "needs 'data'"),
+        ("version: 1\naccuracy: {metric: cosine_agreement, min_cosine: 1.5}", "min_cosine: Input should be less than or equal to 1"),
+        ("version: 1\nexport: {quantize: int3}", "quantize: Input should be 'none', 'dynamic_int8', 'static_int8', 'weight_int8' or 'weight_int4'"),
+        ("version: 1\nexport: {qantize: none}", "export: unknown key 'qantize'; allowed keys: format, opset"),
+        ("version: 1\nexport: {opset: 9}", "opset: Input should be greater than or equal to 14"),
+        ("version: 1\nexport: {latency: {batch: 2}}", "export.latency: unknown key 'batch'; allowed keys: batch_size"),
+        ("version: 1\ncalibration: {num_samples: 0}", "num_samples: Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_recipes_name_the_problem(text, expected):
+    with pytest.raises(RecipeError, match=expected):
+        load_recipe(text)
+
+
+def test_unknown_pass_lists_registered_ids():
+    with pytest.raises(UnknownPassError, match="unknown pass 'svdd'; registered passes: .*svd"):
+        load_recipe("version: 1\npasses: [{pass: svdd, targets: [a], rank: 2}]")
+
+
+def test_recipe_is_frozen():
+    recipe = load_recipe(SMALLEST)
+    with pytest.raises(Exception):
+        recipe.version = 2  # type: ignore[misc]
+    assert isinstance(recipe, Recipe)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -48,6 +49,15 @@ class LatencyResult:
         return asdict(self)
 
 
+def _max_positions(onnx_path: Path) -> int | None:
+    config = onnx_path.parent / "config.json"
+    try:
+        value = json.loads(config.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def measure_latency(
     onnx_path: Path,
     *,
@@ -87,13 +97,17 @@ def measure_latency(
     Raises
     ------
     ValueError
-        If a count is out of range.
+        If a count is out of range, or ``seq_len`` exceeds
+        ``max_position_embeddings`` in the ``config.json`` next to the graph.
     ExportError
         If ONNX Runtime cannot load or run the graph.
     """
     if repeats < 1 or warmup < 0 or threads < 1:
         raise ValueError(f"need repeats >= 1, warmup >= 0, threads >= 1; got {repeats}, {warmup}, {threads}")
     onnx_path = Path(onnx_path)
+    max_pos = _max_positions(onnx_path)
+    if max_pos is not None and seq_len > max_pos:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}")
     if vocab_size is None:
         vocab_size = infer_vocab_size(onnx_path)
         if vocab_size is None:

@@ -310,9 +310,9 @@ def quantize_onnx(
     if method != "none" and onnx_path.resolve() == output_path.resolve():
         raise ValueError(f"output_path must differ from onnx_path for method {method!r}")
 
-    external = onnx_size_mb(onnx_path) > _EXTERNAL_DATA_MB
     exclude = list(exclude_nodes)
     try:
+        external = onnx_size_mb(onnx_path) > _EXTERNAL_DATA_MB
         with _quiet_quantization():
             if method == "none":
                 _copy_graph(onnx_path, output_path)

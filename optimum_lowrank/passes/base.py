@@ -175,12 +175,17 @@ class CompressionPass(ABC):
         What the pass can replace.
     summary : str
         One line for ``optimum-lowrank passes``.
+    example_options : dict or None
+        A recipe entry (without ``pass``) that works on
+        :func:`optimum_lowrank.testing.tiny_bert`; the contract test
+        (:func:`optimum_lowrank.testing.check_pass_contract`) runs the pass with it.
     """
 
     name: ClassVar[str]
     config_class: ClassVar[type[PassConfig]] = PassConfig
     target_types: ClassVar[tuple[type | str, ...]] = (nn.Linear,)
     summary: ClassVar[str] = ""
+    example_options: ClassVar[dict[str, Any] | None] = None
 
     def __init__(self, config: PassConfig):
         if not isinstance(config, self.config_class):

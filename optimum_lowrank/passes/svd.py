@@ -134,6 +134,7 @@ class SVDPass(CompressionPass):
     config_class = SVDConfig
     target_types = (nn.Linear, "Conv1D", nn.Embedding)
     summary = "truncated SVD of Linear / Conv1D / Embedding (rank, rank_ratio, compression_ratio or energy)"
+    example_options = {"targets": ["re:.*intermediate\\.dense", "embeddings.word_embeddings"], "rank_ratio": 0.25}
 
     config: SVDConfig
 

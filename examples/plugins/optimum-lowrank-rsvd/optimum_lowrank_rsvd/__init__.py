@@ -42,6 +42,7 @@ class RandomizedSVDPass(CompressionPass):
     config_class = RandomizedSVDConfig
     target_types = (nn.Linear,)
     summary = "rank-r factorization of Linear layers by randomized SVD (Halko et al. 2011)"
+    example_options = {"targets": ["re:.*intermediate\\.dense"], "rank": 4}
 
     def apply(self, model: nn.Module, targets: dict[str, nn.Module], context: PassContext) -> list[LayerReport]:
         generator_state = torch.random.get_rng_state()

@@ -10,15 +10,11 @@ original model and exports ONNX (optionally int8)::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from optimum_lowrank.errors import AccuracyError, LowRankError, RecipeError
 from optimum_lowrank.hookspecs import hookimpl
+from optimum_lowrank.pipeline import optimize
 from optimum_lowrank.recipe import Recipe, load_recipe
 from optimum_lowrank.report import OptimizationReport
-
-if TYPE_CHECKING:  # pragma: no cover
-    from optimum_lowrank.optimize import optimize
 
 __all__ = [
     "AccuracyError",
@@ -32,11 +28,3 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-
-def __getattr__(name: str) -> Any:
-    # optimize() pulls in transformers and ONNX Runtime; import it only when asked for.
-    if name == "optimize":
-        from optimum_lowrank.optimize import optimize
-
-        return optimize
-    raise AttributeError(f"module 'optimum_lowrank' has no attribute {name!r}")

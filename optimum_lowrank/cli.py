@@ -16,7 +16,7 @@ __all__ = ["main"]
 
 
 def _optimize(args: argparse.Namespace) -> int:
-    from optimum_lowrank.optimize import optimize
+    from optimum_lowrank.pipeline import optimize
 
     try:
         report = optimize(args.model, args.recipe, args.output, overwrite=args.overwrite, progress=not args.quiet)

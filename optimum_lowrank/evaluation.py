@@ -238,8 +238,10 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
 class PerplexityEvaluator(Evaluator):
     """Causal language-model perplexity on fixed token windows of a text.
 
-    The text is tokenized once without special tokens and cut into at most
-    ``max_windows`` windows of ``seq_len`` tokens starting every ``stride`` tokens.
+    The text is tokenized once without special tokens, preceded by the tokenizer's
+    BOS token when it has one (``add_bos``; the start of the document, as in
+    lm-evaluation-harness), and cut into at most ``max_windows`` windows of
+    ``seq_len`` tokens starting every ``stride`` tokens.
     Each window is scored independently (no cache, no context from earlier windows).
     In the first window every token but the first is predicted; when windows overlap
     (``stride < seq_len``) later windows score only their last ``stride`` tokens, so
@@ -258,6 +260,8 @@ class PerplexityEvaluator(Evaluator):
     max_windows : int, >= 1
     batch_size : int, >= 1
         Windows per forward pass (memory grows as batch_size * seq_len * vocab).
+    add_bos : bool
+        Prepend ``tokenizer.bos_token_id`` (if any) to the token stream.
     text_description : str, optional
         Name of the text for :attr:`description`.
     threads : int
@@ -289,6 +293,7 @@ class PerplexityEvaluator(Evaluator):
         stride: int = 512,
         max_windows: int = 20,
         batch_size: int = 1,
+        add_bos: bool = True,
         text_description: str | None = None,
         threads: int = 2,
     ) -> None:
@@ -296,7 +301,8 @@ class PerplexityEvaluator(Evaluator):
             raise ValueError(f"seq_len must be at least 2 to predict a token, got {seq_len}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.windows = token_windows(tokenizer, text, seq_len, max_windows, stride)
+        self.windows = token_windows(tokenizer, text, seq_len, max_windows, stride, add_bos=add_bos)
+        bos = getattr(tokenizer, "bos_token_id", None) if add_bos else None
         self.seq_len, self.stride, self.batch_size, self.threads = seq_len, stride, batch_size, threads
         n = self.windows.shape[0]
         # First scored target position (index into the seq_len - 1 shifted targets) per window.
@@ -307,6 +313,7 @@ class PerplexityEvaluator(Evaluator):
         self.description = (
             f"perplexity on {n} windows of {seq_len} tokens, stride {stride} "
             f"({self.num_tokens:,} predicted tokens) of {where}"
+            + (f", after BOS token {bos}" if bos is not None else "")
         )
 
     def _batches(self) -> Iterator[tuple[int, torch.Tensor]]:
@@ -689,7 +696,11 @@ def build_evaluator(
             if needed == "decoder"
             else "use perplexity for decoders"
         )
-        raise RecipeError(f"metric {metric!r} needs a {needed} model but {loaded.source} is an {loaded.kind}; {hint}")
+        article = {"encoder": "an", "decoder": "a"}
+        raise RecipeError(
+            f"metric {metric!r} needs {article[needed]} {needed} model but {loaded.source} is "
+            f"{article[loaded.kind]} {loaded.kind}; {hint}"
+        )
     _check_options(metric, options)
     tokenizer = loaded.tokenizer
 

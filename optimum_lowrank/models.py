@@ -225,14 +225,19 @@ def _cache_root() -> Path:
     return base / "optimum_lowrank"
 
 
+# Bump when the conversion changes what is written (entries of other versions are ignored).
+_GGUF_CACHE_FORMAT = 2
+
+
 def gguf_cache_dir(gguf_path: str | os.PathLike) -> Path:
     """Folder where the float32 safetensors conversion of a GGUF file is cached.
 
     ``<root>/gguf/<stem>-<size in bytes>-<hash>/`` where ``<root>`` is
     ``$OPTIMUM_LOWRANK_CACHE`` if set, else ``$XDG_CACHE_HOME/optimum_lowrank``
     (default ``~/.cache/optimum_lowrank``), and ``<hash>`` is 12 hex digits of the
-    SHA-256 of the file's absolute path and modification time (ns), so an edited or
-    replaced file gets a fresh entry.
+    SHA-256 of the file's absolute path, modification time (ns) and the cache format
+    version, so an edited or replaced file (or a new conversion recipe) gets a fresh
+    entry.
 
     Parameters
     ----------
@@ -246,8 +251,20 @@ def gguf_cache_dir(gguf_path: str | os.PathLike) -> Path:
     """
     path = Path(gguf_path).resolve()
     stat = path.stat()
-    digest = hashlib.sha256(f"{path}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = f"{_GGUF_CACHE_FORMAT}\0{path}\0{stat.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return _cache_root() / "gguf" / f"{path.stem}-{stat.st_size}-{digest}"
+
+
+def _gguf_field(gguf: Path, key: str) -> object | None:
+    """Value of a scalar metadata field of a GGUF file, or None if absent/unreadable."""
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(gguf)).fields.get(key)
+        return field.contents() if field is not None else None
+    except Exception:  # noqa: BLE001 - metadata is a nicety here
+        return None
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
@@ -262,6 +279,12 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load the GGUF file {str(gguf)!r}: {exc}") from exc
+
+    # transformers builds a Llama tokenizer that always prepends BOS; honour the
+    # file's tokenizer.ggml.add_bos_token (False for SmolLM2, like its HF tokenizer).
+    add_bos = _gguf_field(gguf, "tokenizer.ggml.add_bos_token")
+    if add_bos is not None and not bool(add_bos) and hasattr(tokenizer, "add_bos_token"):
+        tokenizer.add_bos_token = False
 
     # A GGUF-loaded model carries a quantization_config and refuses save_pretrained;
     # rebuild a plain model from the config and copy the (dequantised) weights over.

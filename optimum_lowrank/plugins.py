@@ -29,7 +29,11 @@ __all__ = ["PassRegistry", "RegisteredPass", "get_plugin_manager", "get_registry
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 DISABLE_AUTOLOAD_ENV = "OPTIMUM_LOWRANK_DISABLE_AUTOLOAD"
 BLOCK_PLUGINS_ENV = "OPTIMUM_LOWRANK_BLOCK_PLUGINS"
-BUILTIN_PLUGINS = ("optimum_lowrank.passes.svd",)
+BUILTIN_PLUGINS = (
+    "optimum_lowrank.passes.svd",
+    "optimum_lowrank.passes.activation_svd",
+    "optimum_lowrank.passes.softlm",
+)
 
 
 @dataclass(frozen=True)

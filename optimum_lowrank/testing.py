@@ -102,7 +102,7 @@ def check_pass_contract(
     again = load_recipe(recipe.to_yaml(), registry)
     assert again.passes == recipe.passes, f"config does not round-trip through YAML: {recipe.passes} != {again.passes}"
 
-    from optimum_lowrank.optimize import apply_passes
+    from optimum_lowrank.pipeline import apply_passes
 
     model = tiny_bert()
     state = {key: value.clone() for key, value in model.state_dict().items()}

@@ -9,7 +9,7 @@ from torch.testing import assert_close
 
 from optimum_lowrank.errors import PassError, TargetError
 from optimum_lowrank.layers import LowRankEmbedding, LowRankHead, LowRankLinear
-from optimum_lowrank.optimize import apply_passes
+from optimum_lowrank.pipeline import apply_passes
 from optimum_lowrank.passes.base import PassContext, count_parameters
 from optimum_lowrank.passes.svd import SVDConfig, SVDPass, choose_rank
 from optimum_lowrank.recipe import load_recipe

@@ -105,10 +105,54 @@ def onnx_task(model: PreTrainedModel) -> str:
 
 
 def _drop_tied_weight_notes(record: logging.LogRecord) -> bool:
-    # Optimum's tied-weight deduplication warns when a head reuses another
-    # module's parameters through a custom module; the tracer already emits
-    # one initializer per shared parameter, so these notes are noise.
+    # Optimum's tied-weight deduplication prints several lines when a custom
+    # head reuses another module's parameters (it cannot map their names);
+    # export_onnx reports the outcome in one line instead (_warn_transposed_copies).
     return record.module != "transformations_utils" or record.levelno >= logging.ERROR
+
+
+def _transposed_copies(onnx_path: Path) -> list[tuple[str, str, int]]:
+    """Pairs of 2-D initializers where one is the other transposed: ``(name, copy, bytes)``."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(onnx_path))
+    by_shape: dict[tuple, list] = {}
+    for tensor in proto.graph.initializer:
+        if len(tensor.dims) == 2 and tensor.dims[0] != tensor.dims[1] and min(tensor.dims) > 1:
+            by_shape.setdefault((tensor.data_type, *tensor.dims), []).append(tensor)
+    arrays: dict[str, np.ndarray] = {}
+
+    def array(tensor) -> np.ndarray:
+        if tensor.name not in arrays:
+            arrays[tensor.name] = numpy_helper.to_array(tensor)
+        return arrays[tensor.name]
+
+    pairs = []
+    for (dtype, rows, cols), tensors in by_shape.items():
+        if rows > cols:
+            continue
+        for candidate in by_shape.get((dtype, cols, rows), []):
+            other = array(candidate)
+            for tensor in tensors:
+                mine = array(tensor)
+                # First row against first column rules out almost every pair cheaply.
+                if np.array_equal(mine[0], other[:, 0]) and np.array_equal(mine.T, other):
+                    pairs.append((candidate.name, tensor.name, other.nbytes))
+    return pairs
+
+
+def _warn_transposed_copies(onnx_path: Path) -> None:
+    if onnx_size_mb(onnx_path) > 2000:  # not worth loading every weight of a large graph again
+        return
+    pairs = _transposed_copies(onnx_path)
+    if pairs:
+        extra = sum(n for *_, n in pairs) / 1e6
+        names = ", ".join(f"{a} (copy {b})" for a, b, _ in pairs)
+        logger.warning(
+            "%s stores %d tied parameter(s) twice, once transposed by constant folding (+%.2f MB): %s",
+            onnx_path, len(pairs), extra, names,
+        )
 
 
 @contextlib.contextmanager
@@ -162,6 +206,11 @@ def export_onnx(
     and heads that reuse another module's parameters are traced as they are.
     Optimum also writes ``config.json`` (and ``generation_config.json`` and
     tokenizer files where it finds them) next to the graph.
+
+    A head that reuses an embedding's factors through a custom module (tied
+    low-rank head) is exported correctly, but constant folding stores the
+    transposed table as a second initializer, which Optimum cannot
+    deduplicate for custom modules; a warning names such copies and their size.
 
     Parameters
     ----------
@@ -224,6 +273,7 @@ def export_onnx(
         onnx.checker.check_model(str(onnx_path))
     except Exception as exc:
         raise ExportError(f"ONNX checker rejected {onnx_path}: {_first_line(exc)}") from exc
+    _warn_transposed_copies(onnx_path)
     return onnx_path
 
 

@@ -11,6 +11,7 @@ Recipe
 
     - {pass: svd, targets: ["re:.*intermediate\\\\.dense"], rank_ratio: 0.5}
     - {pass: svd, targets: [model.embed_tokens], compression_ratio: 4}   # tied LM head shares the factors
+    - {pass: svd, targets: ["re:.*_proj"], target_params_ratio: 0.7}     # 30% fewer, ranks chosen per layer
 
 References
 ----------
@@ -36,11 +37,11 @@ from optimum_lowrank.report import LayerReport
 
 __all__ = ["SVDConfig", "SVDPass", "choose_rank", "tied_output_head"]
 
-RANK_OPTIONS = ("rank", "rank_ratio", "compression_ratio", "energy")
+RANK_OPTIONS = ("rank", "rank_ratio", "compression_ratio", "energy", "target_params_ratio")
 
 
 class SVDConfig(PassConfig):
-    """Options of the ``svd`` pass. Exactly one of the four rank options is set.
+    """Options of the ``svd`` pass. Exactly one of the five rank options is set.
 
     Attributes
     ----------
@@ -53,6 +54,12 @@ class SVDConfig(PassConfig):
         Parameters before / after per layer: ``r = floor(out * in / (ratio * (out + in)))``.
     energy : float in (0, 1]
         Smallest rank keeping this fraction of the sum of squared singular values.
+    target_params_ratio : float in (0, 1)
+        Global budget: the fraction of all targets' parameters that remain (0.7 = 30%
+        fewer). Per-layer ranks are allocated greedily by the marginal squared singular
+        value (relative to the layer's total) per parameter, see
+        :func:`optimum_lowrank.passes.budget.allocate_ranks`; layers the allocation
+        leaves at or above break-even stay dense (skipped, with a report line).
     tied_head : {"shared", "untie"}
         For an input embedding tied to the output head: ``shared`` (default) makes the
         head reuse the factors, ``logits = (h P) A^T``, so the savings are real;
@@ -66,6 +73,7 @@ class SVDConfig(PassConfig):
     rank_ratio: float | None = Field(None, gt=0, le=1)
     compression_ratio: float | None = Field(None, gt=1)
     energy: float | None = Field(None, gt=0, le=1)
+    target_params_ratio: float | None = Field(None, gt=0, lt=1)
     tied_head: Literal["shared", "untie"] = "shared"
 
     @model_validator(mode="after")
@@ -93,9 +101,12 @@ def choose_rank(config: SVDConfig, shape: tuple[int, int], singular_values: Tens
     Raises
     ------
     PassError
-        If ``rank`` exceeds ``min(m, n)``.
+        If ``rank`` exceeds ``min(m, n)``, or ``config`` sets ``target_params_ratio``
+        (a global budget: ranks come from :func:`~optimum_lowrank.passes.budget.allocate_ranks`).
     """
     m, n = shape
+    if getattr(config, "target_params_ratio", None) is not None:
+        raise PassError("target_params_ratio is a global budget; per-layer ranks come from budget.allocate_ranks, not choose_rank")
     full = min(m, n)
     if config.rank is not None:
         if config.rank > full:
@@ -139,16 +150,37 @@ class SVDPass(CompressionPass):
     config: SVDConfig
 
     def apply(self, model: nn.Module, targets: dict[str, nn.Module], context: PassContext) -> list[LayerReport]:
+        budget = self._allocate(targets) if self.config.target_params_ratio is not None else {}
         reports = []
         for name, module in targets.items():
             if isinstance(module, nn.Embedding):
-                reports.append(self._embedding(model, name, module))
+                reports.append(self._embedding(model, name, module, budget.get(name)))
             else:
-                reports.append(self._linear(model, name, module))
+                reports.append(self._linear(model, name, module, budget.get(name)))
         return reports
 
-    def _decompose(self, name: str, weight: Tensor) -> tuple[int, tuple[Tensor, Tensor, Tensor]] | tuple[int, None]:
+    def _allocate(self, targets: dict[str, nn.Module]) -> dict[str, tuple[int, tuple[Tensor, Tensor, Tensor]]]:
+        """SVD of every target and the ranks :func:`allocate_ranks` gives them under ``target_params_ratio``."""
+        from optimum_lowrank.passes.budget import LayerSpectrum, allocate_ranks
+
+        svds, spectra = {}, []
+        for name, module in targets.items():
+            weight = module.weight if isinstance(module, nn.Embedding) else linear_weight(module)[0]
+            if not torch.isfinite(weight).all():
+                raise PassError(f"{name}: weight contains NaN or inf; cannot factorize")
+            svds[name] = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+            extra = sum(p.numel() for p in module.parameters()) - weight.numel()
+            spectra.append(LayerSpectrum(name, tuple(weight.shape), svds[name][1].square(), extra_params=extra))
+        allocation = allocate_ranks(spectra, self.config.target_params_ratio)
+        return {name: (allocation.ranks[name], svds[name]) for name in targets}
+
+    def _decompose(
+        self, name: str, weight: Tensor, budgeted: tuple[int, tuple[Tensor, Tensor, Tensor]] | None = None
+    ) -> tuple[int, tuple[Tensor, Tensor, Tensor]] | tuple[int, None]:
         m, n = weight.shape
+        if budgeted is not None:
+            rank, svd = budgeted
+            return (rank, None) if rank * (m + n) >= m * n else (rank, svd)
         if not torch.isfinite(weight).all():
             raise PassError(f"{name}: weight contains NaN or inf; cannot factorize")
         svd = torch.linalg.svd(weight.detach().float(), full_matrices=False)
@@ -162,24 +194,24 @@ class SVDPass(CompressionPass):
             return rank, None
         return rank, svd
 
-    def _linear(self, model: nn.Module, name: str, module: nn.Module) -> LayerReport:
+    def _linear(self, model: nn.Module, name: str, module: nn.Module, budgeted=None) -> LayerReport:
         weight, bias = linear_weight(module)
         before = sum(p.numel() for p in module.parameters())
-        rank, svd = self._decompose(name, weight)
+        rank, svd = self._decompose(name, weight, budgeted)
         if svd is None:
-            return LayerReport(name, type(module).__name__, "skipped", before, before, rank, _break_even_note(rank, weight.shape))
+            return LayerReport(name, type(module).__name__, "skipped", before, before, rank, _break_even_note(rank, weight.shape, budgeted is not None))
         layer = LowRankLinear(weight.shape[1], weight.shape[0], rank, bias=bias is not None)
         layer.load_factors(*split_factors(*svd, rank), bias).to(weight.dtype)
         model.set_submodule(name, layer)
         error = _relative_error(svd[1], rank)
         return LayerReport(name, type(module).__name__, "factorized", before, sum(p.numel() for p in layer.parameters()), rank, metrics={"relative_error": error})
 
-    def _embedding(self, model: nn.Module, name: str, module: nn.Embedding) -> LayerReport:
+    def _embedding(self, model: nn.Module, name: str, module: nn.Embedding, budgeted=None) -> LayerReport:
         head = tied_output_head(model, module)
         before = module.weight.numel()
-        rank, svd = self._decompose(name, module.weight)
+        rank, svd = self._decompose(name, module.weight, budgeted)
         if svd is None:
-            return LayerReport(name, "Embedding", "skipped", before, before, rank, _break_even_note(rank, module.weight.shape))
+            return LayerReport(name, "Embedding", "skipped", before, before, rank, _break_even_note(rank, module.weight.shape, budgeted is not None))
         layer = LowRankEmbedding(module.num_embeddings, module.embedding_dim, rank, padding_idx=module.padding_idx)
         a, b = split_factors(*svd, rank)
         with torch.no_grad():
@@ -215,8 +247,10 @@ def _relative_error(singular_values: Tensor, rank: int) -> float:
     return float((energy[rank:].sum() / energy.sum()).sqrt())
 
 
-def _break_even_note(rank: int, shape: tuple[int, int] | torch.Size) -> str:
+def _break_even_note(rank: int, shape: tuple[int, int] | torch.Size, budgeted: bool = False) -> str:
     m, n = shape
+    if budgeted:
+        return f"kept dense by the budget allocation (it reached the break-even rank {m * n / (m + n):.1f} of a {m}x{n} layer)"
     return f"rank {rank} would not reduce a {m}x{n} layer (break-even rank {m * n / (m + n):.1f})"
 
 

@@ -1,0 +1,447 @@
+"""Activation-aware truncated SVD of linear layers: ASVD and SVD-LLM.
+
+Plain SVD minimises ``||W - W_r||_F``, which ignores what the layer is fed; both
+methods here minimise (exactly, or by a heuristic) the error of the layer's
+*output* on calibration activations, ``||(W - W_r) X^T||_F`` with the tokens as
+the rows of ``X`` (N x in_features). Each factors ``W T`` for an input transform
+``T`` (in x in), truncates, and folds ``T^{-1}`` back into the right factor:
+
+    W T = U S V^T,   W_r = (U_r S_r^{1/2}) (S_r^{1/2} V_r^T T^{-1})   (= A B)
+
+``asvd``
+    ``T = diag(mean_t |x_t|)^alpha`` (ASVD, [1]_; ``alpha`` 0.5 as in the paper):
+    input channels with large activations weigh more. Channel scales below
+    ``1e-6`` of the largest are clamped there (a dead channel would make ``T``
+    singular).
+``svd_llm``
+    ``T = L``, the lower Cholesky factor of the Gram matrix ``X^T X`` (SVD-LLM's
+    truncation-aware data whitening, [2]_). Then
+    ``||(W - W_r) X^T||_F^2 = ||(W - W_r) L||_F^2 = sum_{i > r} s_i^2``: the
+    truncation is optimal for the output error and the dropped whitened singular
+    values say exactly what is lost. The Gram matrix is accumulated per layer in
+    float64 (see :mod:`optimum_lowrank.passes.calibration`). If it is not
+    positive definite (fewer calibration tokens than input channels, dead
+    channels), ``damping * mean(diag(G))`` is added to its diagonal and the
+    Cholesky retried with 10x the damping, up to 6 times; the layer's report says
+    which damping was used.
+
+Statistics come from the *original* model (all targets hooked in one streaming
+pass over the calibration windows), not from the partly compressed one.
+
+Ranks: the same options as ``svd`` (``rank``, ``rank_ratio``,
+``compression_ratio``, ``energy`` of the whitened/scaled spectrum) or the global
+budget ``target_params_ratio``, allocated over all targets by the marginal
+whitened singular-value energy per parameter (:mod:`optimum_lowrank.passes.budget`).
+
+Recipe
+------
+.. code-block:: yaml
+
+    calibration: {data: ../shared/data/wikitext-2/wiki.valid.tokens, num_samples: 64, seq_len: 256}
+    passes:
+      - pass: activation_svd
+        method: svd_llm                      # or asvd (with alpha: 0.5)
+        targets: ["re:model\\\\.layers\\\\.\\\\d+\\\\..*_proj"]
+        target_params_ratio: 0.7             # 30% fewer parameters in the targets
+
+References
+----------
+.. [1] Yuan, Shang, Song, Wu, Yan, Sun, "ASVD: Activation-aware Singular Value
+   Decomposition for Compressing Large Language Models", arXiv 2312.05821 (2023).
+.. [2] Wang, Zheng, Wan, Zhang, "SVD-LLM: Truncation-aware Singular Value
+   Decomposition for Large Language Model Compression", arXiv 2403.07378 (2024).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from optimum_lowrank.errors import DataError, PassError
+from optimum_lowrank.hookspecs import hookimpl
+from optimum_lowrank.layers.lowrank import LowRankLinear, linear_weight, split_factors
+from optimum_lowrank.passes.base import CompressionPass, PassConfig, PassContext
+from optimum_lowrank.passes.calibration import InputStatistics, collect_input_statistics
+from optimum_lowrank.passes.svd import RANK_OPTIONS, choose_rank
+from optimum_lowrank.report import LayerReport
+
+__all__ = [
+    "ActivationSVDConfig",
+    "ActivationSVDPass",
+    "InputTransform",
+    "WhitenedSVD",
+    "asvd_transform",
+    "cholesky_transform",
+    "whitened_svd",
+]
+
+ASVD_SCALE_FLOOR = 1e-6
+DAMPING_TRIES = 6
+
+
+@dataclass
+class InputTransform:
+    """An invertible input transform ``T`` (in x in) applied as ``W T``; undone as ``B T^{-1}``.
+
+    Attributes
+    ----------
+    kind : {"identity", "scale", "cholesky"}
+    scale : Tensor of shape (in,), float64, for ``scale`` (T = diag(scale))
+    lower : Tensor of shape (in, in), float64, lower triangular, for ``cholesky``
+    damping : float
+        Relative ridge added to the Gram diagonal before the Cholesky (0 if none was needed).
+    """
+
+    kind: Literal["identity", "scale", "cholesky"]
+    scale: Tensor | None = None
+    lower: Tensor | None = None
+    damping: float = 0.0
+
+    def right(self, weight: Tensor) -> Tensor:
+        """``W T`` for ``W`` of shape (out, in), float64."""
+        if self.kind == "scale":
+            return weight * self.scale
+        if self.kind == "cholesky":
+            return weight @ self.lower
+        return weight
+
+    def undo(self, rows: Tensor) -> Tensor:
+        """``B T^{-1}`` for ``B`` of shape (r, in), float64."""
+        if self.kind == "scale":
+            return rows / self.scale
+        if self.kind == "cholesky":
+            return torch.linalg.solve_triangular(self.lower, rows, upper=False, left=False)
+        return rows
+
+
+def asvd_transform(stats: InputStatistics, alpha: float) -> InputTransform:
+    """ASVD's channel scaling ``T = diag(mean |x|)^alpha``, floored at ``1e-6`` of the largest scale.
+
+    Parameters
+    ----------
+    stats : InputStatistics
+        With ``abs_sum`` collected.
+    alpha : float, > 0
+
+    Returns
+    -------
+    InputTransform of kind ``scale``.
+    """
+    scale = stats.abs_mean.clamp_min(0).pow(alpha)
+    top = float(scale.max())
+    if top <= 0 or not torch.isfinite(scale).all():
+        return InputTransform("identity")
+    return InputTransform("scale", scale=scale.clamp_min(ASVD_SCALE_FLOOR * top))
+
+
+def cholesky_transform(stats: InputStatistics, damping: float = 1e-6) -> InputTransform:
+    """SVD-LLM's whitening: the lower Cholesky factor ``L`` of ``G = X^T X / N`` (float64).
+
+    Parameters
+    ----------
+    stats : InputStatistics
+        With ``gram`` collected.
+    damping : float, > 0
+        First relative ridge tried when ``G`` is not positive definite: ``G + damping *
+        mean(diag G) * I``; multiplied by 10 on each further failure (6 tries).
+
+    Returns
+    -------
+    InputTransform of kind ``cholesky`` (``damping`` says what was added, 0 if nothing);
+    ``identity`` if ``G`` is zero (a layer that only ever saw zeros).
+
+    Raises
+    ------
+    PassError
+        If ``G`` holds NaN/inf, or no damping up to ``damping * 10^5`` makes it positive definite.
+    """
+    gram = stats.second_moment
+    if not torch.isfinite(gram).all():
+        raise PassError("the Gram matrix of the calibration activations holds NaN or inf")
+    lower, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0:
+        return InputTransform("cholesky", lower=lower)
+    level = float(gram.diagonal().mean())
+    if level <= 0:
+        return InputTransform("identity")
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    eps = damping
+    for _ in range(DAMPING_TRIES):
+        lower, info = torch.linalg.cholesky_ex(gram + eps * level * eye)
+        if int(info) == 0:
+            return InputTransform("cholesky", lower=lower, damping=eps)
+        eps *= 10
+    raise PassError(f"the Gram matrix is not positive definite even with damping {eps / 10:g} * mean(diag)")
+
+
+@dataclass
+class WhitenedSVD:
+    """``W = U diag(s) V`` where ``U, s`` are the SVD of ``W T`` and ``V = V_T^T T^{-1}``.
+
+    Attributes
+    ----------
+    u : Tensor, shape (out, k), float32
+    s : Tensor, shape (k,), float64, descending: singular values of ``W T``
+    v : Tensor, shape (k, in), float32: rows of ``V^T T^{-1}`` (not orthonormal unless T = I)
+    transform : InputTransform
+    """
+
+    u: Tensor
+    s: Tensor
+    v: Tensor
+    transform: InputTransform
+
+    def factors(self, rank: int) -> tuple[Tensor, Tensor]:
+        """``A`` (out, rank) and ``B`` (rank, in) with ``A B = U_r diag(s_r) V_r``; see :func:`split_factors`."""
+        return split_factors(self.u, self.s.float(), self.v, rank)
+
+    def relative_error(self, rank: int) -> float:
+        """``sqrt(sum_{i > rank} s_i^2 / sum s_i^2)``: the relative output error on the calibration data (svd_llm)."""
+        energy = self.s.square()
+        total = float(energy.sum())
+        return float((energy[rank:].sum() / total).sqrt()) if total > 0 else 0.0
+
+
+def whitened_svd(weight: Tensor, transform: InputTransform) -> WhitenedSVD:
+    """Thin SVD of ``W T`` (float64) with ``T^{-1}`` folded into the right singular vectors.
+
+    Parameters
+    ----------
+    weight : Tensor, shape (out, in)
+    transform : InputTransform
+
+    Returns
+    -------
+    WhitenedSVD
+        At full rank, ``u @ diag(s) @ v`` reconstructs ``weight`` (up to float error).
+
+    Raises
+    ------
+    PassError
+        If ``weight`` contains NaN or inf.
+    """
+    if not torch.isfinite(weight).all():
+        raise PassError("weight contains NaN or inf; cannot factorize")
+    u, s, vh = torch.linalg.svd(transform.right(weight.detach().double()), full_matrices=False)
+    return WhitenedSVD(u.float(), s, transform.undo(vh).float(), transform)
+
+
+class ActivationSVDConfig(PassConfig):
+    """Options of the ``activation_svd`` pass. Exactly one rank option is set.
+
+    Attributes
+    ----------
+    method : {"svd_llm", "asvd"}
+        Whitening with the Cholesky factor of ``X^T X`` (default) or ASVD's channel scaling.
+    rank, rank_ratio, compression_ratio, energy
+        As in :class:`~optimum_lowrank.passes.svd.SVDConfig`; ``energy`` is measured on the
+        whitened (``svd_llm``) or scaled (``asvd``) singular values.
+    target_params_ratio : float in (0, 1)
+        Global budget over all targets (0.7 = 30% fewer parameters); ranks allocated by
+        the marginal whitened energy per parameter.
+    allocation : {"relative", "absolute"}
+        How the budget compares layers: whitened energy relative to the layer's total
+        (default) or raw (see :mod:`optimum_lowrank.passes.budget`).
+    min_rank : int >= 1
+        Smallest rank the budget allocation gives a factorized layer.
+    alpha : float in (0, 2], ``asvd`` only
+        Exponent of the channel scaling; default 0.5 (the ASVD paper's choice).
+    damping : float in (0, 1), ``svd_llm`` only
+        First relative ridge tried when the Gram matrix is not positive definite; default 1e-6.
+    num_samples : int >= 1, optional
+        Use only the first ``num_samples`` calibration windows; more than the calibration
+        data provides is an error.
+    batch_size : int >= 1
+        Calibration windows per forward pass.
+    progress : bool
+        Calibration progress on stderr.
+    """
+
+    method: Literal["svd_llm", "asvd"] = "svd_llm"
+    rank: int | None = Field(None, ge=1)
+    rank_ratio: float | None = Field(None, gt=0, le=1)
+    compression_ratio: float | None = Field(None, gt=1)
+    energy: float | None = Field(None, gt=0, le=1)
+    target_params_ratio: float | None = Field(None, gt=0, lt=1)
+    allocation: Literal["relative", "absolute"] = "relative"
+    min_rank: int = Field(1, ge=1)
+    alpha: float | None = Field(None, gt=0, le=2)
+    damping: float | None = Field(None, gt=0, lt=1)
+    num_samples: int | None = Field(None, ge=1)
+    batch_size: int = Field(1, ge=1)
+    progress: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> ActivationSVDConfig:
+        given = [name for name in RANK_OPTIONS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of {', '.join(RANK_OPTIONS)}; got {', '.join(given) or 'none'}")
+        if self.method == "svd_llm" and self.alpha is not None:
+            raise ValueError("alpha applies to method 'asvd' only")
+        if self.method == "asvd" and self.damping is not None:
+            raise ValueError("damping applies to method 'svd_llm' only")
+        return self
+
+
+class ActivationSVDPass(CompressionPass):
+    """Activation-aware truncated SVD (SVD-LLM whitening or ASVD scaling) of ``nn.Linear`` / ``Conv1D``.
+
+    Papers: Wang et al., "SVD-LLM", arXiv 2403.07378; Yuan et al., "ASVD", arXiv
+    2312.05821. Needs calibration data (the recipe's ``calibration:`` section).
+    See the module docstring for the algorithm and a recipe.
+
+    Recipe::
+
+        - {pass: activation_svd, method: svd_llm, targets: ["re:.*_proj"], target_params_ratio: 0.7}
+    """
+
+    name = "activation_svd"
+    config_class = ActivationSVDConfig
+    target_types = (nn.Linear, "Conv1D")
+    summary = "activation-aware SVD (svd_llm whitening or asvd scaling) with a global parameter budget"
+
+    config: ActivationSVDConfig
+
+    def collect(self, model: nn.Module, targets: dict[str, nn.Module], context: PassContext) -> dict[str, InputStatistics]:
+        """Stream the calibration windows and return each target's input statistics.
+
+        Raises
+        ------
+        DataError
+            If ``num_samples`` exceeds the calibration windows available.
+        """
+        ids = context.calibration_ids
+        if self.config.num_samples is not None:
+            if ids.shape[0] < self.config.num_samples:
+                raise DataError(
+                    f"activation_svd asks for num_samples={self.config.num_samples} calibration windows, "
+                    f"but the calibration text gives only {ids.shape[0]} windows of {ids.shape[1]} tokens"
+                )
+            ids = ids[: self.config.num_samples]
+        svd_llm = self.config.method == "svd_llm"
+        return collect_input_statistics(
+            model, targets, ids, kind=context.kind, gram=svd_llm, abs_mean=not svd_llm,
+            batch_size=self.config.batch_size, progress=self.config.progress,
+        )
+
+    def transform(self, stats: InputStatistics) -> InputTransform:
+        """The input transform of one layer from its statistics."""
+        if self.config.method == "asvd":
+            return asvd_transform(stats, self.config.alpha if self.config.alpha is not None else 0.5)
+        return cholesky_transform(stats, self.config.damping if self.config.damping is not None else 1e-6)
+
+    def apply(self, model: nn.Module, targets: dict[str, nn.Module], context: PassContext) -> list[LayerReport]:
+        return self.apply_with_statistics(model, targets, self.collect(model, targets, context))
+
+    def apply_with_statistics(
+        self, model: nn.Module, targets: dict[str, nn.Module], stats: dict[str, InputStatistics]
+    ) -> list[LayerReport]:
+        """Factorize ``targets`` from already collected statistics (e.g. reused across budgets).
+
+        Parameters
+        ----------
+        model : nn.Module
+            Modified in place.
+        targets : dict name -> module
+        stats : dict name -> InputStatistics
+            From :meth:`collect` on the same (uncompressed) targets.
+
+        Returns
+        -------
+        list of LayerReport, one per target.
+        """
+        decomps = self.decompose(targets, stats)
+        return self.apply_decomposed(model, targets, decomps, keep=False)
+
+    def decompose(self, targets: dict[str, nn.Module], stats: dict[str, InputStatistics]) -> dict[str, WhitenedSVD]:
+        """Input transform and whitened SVD of every target (float64 SVD; factors stored float32).
+
+        Raises
+        ------
+        PassError
+            A target without statistics, a NaN/inf weight or Gram matrix, or a Gram matrix
+            that no damping makes positive definite; the message names the layer.
+        """
+        transforms: dict[int, InputTransform] = {}
+        decomps: dict[str, WhitenedSVD] = {}
+        for name, module in targets.items():
+            if name not in stats:
+                raise PassError(f"{name}: no calibration statistics")
+            key = id(stats[name])
+            if key not in transforms:
+                try:
+                    transforms[key] = self.transform(stats[name])
+                except PassError as err:
+                    raise PassError(f"{name}: {err}") from None
+            weight, _ = linear_weight(module)
+            try:
+                decomps[name] = whitened_svd(weight, transforms[key])
+            except PassError as err:
+                raise PassError(f"{name}: {err}") from None
+        return decomps
+
+    def apply_decomposed(
+        self, model: nn.Module, targets: dict[str, nn.Module], decomps: dict[str, WhitenedSVD], *, keep: bool = True
+    ) -> list[LayerReport]:
+        """Choose the ranks (this config's rank option) and replace the targets of ``model``.
+
+        ``decomps`` (from :meth:`decompose`) can be reused for several budgets when
+        ``keep`` is True; with ``keep=False`` each entry is dropped once used (saves memory).
+        """
+        ranks = self._ranks(targets, decomps)
+        reports = []
+        for name, module in targets.items():
+            decomp = decomps[name] if keep else decomps.pop(name)
+            reports.append(self._replace(model, name, module, decomp, ranks[name]))
+        return reports
+
+    def _ranks(self, targets: dict[str, nn.Module], decomps: dict[str, WhitenedSVD]) -> dict[str, int]:
+        if self.config.target_params_ratio is None:
+            return {name: choose_rank(self.config, (d.u.shape[0], d.v.shape[1]), d.s) for name, d in decomps.items()}
+        from optimum_lowrank.passes.budget import LayerSpectrum, allocate_ranks
+
+        spectra = []
+        for name, module in targets.items():
+            d = decomps[name]
+            shape = (d.u.shape[0], d.v.shape[1])
+            extra = sum(p.numel() for p in module.parameters()) - shape[0] * shape[1]
+            spectra.append(LayerSpectrum(name, shape, d.s.square(), extra_params=extra))
+        allocation = allocate_ranks(spectra, self.config.target_params_ratio, normalize=self.config.allocation, min_rank=self.config.min_rank)
+        return allocation.ranks
+
+    def _replace(self, model: nn.Module, name: str, module: nn.Module, decomp: WhitenedSVD, rank: int) -> LayerReport:
+        weight, bias = linear_weight(module)
+        m, n = weight.shape
+        before = sum(p.numel() for p in module.parameters())
+        kind = type(module).__name__
+        notes = []
+        if decomp.transform.damping:
+            notes.append(f"Gram matrix not positive definite: added damping {decomp.transform.damping:g} * mean(diag)")
+        if decomp.transform.kind == "identity" and self.config.method == "svd_llm":
+            notes.append("input was all zeros on the calibration data: plain SVD")
+        if rank * (m + n) >= m * n:
+            if self.config.rank is not None:
+                raise PassError(
+                    f"{name}: rank {rank} would not reduce a {m}x{n} layer "
+                    f"({rank * (m + n):,} >= {m * n:,} parameters); use rank < {m * n / (m + n):.1f}"
+                )
+            why = "kept dense by the budget allocation" if self.config.target_params_ratio is not None else f"rank {rank} would not reduce a {m}x{n} layer"
+            notes.insert(0, f"{why} (break-even rank {m * n / (m + n):.1f})")
+            return LayerReport(name, kind, "skipped", before, before, rank, "; ".join(notes))
+        layer = LowRankLinear(n, m, rank, bias=bias is not None)
+        layer.load_factors(*decomp.factors(rank), bias).to(weight.dtype)
+        model.set_submodule(name, layer)
+        error_name = "relative_output_error" if decomp.transform.kind == "cholesky" else "relative_scaled_error"
+        return LayerReport(
+            name, kind, "factorized", before, sum(p.numel() for p in layer.parameters()), rank, "; ".join(notes),
+            {error_name: decomp.relative_error(rank), "damping": decomp.transform.damping},
+        )
+
+
+@hookimpl
+def lowrank_register_passes(register) -> None:
+    register(ActivationSVDPass)

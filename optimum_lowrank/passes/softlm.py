@@ -1,0 +1,507 @@
+"""SoftLMs: per-layer ranks learned by soft-thresholding singular values under a global parameter budget.
+
+Each target ``W`` (out x in) is reparametrised as
+
+    W(tau) = U diag(ReLU(s - tau)) V,
+
+with ``U, s, V`` from an SVD of ``W`` (or of ``W T`` for an activation-aware
+input transform ``T``, with ``T^{-1}`` folded into ``V``, see ``basis``) and one
+learnable threshold ``tau`` per layer. The thresholds (and the singular values,
+see ``train``) are trained on the calibration windows with the model's own loss
+plus a differentiable parameter count pushed to the budget:
+
+    loss = task_loss + penalty_weight * ReLU(P(tau) / P_target - 1)
+    P(tau) = sum_l min((out_l + in_l) * sum_i sigmoid((s_li - tau_l) / (temperature * s_l1)), out_l * in_l) + biases
+
+so the training decides how much each layer is compressed. Afterwards every
+layer keeps the singular directions with ``s_i > tau``: the layer becomes a
+:class:`~optimum_lowrank.layers.LowRankLinear` computing exactly what the
+soft-threshold layer computed at the end of training. A layer whose surviving
+rank would not reduce its parameters stays a dense ``nn.Linear`` holding the
+trained ``W(tau)`` (the report says so). If the hard count still exceeds the
+budget after training, the smallest surviving directions per parameter (relative
+to their layer's energy) are removed until it fits ("projection", reported).
+
+Task loss (``loss``): ``auto`` is the LM loss for decoders and distillation to the
+original's last hidden states for encoders (see :mod:`optimum_lowrank.finetune`).
+
+Choices the paper leaves open, and what is done here (each is an option)
+------------------------------------------------------------------------
+``basis`` (default ``svd_llm``)
+    The paper factors ``W`` itself (``svd``). Thresholding whitened singular values
+    (``svd_llm``: Cholesky of the calibration Gram matrix, as in SVD-LLM) makes the
+    singular values measure output error, so one threshold per layer discards the
+    right directions; ``asvd`` uses ASVD's channel scaling. All three are offered.
+``tau_init`` (default ``budget``)
+    ``budget``: each ``tau_l`` starts at the first singular value the greedy
+    whitened-energy allocation (:mod:`optimum_lowrank.passes.budget`) drops for the
+    target, and the kept singular values are shifted up by ``tau_l`` so that the
+    start equals that truncated factorization (no shrinkage) and meets the budget;
+    training then moves ranks between layers. ``zero``: ``tau = 0`` (the dense model);
+    the penalty then has to drive every threshold up (use ``penalty_warmup``).
+``train`` (default ``singular_values``)
+    ``threshold``: only the ``tau_l`` (soft-thresholding also shrinks every kept value
+    by ``tau_l``); ``singular_values``: ``tau_l`` and the ``s_i`` (compensates the
+    shrinkage; k + 1 numbers per layer); ``factors``: also ``U`` and ``V`` (memory and
+    time of a full fine-tune of the targets).
+``penalty_weight`` (default 10), ``penalty_warmup`` (default 0)
+    lambda, constant after a linear ramp from 0 over the first ``penalty_warmup``
+    fraction of the steps. A one-sided hinge: below the budget only the task loss acts.
+``temperature`` (default 0.02)
+    Sigmoid width in units of the layer's largest singular value (scale-free across layers).
+``steps`` (default 100), ``lr`` (default 5e-3), ``batch_size`` (default 1)
+    Adam on ``s / s_1`` and ``tau / s_1`` (learning rate in units of the layer's largest
+    singular value); ``factor_lr`` (default 1e-4) for ``U``, ``V`` with ``train: factors``.
+    ``tau`` is clamped to ``>= 0`` after each step. Windows in a seeded random order.
+
+A NaN/inf loss stops training, puts the original layers back and raises
+:class:`~optimum_lowrank.errors.PassError`.
+
+Recipe
+------
+.. code-block:: yaml
+
+    calibration: {data: ../shared/data/wikitext-2/wiki.valid.tokens, num_samples: 64, seq_len: 128}
+    passes:
+      - pass: softlm
+        targets: ["re:encoder\\\\.layer\\\\.\\\\d+\\\\..*dense", "re:.*attention\\\\.self\\\\.(query|key|value)"]
+        target_params_ratio: 0.5          # half the parameters of the targets
+        steps: 100
+
+References
+----------
+.. [1] Bhatnagar, Wen, Kang, "SoftLMs: Efficient Adaptive Low-Rank Approximation of
+   Language Models using Soft-Thresholding Mechanism", arXiv 2411.10543 (2024).
+.. [2] Wang et al., "SVD-LLM: Truncation-aware Singular Value Decomposition for Large
+   Language Model Compression", arXiv 2403.07378 (2024) (the ``svd_llm`` basis).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from optimum_lowrank.errors import DataError, PassError
+from optimum_lowrank.hookspecs import hookimpl
+from optimum_lowrank.layers.lowrank import LowRankLinear, linear_weight
+from optimum_lowrank.passes.base import CompressionPass, PassConfig, PassContext
+from optimum_lowrank.report import LayerReport
+
+__all__ = ["SoftLMConfig", "SoftLMPass", "SoftThresholdLinear"]
+
+
+class SoftThresholdLinear(nn.Module):
+    """``y = x V^T diag(ReLU(s - tau)) U^T + bias`` with a learnable threshold ``tau``.
+
+    ``s`` and ``tau`` are stored divided by ``scale`` (the largest singular value at
+    construction) so that learning rates and the temperature are relative.
+
+    Parameters
+    ----------
+    u : Tensor, shape (out_features, k)
+    s : Tensor, shape (k,), >= 0
+    v : Tensor, shape (k, in_features)
+        ``u @ diag(s) @ v`` is the dense weight (e.g. a thin SVD, possibly whitened).
+    bias : Tensor of shape (out_features,), or None
+    tau : float, >= 0
+        Initial threshold, in the units of ``s``.
+    train_factors : bool
+        Make ``u``, ``v`` (and the bias) trainable too.
+
+    Shapes
+    ------
+    input (..., in_features) -> output (..., out_features). Only the directions with
+    ``s_i > tau`` are computed (the others contribute exactly zero), so the cost per
+    token is ``rank * (in + out)``.
+    """
+
+    def __init__(self, u: Tensor, s: Tensor, v: Tensor, bias: Tensor | None = None, *, tau: float = 0.0, train_factors: bool = False):
+        super().__init__()
+        k = s.numel()
+        if u.shape[1] != k or v.shape[0] != k:
+            raise PassError(f"inconsistent factors: u {tuple(u.shape)}, s {tuple(s.shape)}, v {tuple(v.shape)}")
+        self.out_features, self.in_features = u.shape[0], v.shape[1]
+        top = float(s.max()) if k else 0.0
+        self.scale = top if top > 0 and math.isfinite(top) else 1.0
+        self.u = nn.Parameter(u.detach().float().clone(), requires_grad=train_factors)
+        self.v = nn.Parameter(v.detach().float().clone(), requires_grad=train_factors)
+        self.s = nn.Parameter(s.detach().float() / self.scale)
+        self.tau = nn.Parameter(torch.tensor(float(tau) / self.scale))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=train_factors)
+
+    def singular_values(self) -> Tensor:
+        """``ReLU(s - tau)``, shape (k,), in the original units."""
+        return F.relu(self.s - self.tau) * self.scale
+
+    def hard_rank(self) -> int:
+        """Number of directions with ``s_i > tau``."""
+        return int((self.s > self.tau).sum())
+
+    def soft_rank(self, temperature: float) -> Tensor:
+        """``sum_i sigmoid((s_i - tau) / temperature)`` (temperature relative to ``scale``); differentiable."""
+        return torch.sigmoid((self.s - self.tau) / temperature).sum()
+
+    def weight(self) -> Tensor:
+        """The dense weight ``U diag(ReLU(s - tau)) V``, shape (out_features, in_features)."""
+        return (self.u * self.singular_values()) @ self.v
+
+    def forward(self, x: Tensor) -> Tensor:
+        keep = (self.s > self.tau).nonzero().flatten()
+        values = (self.s[keep] - self.tau) * self.scale
+        y = ((x @ self.v[keep].t()) * values) @ self.u[:, keep].t()
+        return y if self.bias is None else y + self.bias
+
+    def to_lowrank(self) -> nn.Module:
+        """The layer with only the surviving directions: ``LowRankLinear`` (rank >= 1), or ``nn.Linear`` at/above break-even."""
+        m, n = self.out_features, self.in_features
+        with torch.no_grad():
+            values = self.singular_values()
+            keep = (self.s > self.tau).nonzero().flatten()
+            if keep.numel() == 0:  # nothing survives: the weight is zero; keep one direction with value 0
+                keep = self.s.argmax().reshape(1)
+            r = keep.numel()
+            bias = None if self.bias is None else self.bias.detach()
+            if r * (m + n) >= m * n:
+                dense = nn.Linear(n, m, bias=bias is not None)
+                dense.weight.copy_(self.weight())
+                if bias is not None:
+                    dense.bias.copy_(bias)
+                return dense
+            root = values[keep].sqrt()
+            layer = LowRankLinear(n, m, r, bias=bias is not None)
+            return layer.load_factors(self.u[:, keep] * root, root[:, None] * self.v[keep], bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, k={self.s.numel()}, rank={self.hard_rank()}"
+
+
+class SoftLMConfig(PassConfig):
+    """Options of the ``softlm`` pass; see the module docstring for what each choice means.
+
+    Attributes
+    ----------
+    target_params_ratio : float in (0, 1), required
+        Fraction of the targets' parameters kept (0.7 = 30% fewer).
+    basis : {"svd_llm", "asvd", "svd"}
+    tau_init : {"budget", "zero"}
+    train : {"singular_values", "threshold", "factors"}
+    steps : int >= 1
+    lr : float > 0
+        Adam learning rate of ``s`` and ``tau`` (relative to each layer's largest singular value).
+    factor_lr : float > 0
+        Learning rate of ``U``, ``V`` with ``train: factors``.
+    temperature : float > 0
+    penalty_weight : float > 0
+    penalty_warmup : float in [0, 1)
+    batch_size : int >= 1
+    loss : {"auto", "lm", "hidden", "logits"}
+    allocation : {"relative", "absolute"}
+        How the ``budget`` initialisation compares layers.
+    alpha : float in (0, 2]
+        ASVD exponent (``basis: asvd``).
+    damping : float in (0, 1)
+        First ridge for a singular Gram matrix (``basis: svd_llm``).
+    num_samples : int >= 1, optional
+        Calibration windows used (first ones); more than available is an error.
+    seed : int, optional
+        Window order; the recipe's seed when None.
+    progress : bool
+    """
+
+    target_params_ratio: float = Field(gt=0, lt=1)
+    basis: Literal["svd_llm", "asvd", "svd"] = "svd_llm"
+    tau_init: Literal["budget", "zero"] = "budget"
+    train: Literal["singular_values", "threshold", "factors"] = "singular_values"
+    steps: int = Field(100, ge=1, le=1_000_000)
+    lr: float = Field(5e-3, gt=0, le=1)
+    factor_lr: float = Field(1e-4, gt=0, le=1)
+    temperature: float = Field(0.02, gt=0, le=1)
+    penalty_weight: float = Field(10.0, gt=0)
+    penalty_warmup: float = Field(0.0, ge=0, lt=1)
+    batch_size: int = Field(1, ge=1)
+    loss: Literal["auto", "lm", "hidden", "logits"] = "auto"
+    allocation: Literal["relative", "absolute"] = "relative"
+    alpha: float = Field(0.5, gt=0, le=2)
+    damping: float = Field(1e-6, gt=0, lt=1)
+    num_samples: int | None = Field(None, ge=1)
+    seed: int | None = None
+    progress: bool = False
+
+
+class SoftLMPass(CompressionPass):
+    """SoftLMs (Bhatnagar, Wen, Kang, arXiv 2411.10543): learned per-layer ranks by soft-thresholding singular values.
+
+    Recipe::
+
+        - {pass: softlm, targets: ["re:.*_proj"], target_params_ratio: 0.7, steps: 100}
+
+    See the module docstring for the algorithm, the choices made where the paper is silent,
+    and a full recipe.
+    """
+
+    name = "softlm"
+    config_class = SoftLMConfig
+    target_types = (nn.Linear, "Conv1D")
+    summary = "SoftLMs: learned per-layer ranks by soft-thresholded singular values under a global parameter budget"
+
+    config: SoftLMConfig
+
+    # ------------------------------------------------------------------ building the soft layers
+
+    def _calibration(self, context: PassContext) -> Tensor:
+        ids = context.calibration_ids
+        if self.config.num_samples is not None:
+            if ids.shape[0] < self.config.num_samples:
+                raise DataError(
+                    f"softlm asks for num_samples={self.config.num_samples} calibration windows, "
+                    f"but the calibration text gives only {ids.shape[0]} windows of {ids.shape[1]} tokens"
+                )
+            ids = ids[: self.config.num_samples]
+        return ids
+
+    def _decompose(self, model: nn.Module, targets: dict[str, nn.Module], ids: Tensor, kind: str) -> dict:
+        from optimum_lowrank.passes.activation_svd import InputTransform, asvd_transform, cholesky_transform, whitened_svd
+        from optimum_lowrank.passes.calibration import collect_input_statistics
+
+        stats = {}
+        if self.config.basis != "svd":
+            svd_llm = self.config.basis == "svd_llm"
+            stats = collect_input_statistics(model, targets, ids, kind=kind, gram=svd_llm, abs_mean=not svd_llm, progress=self.config.progress)
+        transforms: dict[int, InputTransform] = {}
+        decomps = {}
+        for name, module in targets.items():
+            if self.config.basis == "svd":
+                transform = InputTransform("identity")
+            else:
+                key = id(stats[name])
+                if key not in transforms:
+                    try:
+                        transforms[key] = (
+                            cholesky_transform(stats[name], self.config.damping)
+                            if self.config.basis == "svd_llm"
+                            else asvd_transform(stats[name], self.config.alpha)
+                        )
+                    except PassError as err:
+                        raise PassError(f"{name}: {err}") from None
+                transform = transforms[key]
+            try:
+                decomps[name] = whitened_svd(linear_weight(module)[0], transform)
+            except PassError as err:
+                raise PassError(f"{name}: {err}") from None
+        return decomps
+
+    def _initial_thresholds(self, targets: dict[str, nn.Module], decomps: dict) -> dict[str, int]:
+        """Ranks of the starting point: the greedy allocation (``budget``) or full (``zero``)."""
+        if self.config.tau_init == "zero":
+            return {name: d.s.numel() for name, d in decomps.items()}
+        from optimum_lowrank.passes.budget import LayerSpectrum, allocate_ranks
+
+        spectra = []
+        for name, module in targets.items():
+            d = decomps[name]
+            shape = (d.u.shape[0], d.v.shape[1])
+            spectra.append(LayerSpectrum(name, shape, d.s.square(), extra_params=_extra(module, shape)))
+        allocation = allocate_ranks(spectra, self.config.target_params_ratio, normalize=self.config.allocation)
+        return allocation.ranks
+
+    # ------------------------------------------------------------------ the pass
+
+    def apply(self, model: nn.Module, targets: dict[str, nn.Module], context: PassContext) -> list[LayerReport]:
+        from optimum_lowrank.finetune import make_loss
+
+        cfg = self.config
+        ids = self._calibration(context)
+        decomps = self._decompose(model, targets, ids, context.kind)
+        ranks = self._initial_thresholds(targets, decomps)
+        loss_name = cfg.loss if cfg.loss != "auto" else ("lm" if context.kind == "decoder" else "hidden")
+        reference = copy.deepcopy(model).eval() if loss_name in ("hidden", "logits") else None
+
+        soft: dict[str, SoftThresholdLinear] = {}
+        shapes: dict[str, tuple[int, int]] = {}
+        extras: dict[str, int] = {}
+        for name, module in targets.items():
+            d = decomps.pop(name)
+            r, k = ranks[name], d.s.numel()
+            s = d.s.float().clone()
+            tau = 0.0
+            if r < k:  # start at the truncation: tau = first dropped value, kept values shifted up by tau
+                tau = float(s[r])
+                s[:r] += tau
+            bias = linear_weight(module)[1]
+            soft[name] = SoftThresholdLinear(d.u, s, d.v, bias, tau=tau, train_factors=cfg.train == "factors")
+            shapes[name] = (d.u.shape[0], d.v.shape[1])
+            extras[name] = _extra(module, shapes[name])
+        originals = {name: module for name, module in targets.items()}
+        for name, layer in soft.items():
+            model.set_submodule(name, layer)
+
+        before = sum(m * n + extras[name] for name, (m, n) in shapes.items())
+        target = cfg.target_params_ratio * before
+        log: dict[str, float] = {}
+        try:
+            log = self._train(model, soft, shapes, extras, before, ids, make_loss(model, context.kind, cfg.loss, reference), context)
+        except BaseException:
+            for name, module in originals.items():
+                model.set_submodule(name, module)
+            raise
+        projected = _project(soft, shapes, extras, int(target))
+
+        reports = []
+        for name, layer in soft.items():
+            m, n = shapes[name]
+            original = originals[name]
+            before_layer = sum(p.numel() for p in original.parameters())
+            replacement = layer.to_lowrank().to(linear_weight(original)[0].dtype)
+            model.set_submodule(name, replacement)
+            metrics = {"tau_relative": float(layer.tau), "initial_rank": float(ranks[name]), "projected_out": float(projected.get(name, 0))}
+            if isinstance(replacement, LowRankLinear):
+                reports.append(
+                    LayerReport(name, type(original).__name__, "factorized", before_layer, sum(p.numel() for p in replacement.parameters()), replacement.rank, metrics=metrics)
+                )
+            else:
+                r = layer.hard_rank()
+                note = (
+                    f"kept dense: surviving rank {r} would not reduce a {m}x{n} layer (break-even {m * n / (m + n):.1f}); "
+                    "weight = the trained soft-threshold layer"
+                )
+                reports.append(LayerReport(name, type(original).__name__, "replaced", before_layer, sum(p.numel() for p in replacement.parameters()), r, note, metrics))
+        context.notes.append(
+            f"softlm: {cfg.steps} steps, loss {loss_name} {log.get('loss_first', float('nan')):.4f} -> {log.get('loss_last', float('nan')):.4f}, "
+            f"soft parameter ratio {log.get('ratio_last', float('nan')):.4f} (target {cfg.target_params_ratio}); "
+            f"{sum(projected.values())} direction(s) removed after training to meet the budget"
+        )
+        return reports
+
+    def _train(self, model, soft, shapes, extras, before, ids, loss_fn, context) -> dict[str, float]:
+        cfg = self.config
+        groups = [{"params": [p for layer in soft.values() for p in (layer.s, layer.tau)], "lr": cfg.lr}]
+        if cfg.train == "threshold":
+            for layer in soft.values():
+                layer.s.requires_grad_(False)
+            groups = [{"params": [layer.tau for layer in soft.values()], "lr": cfg.lr}]
+        elif cfg.train == "factors":
+            groups.append({"params": [p for layer in soft.values() for p in (layer.u, layer.v, layer.bias) if p is not None], "lr": cfg.factor_lr})
+        flags = {id(p): p.requires_grad for p in model.parameters()}
+        trained = {id(p) for g in groups for p in g["params"]}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trained)
+        optimizer = torch.optim.Adam(groups)
+        seed = cfg.seed if cfg.seed is not None else context.seed
+        generator = torch.Generator().manual_seed(seed)
+        n = ids.shape[0]
+        order: list[int] = []
+        warm = int(cfg.penalty_warmup * cfg.steps)
+        log: dict[str, float] = {}
+        t0 = time.perf_counter()
+        model.eval()
+        try:
+            for step in range(cfg.steps):
+                if len(order) < cfg.batch_size:
+                    order += torch.randperm(n, generator=generator).tolist()
+                batch, order = order[: cfg.batch_size], order[cfg.batch_size :]
+                task = loss_fn(ids[batch])
+                ratio = self._soft_params(soft, shapes, extras) / before
+                lam = cfg.penalty_weight * min(1.0, (step + 1) / warm) if warm else cfg.penalty_weight
+                penalty = lam * F.relu(ratio / cfg.target_params_ratio - 1)
+                total = task + penalty
+                if not torch.isfinite(total):
+                    raise PassError(
+                        f"softlm: the training loss became {float(total)} at step {step + 1}/{cfg.steps} "
+                        f"(task {float(task.detach())}, penalty {float(penalty.detach())}); the original layers were restored. "
+                        "Lower lr, or check the calibration data and the model's weights"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    for layer in soft.values():
+                        layer.tau.clamp_(min=0)
+                if step == 0:
+                    log["loss_first"] = float(task.detach())
+                log["loss_last"], log["ratio_last"] = float(task.detach()), float(ratio.detach())
+                if cfg.progress and (step + 1) % max(1, cfg.steps // 10) == 0:
+                    print(
+                        f"[optimum-lowrank] softlm step {step + 1}/{cfg.steps}: loss {float(task.detach()):.4f}, soft ratio {float(ratio.detach()):.4f}, "
+                        f"hard ratio {self._hard_params(soft, shapes, extras) / before:.4f} ({time.perf_counter() - t0:.0f} s)",
+                        file=sys.stderr, flush=True,
+                    )
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            for p in model.parameters():
+                p.requires_grad_(flags.get(id(p), True))
+        log["seconds"] = time.perf_counter() - t0
+        return log
+
+    def _soft_params(self, soft, shapes, extras) -> Tensor:
+        total = torch.zeros(())
+        for name, layer in soft.items():
+            m, n = shapes[name]
+            count = layer.soft_rank(self.config.temperature) * (m + n)
+            total = total + torch.clamp(count, max=float(m * n)) + extras[name]
+        return total
+
+    @staticmethod
+    def _hard_params(soft, shapes, extras) -> int:
+        return sum(min(layer.hard_rank() * (m + n), m * n) + extras[name] for name, layer in soft.items() for m, n in [shapes[name]])
+
+
+def _extra(module: nn.Module, shape: tuple[int, int]) -> int:
+    return sum(p.numel() for p in module.parameters()) - shape[0] * shape[1]
+
+
+def _project(soft: dict[str, SoftThresholdLinear], shapes: dict, extras: dict, budget: int) -> dict[str, int]:
+    """Drop surviving directions until the hard parameter count fits ``budget``; returns drops per layer.
+
+    Greedy in reverse: the direction (or, for a layer at/above break-even, the block of
+    directions down to the largest factorizable rank) with the least relative energy
+    per parameter saved goes first. A dropped direction gets ``s_i = tau`` (exactly zero).
+    """
+    dropped: dict[str, int] = {}
+
+    def hard() -> int:
+        return SoftLMPass._hard_params(soft, shapes, extras)
+
+    with torch.no_grad():
+        while hard() > budget:
+            best = None
+            for name, layer in soft.items():
+                m, n = shapes[name]
+                values = (layer.s - layer.tau).clamp_min(0).double()
+                alive = (values > 0).nonzero().flatten()
+                r = alive.numel()
+                if r <= 1:
+                    continue
+                order = alive[values[alive].argsort()]  # ascending
+                energy = float(values.square().sum())
+                if r * (m + n) >= m * n:  # dense: drop down to the largest factorizable rank
+                    target_rank = max(1, math.ceil(m * n / (m + n)) - 1)
+                    drop = order[: r - target_rank]
+                    saved = m * n - target_rank * (m + n)
+                else:
+                    drop = order[:1]
+                    saved = m + n
+                if saved <= 0:
+                    continue
+                score = float(values[drop].square().sum()) / max(energy, 1e-300) / saved
+                if best is None or score < best[0]:
+                    best = (score, name, drop)
+            if best is None:
+                break
+            _, name, drop = best
+            layer = soft[name]
+            layer.s[drop] = layer.tau.detach()
+            dropped[name] = dropped.get(name, 0) + drop.numel()
+    return dropped
+
+
+@hookimpl
+def lowrank_register_passes(register) -> None:
+    register(SoftLMPass)

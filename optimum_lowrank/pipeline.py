@@ -118,9 +118,10 @@ def optimize(
         with say.step(f"evaluating {evaluator.metric} (original, compressed)"):
             report.accuracy.original = evaluator.evaluate_torch(loaded.model)
             report.accuracy.compressed_torch = evaluator.evaluate_torch(compressed)
-        _gate(report, fail_fast=True)
+        _gate(report, recipe.accuracy.enforce, fail_fast=True)
 
     if recipe.export is None:
+        _note_unenforced(report)
         report.seconds = time.perf_counter() - started
         if out_dir is not None:
             with _staging(out_dir) as staging:
@@ -130,7 +131,9 @@ def optimize(
 
     with _staging(out_dir) as staging:
         report.export = _export(compressed, loaded, recipe, context, evaluator, report, staging, say)
-        _gate(report, fail_fast=False)
+        if recipe.accuracy is not None:
+            _gate(report, recipe.accuracy.enforce, fail_fast=False)
+        _note_unenforced(report)
         report.seconds = time.perf_counter() - started
         report.output = None if out_dir is None else str(out_dir)
         if out_dir is not None:
@@ -288,11 +291,9 @@ def _acceptable(acc: AccuracyReport, value: float) -> bool:
     return value >= acc.threshold
 
 
-def _gate(report: OptimizationReport, fail_fast: bool) -> None:
-    """Check every measured figure against the threshold; raise AccuracyError on any failure."""
+def _gate(report: OptimizationReport, enforce: bool, fail_fast: bool) -> None:
+    """Check every measured figure against the threshold; raise AccuracyError on any failure if ``enforce``."""
     acc = report.accuracy
-    if acc is None:
-        return
     figures = {"compressed torch": acc.compressed_torch, "ONNX fp32": acc.onnx_fp32, "ONNX quantized": acc.onnx_quantized}
     acc.failures = [
         f"{name} {acc.metric} {value:.4g} vs original {acc.original:.4g} ({acc.threshold_name}={acc.threshold:g})"
@@ -300,9 +301,14 @@ def _gate(report: OptimizationReport, fail_fast: bool) -> None:
         if value is not None and not _acceptable(acc, value)
     ]
     acc.passed = not acc.failures
-    if acc.failures:
+    if acc.failures and enforce:
         where = " before export" if fail_fast else ""
         raise AccuracyError(f"accuracy gate failed{where}: " + "; ".join(acc.failures), report)
+
+
+def _note_unenforced(report: OptimizationReport) -> None:
+    if report.accuracy is not None and report.accuracy.failures:
+        report.notes.append("accuracy gate not enforced (enforce: false): " + "; ".join(report.accuracy.failures))
 
 
 def _export(

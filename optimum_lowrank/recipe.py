@@ -75,6 +75,8 @@ class AccuracyConfig(_Strict):
     - ``stsb_spearman`` (encoders): ``max_drop``, allowed drop of Spearman x 100, in [0, 100].
     - ``cosine_agreement`` (encoders, data-free): ``min_cosine`` in (0, 1], the
       mean cosine between the original's and the compressed model's pooled outputs.
+
+    ``enforce: false`` measures and reports without failing (for benchmarks).
     """
 
     metric: Literal["perplexity", "stsb_spearman", "cosine_agreement"]
@@ -87,6 +89,7 @@ class AccuracyConfig(_Strict):
     max_windows: int = Field(20, ge=1)
     max_pairs: int | None = Field(None, ge=1)
     num_samples: int = Field(64, ge=1)
+    enforce: bool = True
 
     @model_validator(mode="after")
     def _threshold_fits_metric(self) -> AccuracyConfig:

@@ -4,13 +4,10 @@ Every evaluator measures one number on a fixed, deterministic sample of data, so
 original model, the compressed PyTorch model, its fp32 ONNX graph and its int8 ONNX
 graph are compared on exactly the same inputs:
 
-=====================  =========================  ============  ==================
-metric                 evaluator                  models        better
-=====================  =========================  ============  ==================
-``perplexity``         :class:`PerplexityEvaluator`       decoders      lower
-``stsb_spearman``      :class:`STSBEvaluator`             encoders      higher
-``cosine_agreement``   :class:`CosineAgreementEvaluator`  encoders      higher (max 1)
-=====================  =========================  ============  ==================
+- ``perplexity`` (:class:`PerplexityEvaluator`): causal decoders, lower is better;
+- ``stsb_spearman`` (:class:`STSBEvaluator`): encoders, higher is better (x100);
+- ``cosine_agreement`` (:class:`CosineAgreementEvaluator`): encoders, data-free,
+  higher is better (1.0 for the original model).
 
 ONNX graphs are run with ONNX Runtime's ``CPUExecutionProvider`` (so graphs holding
 ``com.microsoft`` operators such as ``MatMulNBits`` work), feeding only the inputs

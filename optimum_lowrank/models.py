@@ -292,9 +292,14 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = torch.float32
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    try:  # skip the random init of weights that are all overwritten below (saves seconds)
+        from transformers.modeling_utils import no_init_weights
+    except ImportError:  # pragma: no cover - older/newer transformers
+        from contextlib import nullcontext as no_init_weights
+    with no_init_weights():
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = {k: v.to(torch.float32) for k, v in loaded.state_dict().items()}
-    missing, unexpected = plain.load_state_dict(state, strict=False)
+    missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
     # With tied embeddings lm_head.weight shares embed_tokens.weight; nothing else may be missing.
     tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
@@ -310,6 +315,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     try:
         plain.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache entry is ordinary data
         try:
             os.rename(tmp, target)
         except OSError:

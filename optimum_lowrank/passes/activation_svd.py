@@ -65,7 +65,7 @@ from optimum_lowrank.errors import DataError, PassError
 from optimum_lowrank.hookspecs import hookimpl
 from optimum_lowrank.layers.lowrank import LowRankLinear, linear_weight, split_factors
 from optimum_lowrank.passes.base import CompressionPass, PassConfig, PassContext
-from optimum_lowrank.passes.calibration import InputStatistics, collect_input_statistics
+from optimum_lowrank.passes.calibration import InputStatistics, collect_input_statistics, collect_output_sensitivity
 from optimum_lowrank.passes.svd import RANK_OPTIONS, choose_rank
 from optimum_lowrank.report import LayerReport
 
@@ -75,6 +75,7 @@ __all__ = [
     "InputTransform",
     "WhitenedSVD",
     "asvd_transform",
+    "budget_ranks",
     "cholesky_transform",
     "whitened_svd",
 ]
@@ -230,6 +231,55 @@ def whitened_svd(weight: Tensor, transform: InputTransform) -> WhitenedSVD:
     return WhitenedSVD(u.float(), s, transform.undo(vh).float(), transform)
 
 
+def budget_ranks(
+    targets: dict[str, nn.Module],
+    decomps: dict[str, WhitenedSVD],
+    target_params_ratio: float,
+    allocation: str,
+    sensitivity: dict[str, float] | None = None,
+    min_rank: int = 1,
+) -> dict[str, int]:
+    """Ranks under a global budget from whitened spectra: :func:`~optimum_lowrank.passes.budget.allocate_ranks`.
+
+    Parameters
+    ----------
+    targets : dict name -> module
+        For the bias counts.
+    decomps : dict name -> WhitenedSVD
+    target_params_ratio : float in (0, 1)
+    allocation : {"fisher", "relative", "absolute"}
+        ``fisher``: gains ``sensitivity[name] * s_i^2`` with ``s`` from the Gram matrix
+        normalised per token (an estimate of twice the loss increase of dropping direction i).
+    sensitivity : dict name -> float
+        Required for ``fisher``.
+    min_rank : int
+
+    Returns
+    -------
+    dict name -> rank (``min(out, in)`` for layers the budget keeps dense)
+
+    Raises
+    ------
+    PassError
+        ``fisher`` without sensitivities, or an infeasible budget.
+    """
+    from optimum_lowrank.passes.budget import LayerSpectrum, allocate_ranks
+
+    if allocation == "fisher" and sensitivity is None:
+        raise PassError("allocation 'fisher' needs per-layer sensitivities (collect_output_sensitivity)")
+    spectra = []
+    for name, module in targets.items():
+        d = decomps[name]
+        shape = (d.u.shape[0], d.v.shape[1])
+        extra = sum(p.numel() for p in module.parameters()) - shape[0] * shape[1]
+        weight = 1.0
+        if allocation == "fisher":
+            weight = max(float(sensitivity[name]), 1e-30)
+        spectra.append(LayerSpectrum(name, shape, d.s.square(), extra_params=extra, weight=weight))
+    normalize = "relative" if allocation == "relative" else "absolute"
+    return allocate_ranks(spectra, target_params_ratio, normalize=normalize, min_rank=min_rank).ranks
+
+
 class ActivationSVDConfig(PassConfig):
     """Options of the ``activation_svd`` pass. Exactly one rank option is set.
 
@@ -243,9 +293,16 @@ class ActivationSVDConfig(PassConfig):
     target_params_ratio : float in (0, 1)
         Global budget over all targets (0.7 = 30% fewer parameters); ranks allocated by
         the marginal whitened energy per parameter.
-    allocation : {"relative", "absolute"}
-        How the budget compares layers: whitened energy relative to the layer's total
-        (default) or raw (see :mod:`optimum_lowrank.passes.budget`).
+    allocation : {"fisher", "relative", "absolute"}
+        How the budget compares layers (see :mod:`optimum_lowrank.passes.budget`):
+        ``fisher`` (default) weighs each layer's whitened energy by its sensitivity, the
+        mean squared loss gradient w.r.t. its output on ``sensitivity_samples`` calibration
+        windows (:func:`~optimum_lowrank.passes.calibration.collect_output_sensitivity`),
+        so the greedy step keeps the direction with the largest estimated loss increase
+        per parameter; ``relative``: whitened energy relative to the layer's total;
+        ``absolute``: raw whitened energy.
+    sensitivity_samples : int >= 1
+        Calibration windows (the first ones) with a backward pass for ``fisher``; default 8.
     min_rank : int >= 1
         Smallest rank the budget allocation gives a factorized layer.
     alpha : float in (0, 2], ``asvd`` only
@@ -267,7 +324,8 @@ class ActivationSVDConfig(PassConfig):
     compression_ratio: float | None = Field(None, gt=1)
     energy: float | None = Field(None, gt=0, le=1)
     target_params_ratio: float | None = Field(None, gt=0, lt=1)
-    allocation: Literal["relative", "absolute"] = "relative"
+    allocation: Literal["fisher", "relative", "absolute"] = "fisher"
+    sensitivity_samples: int = Field(8, ge=1)
     min_rank: int = Field(1, ge=1)
     alpha: float | None = Field(None, gt=0, le=2)
     damping: float | None = Field(None, gt=0, lt=1)
@@ -303,6 +361,7 @@ class ActivationSVDPass(CompressionPass):
     config_class = ActivationSVDConfig
     target_types = (nn.Linear, "Conv1D")
     summary = "activation-aware SVD (svd_llm whitening or asvd scaling) with a global parameter budget"
+    example_options = {"targets": ["re:.*intermediate\\.dense", "re:.*attention\\.self\\.(query|value)"], "target_params_ratio": 0.6}
 
     config: ActivationSVDConfig
 
@@ -334,11 +393,23 @@ class ActivationSVDPass(CompressionPass):
             return asvd_transform(stats, self.config.alpha if self.config.alpha is not None else 0.5)
         return cholesky_transform(stats, self.config.damping if self.config.damping is not None else 1e-6)
 
+    def sensitivity(self, model: nn.Module, targets: dict[str, nn.Module], context: PassContext) -> dict[str, float] | None:
+        """Per-layer loss sensitivities for ``allocation: fisher`` with a budget; None otherwise."""
+        if self.config.target_params_ratio is None or self.config.allocation != "fisher":
+            return None
+        ids = context.calibration_ids[: self.config.sensitivity_samples]
+        return collect_output_sensitivity(model, targets, ids, kind=context.kind, batch_size=self.config.batch_size, seed=context.seed)
+
     def apply(self, model: nn.Module, targets: dict[str, nn.Module], context: PassContext) -> list[LayerReport]:
-        return self.apply_with_statistics(model, targets, self.collect(model, targets, context))
+        stats = self.collect(model, targets, context)
+        return self.apply_with_statistics(model, targets, stats, self.sensitivity(model, targets, context))
 
     def apply_with_statistics(
-        self, model: nn.Module, targets: dict[str, nn.Module], stats: dict[str, InputStatistics]
+        self,
+        model: nn.Module,
+        targets: dict[str, nn.Module],
+        stats: dict[str, InputStatistics],
+        sensitivity: dict[str, float] | None = None,
     ) -> list[LayerReport]:
         """Factorize ``targets`` from already collected statistics (e.g. reused across budgets).
 
@@ -349,13 +420,15 @@ class ActivationSVDPass(CompressionPass):
         targets : dict name -> module
         stats : dict name -> InputStatistics
             From :meth:`collect` on the same (uncompressed) targets.
+        sensitivity : dict name -> float, optional
+            From :meth:`sensitivity`; required for ``allocation: fisher`` with a budget.
 
         Returns
         -------
         list of LayerReport, one per target.
         """
         decomps = self.decompose(targets, stats)
-        return self.apply_decomposed(model, targets, decomps, keep=False)
+        return self.apply_decomposed(model, targets, decomps, sensitivity, keep=False)
 
     def decompose(self, targets: dict[str, nn.Module], stats: dict[str, InputStatistics]) -> dict[str, WhitenedSVD]:
         """Input transform and whitened SVD of every target (float64 SVD; factors stored float32).
@@ -385,33 +458,30 @@ class ActivationSVDPass(CompressionPass):
         return decomps
 
     def apply_decomposed(
-        self, model: nn.Module, targets: dict[str, nn.Module], decomps: dict[str, WhitenedSVD], *, keep: bool = True
+        self,
+        model: nn.Module,
+        targets: dict[str, nn.Module],
+        decomps: dict[str, WhitenedSVD],
+        sensitivity: dict[str, float] | None = None,
+        *,
+        keep: bool = True,
     ) -> list[LayerReport]:
         """Choose the ranks (this config's rank option) and replace the targets of ``model``.
 
         ``decomps`` (from :meth:`decompose`) can be reused for several budgets when
         ``keep`` is True; with ``keep=False`` each entry is dropped once used (saves memory).
         """
-        ranks = self._ranks(targets, decomps)
+        ranks = self._ranks(targets, decomps, sensitivity)
         reports = []
         for name, module in targets.items():
             decomp = decomps[name] if keep else decomps.pop(name)
             reports.append(self._replace(model, name, module, decomp, ranks[name]))
         return reports
 
-    def _ranks(self, targets: dict[str, nn.Module], decomps: dict[str, WhitenedSVD]) -> dict[str, int]:
+    def _ranks(self, targets: dict[str, nn.Module], decomps: dict[str, WhitenedSVD], sensitivity: dict[str, float] | None) -> dict[str, int]:
         if self.config.target_params_ratio is None:
             return {name: choose_rank(self.config, (d.u.shape[0], d.v.shape[1]), d.s) for name, d in decomps.items()}
-        from optimum_lowrank.passes.budget import LayerSpectrum, allocate_ranks
-
-        spectra = []
-        for name, module in targets.items():
-            d = decomps[name]
-            shape = (d.u.shape[0], d.v.shape[1])
-            extra = sum(p.numel() for p in module.parameters()) - shape[0] * shape[1]
-            spectra.append(LayerSpectrum(name, shape, d.s.square(), extra_params=extra))
-        allocation = allocate_ranks(spectra, self.config.target_params_ratio, normalize=self.config.allocation, min_rank=self.config.min_rank)
-        return allocation.ranks
+        return budget_ranks(targets, decomps, self.config.target_params_ratio, self.config.allocation, sensitivity, self.config.min_rank)
 
     def _replace(self, model: nn.Module, name: str, module: nn.Module, decomp: WhitenedSVD, rank: int) -> LayerReport:
         weight, bias = linear_weight(module)

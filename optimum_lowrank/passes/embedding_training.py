@@ -1,0 +1,299 @@
+"""The direction-aware reconstruction loss and the small trainer shared by the embedding passes.
+
+The autoencoder, tensor-train and Fourier embedding passes all fit a compressed
+layer to the rows of the token-embedding table it replaces, with no task data.
+They share the loss of Balazy et al. [1]_, its alpha schedule, the optimiser
+(Adam + StepLR) and the option fields below.
+
+Loss (per batch of rows ``x`` and reconstructions ``x_hat``, shape (B, d))::
+
+    L = cos_weight * mean(1 - cos(x_hat, x))
+      + pow_weight * mean((|x_hat - x| + 1e-10) ** alpha)
+      + l2_weight * sum of squared trained weights
+
+with ``cos_weight = 0.9975 / 5``, ``pow_weight = 0.0025``, ``l2_weight = 0`` and
+``alpha`` annealed linearly from 1.0 to 0.1 over the first 20 epochs, then held
+at 0.1 (10 more epochs in the paper). Adam, lr 1e-3, StepLR(step 4, gamma 0.5),
+batch 32 in the paper.
+
+References
+----------
+.. [1] Balazy, Banaei, Lebret, Tabor, Aberer, "Direction is what you need:
+   Improving Word Embedding Compression in Large Language Models",
+   RepL4NLP 2021, arXiv 2106.08181.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from optimum_lowrank.errors import PassError
+from optimum_lowrank.passes.base import PassConfig
+
+__all__ = [
+    "EmbeddingTrainingConfig",
+    "TrainingResult",
+    "alpha_at",
+    "check_embedding_table",
+    "direction_loss",
+    "reconstruction_metrics",
+    "train_rows",
+]
+
+COS_WEIGHT = 0.9975 / 5
+POW_WEIGHT = 0.0025
+
+
+class EmbeddingTrainingConfig(PassConfig):
+    """Training options shared by the embedding passes (each pass picks its own defaults).
+
+    Attributes
+    ----------
+    epochs : int >= 0
+        Passes over the table's rows; 0 skips training (the initialisation is kept).
+    anneal_epochs : int >= 0
+        Epochs over which ``alpha`` goes linearly from ``alpha_start`` to ``alpha_end``;
+        it stays at ``alpha_end`` afterwards. Paper: 20 (of 30).
+    alpha_start, alpha_end : float in (0, 2]
+        Exponent of the magnitude term. Paper: 1.0 -> 0.1.
+    batch_size : int >= 1
+        Rows per optimiser step (paper: 32; larger is much faster on a CPU).
+    learning_rate : float > 0
+        Adam learning rate (paper: 1e-3).
+    lr_step : int >= 1, lr_gamma : float in (0, 1]
+        StepLR: the learning rate is multiplied by ``lr_gamma`` every ``lr_step`` epochs (paper: 4, 0.5).
+    cos_weight, pow_weight, l2_weight : float >= 0
+        Loss weights (paper: 0.9975/5, 0.0025, 0). Not all zero.
+    seed : int or None
+        Seed of initialisation and shuffling; None uses the recipe's seed.
+    progress : bool
+        Show a tqdm bar (on stderr) per trained layer.
+    """
+
+    epochs: int = Field(30, ge=0)
+    anneal_epochs: int = Field(20, ge=0)
+    alpha_start: float = Field(1.0, gt=0, le=2)
+    alpha_end: float = Field(0.1, gt=0, le=2)
+    batch_size: int = Field(1024, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    lr_step: int = Field(4, ge=1)
+    lr_gamma: float = Field(0.5, gt=0, le=1)
+    cos_weight: float = Field(COS_WEIGHT, ge=0)
+    pow_weight: float = Field(POW_WEIGHT, ge=0)
+    l2_weight: float = Field(0.0, ge=0)
+    seed: int | None = None
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> EmbeddingTrainingConfig:
+        if self.epochs > 0 and self.cos_weight == self.pow_weight == self.l2_weight == 0:
+            raise ValueError("cos_weight, pow_weight and l2_weight are all 0: there is nothing to train on")
+        return self
+
+
+def alpha_at(epoch: int, config: EmbeddingTrainingConfig) -> float:
+    """Exponent ``alpha`` of the magnitude term at 0-based ``epoch``.
+
+    Linear from ``alpha_start`` (epoch 0) to ``alpha_end`` (epoch ``anneal_epochs``),
+    then constant. With the defaults: 1.0, 0.955, ..., 0.145, then 0.1 from epoch 20.
+    """
+    if config.anneal_epochs <= 0 or epoch >= config.anneal_epochs:
+        return config.alpha_end
+    return config.alpha_start + (config.alpha_end - config.alpha_start) * epoch / config.anneal_epochs
+
+
+def direction_loss(
+    x_hat: Tensor,
+    x: Tensor,
+    alpha: float,
+    cos_weight: float = COS_WEIGHT,
+    pow_weight: float = POW_WEIGHT,
+) -> Tensor:
+    """Direction-aware reconstruction loss of Balazy et al. (without the L2 term).
+
+    Parameters
+    ----------
+    x_hat, x : Tensor, shape (B, d)
+        Reconstructed and original rows.
+    alpha : float > 0
+        Exponent of the magnitude term.
+    cos_weight, pow_weight : float >= 0
+
+    Returns
+    -------
+    Tensor, scalar: ``cos_weight * mean(1 - cos(x_hat, x)) + pow_weight * mean((|x_hat - x| + 1e-10) ** alpha)``.
+
+    References
+    ----------
+    .. [1] Balazy et al., arXiv 2106.08181, Section 3.
+    """
+    loss = x_hat.new_zeros(())
+    if cos_weight:
+        loss = loss + cos_weight * (1 - F.cosine_similarity(x_hat, x, dim=-1)).mean()
+    if pow_weight:
+        loss = loss + pow_weight * ((x_hat - x).abs() + 1e-10).pow(alpha).mean()
+    return loss
+
+
+def check_embedding_table(name: str, weight: Tensor) -> None:
+    """Refuse tables the embedding passes cannot compress.
+
+    Raises
+    ------
+    PassError
+        If ``weight`` is not 2-D, has fewer than 2 rows (a one-token vocabulary)
+        or contains NaN/inf.
+    """
+    if weight.dim() != 2:
+        raise PassError(f"{name}: expected a 2-D embedding table, got shape {tuple(weight.shape)}")
+    if weight.shape[0] < 2:
+        raise PassError(f"{name}: a vocabulary of {weight.shape[0]} token(s) cannot be compressed (need at least 2)")
+    if not torch.isfinite(weight).all():
+        raise PassError(f"{name}: weight contains NaN or inf; cannot compress")
+
+
+@torch.no_grad()
+def reconstruction_metrics(rows: Callable[[Tensor], Tensor], target: Tensor, chunk: int = 8192) -> dict[str, float]:
+    """How well ``rows(index)`` reproduces ``target[index]`` over the whole table.
+
+    Parameters
+    ----------
+    rows : callable, LongTensor (M,) -> Tensor (M, d)
+    target : Tensor, shape (V, d)
+    chunk : int
+        Rows per call (memory).
+
+    Returns
+    -------
+    dict with ``relative_error`` (``||E_hat - E||_F / ||E||_F``, >= 0),
+    ``mean_cosine`` and ``min_cosine`` (row-wise cosine in [-1, 1]).
+    """
+    err = ref = cos_sum = 0.0
+    cos_min = 1.0
+    for start in range(0, target.shape[0], chunk):
+        index = torch.arange(start, min(start + chunk, target.shape[0]))
+        x = target[index].float()
+        x_hat = rows(index).float()
+        err += float((x_hat - x).double().square().sum())
+        ref += float(x.double().square().sum())
+        cos = F.cosine_similarity(x_hat, x, dim=-1)
+        cos_sum += float(cos.double().sum())
+        cos_min = min(cos_min, float(cos.min()))
+    return {
+        "relative_error": math.sqrt(err / max(ref, 1e-30)),
+        "mean_cosine": cos_sum / target.shape[0],
+        "min_cosine": cos_min,
+    }
+
+
+@dataclass
+class TrainingResult:
+    """What :func:`train_rows` did.
+
+    Attributes
+    ----------
+    epochs : int
+    steps : int
+        Optimiser steps.
+    seconds : float
+    epoch_loss : list of float
+        Mean training loss per epoch (in the loss's units; alpha changes between epochs).
+    """
+
+    epochs: int
+    steps: int
+    seconds: float
+    epoch_loss: list[float] = field(default_factory=list)
+
+
+def train_rows(
+    rows: Callable[[Tensor], Tensor],
+    parameters: Iterable[nn.Parameter],
+    target: Tensor,
+    config: EmbeddingTrainingConfig,
+    *,
+    seed: int = 0,
+    desc: str = "training",
+    num_rows: int | None = None,
+) -> TrainingResult:
+    """Fit ``rows(index) ~= target[index]`` with the direction-aware loss.
+
+    Each epoch visits every row once in a random order, in batches of
+    ``config.batch_size``; Adam steps after every batch, StepLR after every
+    epoch, ``alpha`` follows :func:`alpha_at`.
+
+    Parameters
+    ----------
+    rows : callable, LongTensor (M,) -> Tensor (M, d)
+        The compressed layer's reconstruction of rows ``index`` (differentiable).
+    parameters : iterable of nn.Parameter
+        What is trained (and what ``l2_weight`` penalises).
+    target : Tensor, shape (V, d)
+        The original table (not modified).
+    config : EmbeddingTrainingConfig
+    seed : int
+        Seeds the shuffling (``config.seed`` wins when set).
+    desc : str
+        Label of the progress bar.
+    num_rows : int, optional
+        Train on the first ``num_rows`` rows only (default: all V).
+
+    Returns
+    -------
+    TrainingResult
+    """
+    params = [p for p in parameters if p.requires_grad]
+    total = target.shape[0] if num_rows is None else num_rows
+    result = TrainingResult(epochs=config.epochs, steps=0, seconds=0.0)
+    if config.epochs == 0 or not params:
+        return result
+    generator = torch.Generator().manual_seed(config.seed if config.seed is not None else seed)
+    optimizer = torch.optim.Adam(params, lr=config.learning_rate)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
+    target = target.detach().float()
+    batch = min(config.batch_size, total)
+    bar = _progress(config.epochs, desc, config.progress)
+    start = time.perf_counter()
+    try:
+        for epoch in range(config.epochs):
+            alpha = alpha_at(epoch, config)
+            order = torch.randperm(total, generator=generator)
+            running, count = 0.0, 0
+            for first in range(0, total, batch):
+                index = order[first : first + batch]
+                loss = direction_loss(rows(index), target[index], alpha, config.cos_weight, config.pow_weight)
+                if config.l2_weight:
+                    loss = loss + config.l2_weight * sum(p.square().sum() for p in params)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                running += float(loss.detach()) * index.numel()
+                count += index.numel()
+                result.steps += 1
+            scheduler.step()
+            result.epoch_loss.append(running / count)
+            if bar is not None:
+                bar.set_postfix(loss=f"{running / count:.4g}", alpha=f"{alpha:.2f}")
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="epoch", file=sys.stderr, leave=False)

@@ -1,0 +1,403 @@
+"""Activation-aware SVD (ASVD, SVD-LLM), SoftLMs, global budget allocation, streaming calibration and the fine-tune.
+
+All on tiny random models and random calibration ids (seconds, no real data).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from optimum_lowrank.errors import DataError, PassError, RecipeError
+from optimum_lowrank.finetune import finetune, lowrank_parameters
+from optimum_lowrank.layers import LowRankLinear
+from optimum_lowrank.pipeline import apply_passes
+from optimum_lowrank.passes.activation_svd import (
+    ActivationSVDConfig,
+    ActivationSVDPass,
+    InputTransform,
+    asvd_transform,
+    cholesky_transform,
+    whitened_svd,
+)
+from optimum_lowrank.passes.base import PassContext, count_parameters
+from optimum_lowrank.passes.budget import LayerSpectrum, allocate_ranks
+from optimum_lowrank.passes.calibration import InputStatistics, collect_input_statistics, collect_output_sensitivity
+from optimum_lowrank.passes.softlm import SoftLMConfig, SoftLMPass, SoftThresholdLinear
+from optimum_lowrank.passes.svd import SVDConfig, SVDPass
+from optimum_lowrank.plugins import get_registry
+from optimum_lowrank.recipe import load_recipe
+
+LLAMA_TARGETS = ["re:model\\.layers\\.\\d+\\..*_proj"]
+SOFTLM_TOLERANCE = 0.02  # softlm ends within 2 percentage points below its budget, never above
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one thread avoids OpenMP oversubscription on a shared CPU (10x slower with 2)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def llama_ids() -> torch.Tensor:
+    return torch.randint(0, 128, (6, 24), generator=torch.Generator().manual_seed(1))
+
+
+def decoder_context(ids: torch.Tensor) -> PassContext:
+    return PassContext(kind="decoder", calibration_loader=lambda: ids)
+
+
+def correlated_inputs(n_tokens: int = 2000, features: int = 24, seed: int = 0) -> torch.Tensor:
+    """Tokens (n_tokens, features) with correlated channels of very different scales."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(features, features, generator=g) * torch.logspace(-2, 1, features)[:, None]
+    return torch.randn(n_tokens, features, generator=g) @ mixing
+
+
+def params_ratio(reports) -> float:
+    return sum(r.params_after for r in reports) / sum(r.params_before for r in reports)
+
+
+# --------------------------------------------------------------------------- streaming calibration
+
+
+def test_streaming_statistics_match_a_direct_computation(tiny_llama, llama_ids):
+    targets = {n: m for n, m in tiny_llama.named_modules() if n.endswith(("q_proj", "k_proj", "v_proj", "down_proj"))}
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in targets}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: seen[n].append(args[0].detach().clone())) for n, m in targets.items()]
+    with torch.no_grad():
+        for row in llama_ids:
+            tiny_llama(row[None], use_cache=False)
+    for h in handles:
+        h.remove()
+
+    stats = collect_input_statistics(tiny_llama, targets, llama_ids, kind="decoder", gram=True, abs_mean=True, batch_size=4)
+    for name in targets:
+        x = torch.cat(seen[name]).reshape(-1, targets[name].in_features).double()
+        assert stats[name].count == llama_ids.numel()
+        gram = x.t() @ x  # float64 here; the hook multiplies each batch in float32 and sums batches in float64
+        assert stats[name].gram.dtype == torch.float64
+        assert_close(stats[name].gram, gram, rtol=1e-5, atol=1e-6 * float(gram.abs().max()))
+        assert_close(stats[name].abs_mean, x.abs().mean(0), rtol=1e-6, atol=1e-8)
+    # q/k/v read the same tensor: one statistics object, computed once
+    layer0 = "model.layers.0.self_attn."
+    assert stats[layer0 + "q_proj"] is stats[layer0 + "k_proj"] is stats[layer0 + "v_proj"]
+    assert stats[layer0 + "q_proj"] is not stats["model.layers.1.self_attn.q_proj"]
+    # the hooks are gone and only sums are kept (no activation tensors)
+    assert all(not m._forward_pre_hooks for m in targets.values())
+    for value in stats.values():
+        assert value.gram.shape == (value.in_features, value.in_features)
+
+
+def test_sensitivity_is_positive_and_leaves_the_model_alone(tiny_llama, llama_ids):
+    targets = {n: m for n, m in tiny_llama.named_modules() if n.endswith("_proj")}
+    flags = [p.requires_grad for p in tiny_llama.parameters()]
+    sens = collect_output_sensitivity(tiny_llama, targets, llama_ids[:2], kind="decoder")
+    assert set(sens) == set(targets) and all(v > 0 for v in sens.values())
+    assert [p.requires_grad for p in tiny_llama.parameters()] == flags
+    assert all(p.grad is None for p in tiny_llama.parameters())
+    assert all(not m._forward_hooks for m in targets.values())
+
+
+def test_calibration_ids_must_be_2d_integers(tiny_llama):
+    targets = {"model.layers.0.mlp.up_proj": tiny_llama.model.layers[0].mlp.up_proj}
+    with pytest.raises(DataError, match="non-empty"):
+        collect_input_statistics(tiny_llama, targets, torch.zeros(0, 8, dtype=torch.long), kind="decoder")
+
+
+# --------------------------------------------------------------------------- whitening and scaling
+
+
+def _layer_and_stats():
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(16, 24, generator=g)
+    x = correlated_inputs()
+    stats = InputStatistics(24)
+    for chunk in x.split(500):  # streamed in 4 batches
+        stats.update(chunk, gram=True, abs_mean=True)
+    return weight, x, stats
+
+
+def _output_error(weight: torch.Tensor, approx: torch.Tensor, x: torch.Tensor) -> float:
+    return float(((weight - approx).double() @ x.double().t()).norm())
+
+
+@pytest.mark.parametrize("rank", [2, 6, 10])
+def test_whitening_reduces_the_activation_weighted_error(rank):
+    weight, x, stats = _layer_and_stats()
+    plain = whitened_svd(weight, InputTransform("identity"))
+    white = whitened_svd(weight, cholesky_transform(stats))
+    asvd = whitened_svd(weight, asvd_transform(stats, 0.5))
+    errors = {}
+    for label, d in (("plain", plain), ("svd_llm", white), ("asvd", asvd)):
+        a, b = d.factors(rank)
+        errors[label] = _output_error(weight, a @ b, x)
+    assert errors["svd_llm"] < 0.8 * errors["plain"]
+    assert errors["asvd"] < errors["plain"]
+    assert errors["svd_llm"] <= errors["asvd"] * (1 + 1e-6)  # SVD-LLM's truncation is optimal for this error
+    # the dropped whitened singular values give that error exactly, relative to ||W X^T||
+    reference = float((weight.double() @ x.double().t()).norm())
+    assert white.relative_error(rank) == pytest.approx(errors["svd_llm"] / reference, rel=1e-3)
+
+
+def test_full_rank_whitened_factors_reconstruct_the_weight():
+    weight, _, stats = _layer_and_stats()
+    for transform in (cholesky_transform(stats), asvd_transform(stats, 0.5)):
+        d = whitened_svd(weight, transform)
+        a, b = d.factors(16)
+        assert_close(a @ b, weight, atol=1e-4, rtol=1e-4)
+
+
+def test_singular_gram_matrix_gets_damping_and_reports_it(tiny_llama):
+    ids = torch.randint(0, 128, (1, 8))  # 8 tokens < 64 input channels of down_proj: singular Gram matrix
+    config = ActivationSVDConfig(targets=["model.layers.0.mlp.down_proj"], rank=4)
+    reports = ActivationSVDPass(config).run(tiny_llama, decoder_context(ids))
+    assert reports[0].action == "factorized" and reports[0].metrics["damping"] > 0
+    assert "not positive definite: added damping" in reports[0].note
+
+
+# --------------------------------------------------------------------------- activation_svd pass
+
+
+@pytest.mark.parametrize("method", ["svd_llm", "asvd"])
+def test_activation_svd_pass_on_llama(tiny_llama, llama_ids, method):
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        expected = tiny_llama(ids).logits
+    reports = ActivationSVDPass(ActivationSVDConfig(targets=LLAMA_TARGETS, method=method, rank_ratio=0.25)).run(tiny_llama, decoder_context(llama_ids))
+    assert len(reports) == 14
+    assert all(isinstance(tiny_llama.get_submodule(r.name), LowRankLinear) for r in reports if r.action == "factorized")
+    with torch.no_grad():
+        assert tiny_llama(ids).logits.shape == expected.shape
+
+
+def test_activation_svd_on_gpt2_conv1d(tiny_gpt2):
+    ids = torch.randint(0, 100, (4, 16))
+    reports = ActivationSVDPass(ActivationSVDConfig(targets=["transformer.h.*.mlp.c_fc"], rank=4)).run(tiny_gpt2, decoder_context(ids))
+    assert [r.module_type for r in reports] == ["Conv1D", "Conv1D"] and all(r.rank == 4 for r in reports)
+
+
+def test_rank_that_would_grow_is_skipped_or_refused(tiny_llama, llama_ids):
+    context = decoder_context(llama_ids)
+    reports = ActivationSVDPass(ActivationSVDConfig(targets=["model.layers.0.self_attn.q_proj"], rank_ratio=1.0)).run(copy.deepcopy(tiny_llama), context)
+    assert reports[0].action == "skipped" and "would not reduce" in reports[0].note
+    with pytest.raises(PassError, match="rank 20 would not reduce a 32x32 layer"):
+        ActivationSVDPass(ActivationSVDConfig(targets=["model.layers.0.self_attn.q_proj"], rank=20)).run(tiny_llama, context)
+
+
+def test_too_few_calibration_windows_is_a_data_error(tiny_llama, llama_ids):
+    config = ActivationSVDConfig(targets=LLAMA_TARGETS, rank=2, num_samples=100)
+    with pytest.raises(DataError, match="num_samples=100 .* only 6 windows"):
+        ActivationSVDPass(config).run(tiny_llama, decoder_context(llama_ids))
+
+
+def test_short_calibration_text_raises_data_error_from_token_windows(tiny_llama):
+    from optimum_lowrank.data import token_windows
+
+    class Tok:
+        def __call__(self, text, **_):
+            return {"input_ids": list(range(len(text.split())))}
+
+    context = PassContext(kind="decoder", calibration_loader=lambda: token_windows(Tok(), "too short", 128, 4))
+    with pytest.raises(DataError, match="fewer than one window"):
+        ActivationSVDPass(ActivationSVDConfig(targets=LLAMA_TARGETS, rank=2)).run(tiny_llama, context)
+
+
+# --------------------------------------------------------------------------- budget allocation
+
+
+def test_allocation_meets_the_budget_and_favours_concentrated_spectra():
+    flat = LayerSpectrum("flat", (64, 64), torch.ones(64))
+    steep = LayerSpectrum("steep", (64, 64), torch.logspace(0, -6, 64))
+    alloc = allocate_ranks([flat, steep], 0.5)
+    before = 2 * 64 * 64
+    assert alloc.params_after <= 0.5 * before
+    assert alloc.params_after >= 0.5 * before - 128  # within one rank of one layer
+    assert alloc.ranks["flat"] > alloc.ranks["steep"]
+
+
+def test_allocation_keeps_a_layer_dense_once_break_even_is_reached():
+    flat = LayerSpectrum("flat", (16, 16), torch.ones(16))
+    steep = LayerSpectrum("steep", (16, 16), torch.logspace(0, -8, 16))
+    alloc = allocate_ranks([flat, steep], 0.7)  # 358 of 512: flat dense (256) + steep at rank 2 or 3
+    assert alloc.dense["flat"] and alloc.ranks["flat"] == 16
+    assert not alloc.dense["steep"]
+
+
+def test_infeasible_budget_is_refused():
+    with pytest.raises(PassError, match="below what rank 4"):
+        allocate_ranks([LayerSpectrum("a", (16, 16), torch.ones(16))], 0.1, min_rank=4)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.8])
+def test_budgeted_svd_meets_the_budget(tiny_llama, ratio):
+    reports = SVDPass(SVDConfig(targets=LLAMA_TARGETS, target_params_ratio=ratio)).run(tiny_llama)
+    tolerance = max(a + b for a, b in [(32, 32), (32, 64)]) / sum(r.params_before for r in reports)
+    assert ratio - tolerance <= params_ratio(reports) <= ratio
+    assert all(r.rank is not None for r in reports)
+    ranks = {r.rank for r in reports if r.action == "factorized"}
+    assert len(ranks) > 1  # not one uniform rank
+
+
+@pytest.mark.parametrize("allocation", ["fisher", "relative", "absolute"])
+def test_budgeted_activation_svd_meets_the_budget(tiny_llama, llama_ids, allocation):
+    config = ActivationSVDConfig(targets=LLAMA_TARGETS, target_params_ratio=0.5, allocation=allocation, sensitivity_samples=2)
+    reports = ActivationSVDPass(config).run(tiny_llama, decoder_context(llama_ids))
+    assert 0.5 - 96 / sum(r.params_before for r in reports) <= params_ratio(reports) <= 0.5
+    dense = [r for r in reports if r.action == "skipped"]
+    assert all("kept dense by the budget allocation" in r.note for r in dense)
+
+
+@pytest.mark.parametrize(
+    ("pass_id", "extra"),
+    [("svd", {}), ("activation_svd", {}), ("activation_svd", {"method": "asvd"}), ("softlm", {})],
+)
+@pytest.mark.parametrize("ratio", [0, 1, 1.5, -0.2])
+def test_budget_outside_unit_interval_is_rejected_by_the_recipe(pass_id, extra, ratio):
+    recipe = {"version": 1, "passes": [{"pass": pass_id, "targets": ["x"], "target_params_ratio": ratio, **extra}]}
+    with pytest.raises(RecipeError, match="target_params_ratio"):
+        load_recipe(recipe)
+
+
+def test_budget_is_mutually_exclusive_with_other_rank_options():
+    with pytest.raises(RecipeError, match="exactly one"):
+        load_recipe({"version": 1, "passes": [{"pass": "svd", "targets": ["x"], "target_params_ratio": 0.5, "rank": 4}]})
+    with pytest.raises(RecipeError, match="alpha applies to method 'asvd'"):
+        load_recipe({"version": 1, "passes": [{"pass": "activation_svd", "targets": ["x"], "rank": 4, "alpha": 0.5}]})
+
+
+def test_passes_are_registered():
+    names = get_registry().names()
+    assert {"svd", "activation_svd", "softlm"} <= set(names)
+
+
+# --------------------------------------------------------------------------- softlm
+
+
+def test_soft_threshold_layer_equals_the_dense_layer_at_tau_zero():
+    dense = nn.Linear(24, 16)
+    u, s, vh = torch.linalg.svd(dense.weight.detach(), full_matrices=False)
+    layer = SoftThresholdLinear(u, s, vh, dense.bias, tau=0.0)
+    x = torch.randn(3, 5, 24)
+    assert_close(layer(x), dense(x), atol=1e-5, rtol=1e-5)
+    assert layer.hard_rank() == 16
+    assert_close(layer.weight(), dense.weight.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_soft_threshold_layer_truncates_exactly():
+    dense = nn.Linear(40, 30)
+    u, s, vh = torch.linalg.svd(dense.weight.detach(), full_matrices=False)
+    layer = SoftThresholdLinear(u, s, vh, dense.bias, tau=float(s[8]))
+    x = torch.randn(7, 40)
+    truncated = layer.to_lowrank()
+    assert isinstance(truncated, LowRankLinear) and truncated.rank == 8
+    assert_close(truncated(x), layer(x), atol=1e-5, rtol=1e-5)
+    # surviving rank at/above break-even (40*30/70 = 17.1): a dense layer with the thresholded weight
+    wide = SoftThresholdLinear(u, s, vh, dense.bias, tau=float(s[25]))
+    kept = wide.to_lowrank()
+    assert type(kept) is nn.Linear
+    assert_close(kept(x), wide(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("basis", ["svd_llm", "svd"])
+def test_softlm_truncated_model_equals_the_trained_soft_model(tiny_llama, llama_ids, basis):
+    config = SoftLMConfig(targets=LLAMA_TARGETS, target_params_ratio=0.6, steps=6, lr=2e-2, basis=basis, sensitivity_samples=2)
+    softlm = SoftLMPass(config)
+    context = decoder_context(llama_ids)
+    targets = softlm.select(tiny_llama)
+    state = softlm.train_soft(tiny_llama, targets, context)
+    assert all(isinstance(tiny_llama.get_submodule(n), SoftThresholdLinear) for n in targets)
+    assert any(float(layer.tau.detach()) > 0 for layer in state.soft.values())
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        soft_logits = tiny_llama(ids).logits
+    reports = softlm.truncate(tiny_llama, state)
+    with torch.no_grad():
+        assert_close(tiny_llama(ids).logits, soft_logits, atol=1e-4, rtol=1e-4)
+    assert not any(isinstance(m, SoftThresholdLinear) for m in tiny_llama.modules())
+    # budget met: never above (projection), at most SOFTLM_TOLERANCE below (soft vs hard count)
+    assert 0.6 - SOFTLM_TOLERANCE <= params_ratio(reports) <= 0.6
+    assert {r.action for r in reports} <= {"factorized", "replaced"}
+    assert all("kept dense" in r.note for r in reports if r.action == "replaced")
+
+
+def test_softlm_from_tau_zero_reaches_the_budget(tiny_bert):
+    ids = torch.randint(0, 120, (4, 16))
+    context = PassContext(kind="encoder", calibration_loader=lambda: ids)
+    config = SoftLMConfig(
+        targets=["re:.*intermediate\\.dense", "re:.*output\\.dense"], target_params_ratio=0.5, tau_init="zero", basis="svd",
+        steps=40, lr=5e-2, penalty_weight=50.0, penalty_warmup=0.2, loss="hidden",
+    )
+    before = count_parameters(tiny_bert)
+    reports = SoftLMPass(config).run(tiny_bert, context)
+    assert params_ratio(reports) <= 0.5
+    assert count_parameters(tiny_bert) < before
+    assert sum(r.metrics["projected_out"] for r in reports) >= 0
+    assert "softlm: 40 steps, hidden loss" in context.notes[0]
+
+
+def test_softlm_non_finite_loss_restores_the_layers_and_raises(tiny_llama, llama_ids):
+    originals = {n: m for n, m in tiny_llama.named_modules() if n.endswith("_proj")}
+    with torch.no_grad():
+        tiny_llama.model.norm.weight.fill_(float("nan"))  # the final norm: the loss is NaN, the targets' inputs are finite
+    config = SoftLMConfig(targets=LLAMA_TARGETS, target_params_ratio=0.6, steps=3, basis="svd", allocation="relative")
+    with pytest.raises(PassError, match="loss became nan .* original layers were restored"):
+        SoftLMPass(config).run(tiny_llama, decoder_context(llama_ids))
+    for name, module in originals.items():
+        assert tiny_llama.get_submodule(name) is module
+    assert not any(isinstance(m, SoftThresholdLinear) for m in tiny_llama.modules())
+
+
+def test_softlm_in_a_recipe_pipeline_leaves_the_callers_model_untouched(tiny_llama, llama_ids):
+    recipe = load_recipe({"version": 1, "passes": [{"pass": "softlm", "targets": LLAMA_TARGETS, "target_params_ratio": 0.7, "steps": 2, "allocation": "relative"}]})
+    state = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    compressed, reports = apply_passes(tiny_llama, recipe, decoder_context(llama_ids))
+    assert reports[0].model_params_after < reports[0].model_params_before
+    for key, value in tiny_llama.state_dict().items():
+        assert torch.equal(value, state[key])
+
+
+# --------------------------------------------------------------------------- finetune
+
+
+def test_finetune_trains_only_the_factors_and_lowers_the_loss(tiny_llama, llama_ids):
+    SVDPass(SVDConfig(targets=LLAMA_TARGETS, rank=4)).run(tiny_llama)
+    frozen = {n: p.detach().clone() for n, p in tiny_llama.named_parameters() if "embed" in n or "norm" in n}
+    result = finetune(tiny_llama, llama_ids, kind="decoder", steps=15, lr=1e-2, progress=False, eval_samples=6)
+    assert result["loss_after"] < result["loss_before"]
+    assert result["trained_parameters"] == sum(p.numel() for p in lowrank_parameters(tiny_llama))
+    for name, p in tiny_llama.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name])
+    assert not tiny_llama.training
+
+
+def test_finetune_encoder_distils_and_needs_a_reference(tiny_bert):
+    ids = torch.randint(0, 120, (4, 16))
+    reference = copy.deepcopy(tiny_bert)
+    SVDPass(SVDConfig(targets=["re:.*intermediate\\.dense"], rank=4)).run(tiny_bert)
+    with pytest.raises(PassError, match="pass reference_model"):
+        finetune(tiny_bert, ids, kind="encoder", steps=1, lr=1e-3, progress=False)
+    result = finetune(tiny_bert, ids, kind="encoder", steps=10, lr=1e-2, reference_model=reference, progress=False)
+    assert result["loss"] == "hidden" and result["loss_after"] < result["loss_before"]
+
+
+def test_finetune_non_finite_loss_restores_parameters(tiny_llama, llama_ids):
+    SVDPass(SVDConfig(targets=LLAMA_TARGETS, rank=4)).run(tiny_llama)
+    before = [p.detach().clone() for p in lowrank_parameters(tiny_llama)]
+    with pytest.raises(PassError, match="became inf|became nan"):
+        finetune(tiny_llama, llama_ids, kind="decoder", steps=5, lr=1e30, progress=False, max_grad_norm=1e30)
+    for p, saved in zip(lowrank_parameters(tiny_llama), before):
+        assert torch.equal(p, saved)
+
+
+def test_finetune_without_lowrank_layers_is_refused(tiny_llama, llama_ids):
+    with pytest.raises(PassError, match="no low-rank layers"):
+        finetune(tiny_llama, llama_ids, kind="decoder", steps=1, lr=1e-3, progress=False)

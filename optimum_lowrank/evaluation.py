@@ -78,15 +78,6 @@ class Evaluator(abc.ABC):
 
 # --------------------------------------------------------------------------- helpers
 
-_ORT_TO_NUMPY = {
-    "tensor(float)": "float32",
-    "tensor(float16)": "float16",
-    "tensor(double)": "float64",
-    "tensor(int64)": "int64",
-    "tensor(int32)": "int32",
-    "tensor(bool)": "bool",
-}
-
 
 def _resolve_onnx(onnx_path: str | os.PathLike) -> Path:
     path = Path(onnx_path)
@@ -103,68 +94,17 @@ def _resolve_onnx(onnx_path: str | os.PathLike) -> Path:
 
 
 def _session(path: str | os.PathLike, threads: int = 2) -> onnxruntime.InferenceSession:
-    """Open an ONNX Runtime CPU session on ``path`` with ``threads`` intra-op threads.
+    """ONNX Runtime CPU session on a ``.onnx`` file, or a folder holding ``model.onnx`` or a single graph."""
+    from optimum_lowrank.exporters.onnx import make_session
 
-    Parameters
-    ----------
-    path : str or PathLike
-        A ``.onnx`` file (external data beside it is found by ONNX Runtime), or a
-        folder holding ``model.onnx`` or a single ``.onnx`` file.
-    threads : int, >= 1
-
-    Raises
-    ------
-    ExportError
-        If the graph does not exist or ONNX Runtime cannot load it.
-    """
-    import onnxruntime as ort
-
-    graph = _resolve_onnx(path)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph types
-        raise ExportError(f"ONNX Runtime cannot load {str(graph)!r}: {exc}") from exc
+    return make_session(_resolve_onnx(path), threads=threads)
 
 
 def _onnx_feed(session: onnxruntime.InferenceSession, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Build the feed for ``session`` from ``arrays`` (which hold at least ``input_ids``).
+    """Feeds for ``session`` from ``arrays`` (``input_ids`` and optionally ``attention_mask``, ...)."""
+    from optimum_lowrank.exporters.onnx import feeds_for_input_ids
 
-    Only inputs the graph declares are fed. Missing ones are synthesised:
-    ``attention_mask`` ones, ``token_type_ids`` zeros, ``position_ids`` 0..L-1,
-    ``past_key_values.*`` empty (past sequence length 0), ``use_cache_branch`` False.
-    """
-    import numpy as np
-
-    input_ids = arrays["input_ids"]
-    batch, length = input_ids.shape
-    feed: dict[str, np.ndarray] = {}
-    for spec in session.get_inputs():
-        name = spec.name
-        dtype = np.dtype(_ORT_TO_NUMPY.get(spec.type, "float32"))
-        if name in arrays:
-            value = arrays[name]
-        elif name == "attention_mask":
-            value = np.ones((batch, length))
-        elif name == "token_type_ids":
-            value = np.zeros((batch, length))
-        elif name == "position_ids":
-            value = np.broadcast_to(np.arange(length), (batch, length))
-        elif name.startswith(("past_key_values", "past_key", "past_value", "past.")):
-            shape = [
-                dim if isinstance(dim, int) else (batch if axis == 0 else 0)
-                for axis, dim in enumerate(spec.shape)
-            ]
-            value = np.zeros(shape)
-        elif name == "use_cache_branch":
-            value = np.zeros((1,))
-        else:
-            raise ExportError(f"cannot feed the ONNX input {name!r} ({spec.type}, shape {spec.shape})")
-        feed[name] = np.ascontiguousarray(value, dtype=dtype)
-    return feed
+    return feeds_for_input_ids(session, **arrays)
 
 
 def _torch_forward(model: PreTrainedModel, inputs: dict[str, torch.Tensor], **extra: Any) -> Any:
@@ -202,31 +142,9 @@ def _progress(iterable: Sequence, desc: str) -> Iterator:
 
 def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman rank correlation in [-1, 1] (ties get average ranks)."""
-    import numpy as np
+    from scipy.stats import spearmanr
 
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    try:
-        from scipy.stats import spearmanr
-    except ImportError:  # pragma: no cover - scipy ships with the stack
-        return float(np.corrcoef(_average_ranks(x), _average_ranks(y))[0, 1])
     return float(spearmanr(x, y)[0])
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    import numpy as np
-
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), dtype=np.float64)
-    sorted_values = values[order]
-    start = 0
-    while start < len(values):
-        end = start
-        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
-            end += 1
-        ranks[order[start : end + 1]] = (start + end) / 2.0
-        start = end + 1
-    return ranks
 
 
 # --------------------------------------------------------------------------- perplexity

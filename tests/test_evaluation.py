@@ -32,7 +32,6 @@ from optimum_lowrank.evaluation import (
     Evaluator,
     PerplexityEvaluator,
     STSBEvaluator,
-    _average_ranks,
     _spearman,
     build_evaluator,
 )
@@ -299,15 +298,6 @@ def test_stsb_torch_matches_onnx_tiny(
 def test_stsb_needs_two_pairs(tokenizer: PreTrainedTokenizerFast) -> None:
     with pytest.raises(DataError, match="at least 2"):
         STSBEvaluator(tokenizer, [("a", "b", 1.0), ("c", "d", 2.0)], max_pairs=1)
-
-
-def test_spearman_fallback_matches_scipy() -> None:
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 5, 50).astype(float)  # ties
-    y = x + rng.standard_normal(50)
-    fallback = float(np.corrcoef(_average_ranks(x), _average_ranks(y))[0, 1])
-    assert fallback == pytest.approx(_spearman(x, y), abs=1e-12)
-    assert _average_ranks(np.array([3.0, 1.0, 3.0])).tolist() == [1.5, 0.0, 1.5]
 
 
 def test_cosine_agreement(bert: BertModel, bert_onnx: Path, tokenizer: PreTrainedTokenizerFast, text: str) -> None:

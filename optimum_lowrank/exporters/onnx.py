@@ -346,7 +346,7 @@ def _is_past_input(name: str) -> bool:
     return name.startswith("past_key_values") or name.startswith("past.") or name.startswith("past_")
 
 
-def feeds_for_input_ids(session: ort.InferenceSession, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+def feeds_for_input_ids(session: ort.InferenceSession, input_ids: np.ndarray, **given: np.ndarray) -> dict[str, np.ndarray]:
     """ONNX Runtime feeds for one batch of token ids, from ``session.get_inputs()``.
 
     Parameters
@@ -359,6 +359,9 @@ def feeds_for_input_ids(session: ort.InferenceSession, input_ids: np.ndarray) ->
         (False).
     input_ids : np.ndarray, shape (batch, seq_len), integer
         Token ids, each in ``[0, vocab_size)``.
+    **given : np.ndarray
+        Arrays to feed as they are where the graph takes an input of that name
+        (e.g. a padded batch's ``attention_mask``); others are ignored.
 
     Returns
     -------
@@ -389,6 +392,8 @@ def feeds_for_input_ids(session: ort.InferenceSession, input_ids: np.ndarray) ->
             raise ExportError(f"graph input {name!r} has unsupported type {meta.type}")
         if name == "input_ids":
             feeds[name] = ids.astype(dtype)
+        elif name in given:
+            feeds[name] = np.ascontiguousarray(given[name], dtype=dtype)
         elif name == "attention_mask":
             feeds[name] = np.ones((batch, seq_len), dtype=dtype)
         elif name == "token_type_ids":

@@ -323,7 +323,7 @@ def _export(
 ) -> ExportReport:
     from optimum_lowrank.exporters.latency import measure_latency
     from optimum_lowrank.exporters.onnx import check_parity, export_onnx, onnx_size_mb, onnx_task
-    from optimum_lowrank.exporters.quantize import calibration_feeds_from_ids, quantize_onnx
+    from optimum_lowrank.exporters.quantize import calibration_feeds_from_ids, optimize_graph, quantize_onnx
 
     cfg = recipe.export
     task = onnx_task(compressed)
@@ -334,6 +334,10 @@ def _export(
     t0 = time.perf_counter()
     with say.step(f"exporting ONNX ({task})"):
         fp32 = export_onnx(compressed, onnx_dir, task, cfg.opset)
+    if cfg.optimization_level:
+        with say.step(f"ORTOptimizer level {cfg.optimization_level}"):
+            optimized = optimize_graph(fp32, onnx_dir / "model_optimized.onnx", cfg.optimization_level)
+            os.replace(optimized, fp32)
     result.seconds["export"] = time.perf_counter() - t0
     result.files["onnx_fp32"] = str(fp32)
     result.sizes_mb["onnx/model.onnx"] = onnx_size_mb(fp32)

@@ -79,6 +79,14 @@ def test_export_without_gate_writes_atomically_and_overwrite_is_explicit(small_b
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_optimization_level_keeps_parity(small_bert, minilm, tmp_path):
+    recipe = {"version": 1, "export": {"optimization_level": 1, "quantize": "dynamic_int8", "latency": None}}
+    report = optimize(small_bert, recipe, tmp_path / "o", tokenizer=minilm.tokenizer, progress=False)
+    assert report.export.parity["passed"] is True
+    assert not (tmp_path / "o" / "onnx" / "model_optimized.onnx").exists()
+    assert report.export.latency == {}
+
+
 def test_target_matching_nothing_fails_before_writing(small_bert, minilm, tmp_path):
     recipe = {"version": 1, "passes": [{"pass": "svd", "targets": ["decoder.*"], "rank": 2}], "export": {}}
     state = state_of(small_bert)

@@ -120,11 +120,22 @@ def _drop_ort_noise(record: logging.LogRecord) -> bool:
 @contextlib.contextmanager
 def _quiet_quantization() -> Iterator[None]:
     root = logging.getLogger()
+    root_level, root_handlers = root.level, list(root.handlers)
     root.addFilter(_drop_ort_noise)
+    # MatMulNBitsQuantizer calls logging.basicConfig(level=INFO) when imported and then logs
+    # every node at INFO: quiet its logger, and undo its change to the root logger afterwards.
+    nbits = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = nbits.level
+    nbits.setLevel(logging.WARNING)
     try:
         yield
     finally:
         root.removeFilter(_drop_ort_noise)
+        nbits.setLevel(level)
+        root.setLevel(root_level)
+        for handler in root.handlers[:]:
+            if handler not in root_handlers:
+                root.removeHandler(handler)
 
 
 def _remove_outputs(output_path: Path) -> None:

@@ -102,6 +102,21 @@ def optimize(
     context = _context(recipe, loaded)
 
     compressed, pass_reports = apply_passes(loaded.model, recipe, context, registry, say)
+    finetuned = None
+    if recipe.finetune is not None:
+        from optimum_lowrank.finetune import finetune
+
+        ft = recipe.finetune
+        with say.step(f"fine-tuning ({ft.steps} steps on the calibration data)"):
+            finetuned = finetune(
+                compressed,
+                context.calibration_ids,
+                kind=loaded.kind,
+                reference_model=loaded.model,
+                seed=recipe.seed,
+                progress=progress,
+                **ft.model_dump(),
+            )
     report = OptimizationReport(
         model=loaded.source,
         kind=loaded.kind,
@@ -109,6 +124,7 @@ def optimize(
         params_before=count_parameters(loaded.model),
         params_after=count_parameters(compressed),
         passes=pass_reports,
+        finetune=finetuned,
         calibration=context.calibration_description,
         notes=context.notes,
     )

@@ -36,6 +36,7 @@ __all__ = [
     "AccuracyConfig",
     "CalibrationConfig",
     "ExportConfig",
+    "FinetuneConfig",
     "LatencyConfig",
     "PassStep",
     "Recipe",
@@ -63,6 +64,23 @@ class CalibrationConfig(_Strict):
     data: str | None = None
     num_samples: int = Field(32, ge=1, le=100_000)
     seq_len: int = Field(128, ge=8, le=8192)
+
+
+class FinetuneConfig(_Strict):
+    """A short fine-tune after the passes, on the calibration windows (see :func:`optimum_lowrank.finetune.finetune`).
+
+    Decoders train on the language-model loss; encoders distil the original's last
+    hidden states. ``train: lowrank`` (default) updates only the low-rank factors.
+    """
+
+    steps: int = Field(ge=1, le=100_000)
+    lr: float = Field(1e-4, gt=0, le=1)
+    batch_size: int = Field(1, ge=1, le=1024)
+    train: Literal["lowrank", "all"] = "lowrank"
+    loss: Literal["auto", "lm", "hidden", "logits"] = "auto"
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
 
 
 class AccuracyConfig(_Strict):
@@ -164,6 +182,7 @@ class Recipe(_Strict):
 
     version: int
     passes: tuple[PassStep, ...] = ()
+    finetune: FinetuneConfig | None = None
     accuracy: AccuracyConfig | None = None
     export: ExportConfig | None = None
     calibration: CalibrationConfig = CalibrationConfig()
@@ -176,8 +195,8 @@ class Recipe(_Strict):
         Parameters
         ----------
         data : dict
-            Keys ``version`` (required, one of 1), ``passes``, ``accuracy``,
-            ``export``, ``calibration``, ``seed``.
+            Keys ``version`` (required, one of 1), ``passes``, ``finetune``,
+            ``accuracy``, ``export``, ``calibration``, ``seed``.
         registry : PassRegistry, optional
             Where pass ids are looked up; the default plugin manager's registry.
 
@@ -212,7 +231,7 @@ class Recipe(_Strict):
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data, ready for ``yaml.safe_dump`` (round-trips through :meth:`from_dict`)."""
         out: dict[str, Any] = {"version": self.version, "passes": [step.to_dict() for step in self.passes]}
-        for key in ("accuracy", "export"):
+        for key in ("finetune", "accuracy", "export"):
             section = getattr(self, key)
             if section is not None:
                 out[key] = section.model_dump(mode="json", exclude_defaults=True)

@@ -96,6 +96,7 @@ class OptimizationReport:
     params_before: int
     params_after: int
     passes: list[PassReport] = field(default_factory=list)
+    finetune: dict[str, Any] | None = None
     accuracy: AccuracyReport | None = None
     export: ExportReport | None = None
     output: str | None = None
@@ -132,6 +133,12 @@ class OptimizationReport:
         skipped = [f"  {p.pass_id}: {layer.name}: {layer.note}" for p in self.passes for layer in p.layers if layer.action == "skipped"]
         if skipped:
             parts.append(f"skipped layers ({len(skipped)}):\n" + "\n".join(skipped[:10]) + ("\n  ..." if len(skipped) > 10 else ""))
+        if self.finetune:
+            ft = self.finetune
+            parts.append(
+                f"fine-tune: {ft.get('steps')} steps, loss {ft.get('loss_before', float('nan')):.4g} -> "
+                f"{ft.get('loss_after', float('nan')):.4g} ({ft.get('seconds', 0):.0f} s)"
+            )
         acc = self.accuracy
         if acc is not None:
             cells = [acc.original, acc.compressed_torch, acc.onnx_fp32, acc.onnx_quantized]

@@ -87,6 +87,20 @@ def test_optimization_level_keeps_parity(small_bert, minilm, tmp_path):
     assert report.export.latency == {}
 
 
+def test_finetune_section_runs_after_the_passes(small_bert, minilm):
+    recipe = {
+        "version": 1,
+        "passes": [{"pass": "svd", "targets": ["re:.*intermediate\\.dense"], "rank": 8}],
+        "calibration": {"num_samples": 8, "seq_len": 32},
+        "finetune": {"steps": 4, "lr": 1e-3},
+    }
+    state = state_of(small_bert)
+    report = optimize(small_bert, recipe, tokenizer=minilm.tokenizer, progress=False)
+    assert report.finetune["steps"] == 4 and report.finetune["loss_after"] <= report.finetune["loss_before"]
+    assert report.recipe["finetune"] == {"steps": 4, "lr": 1e-3}
+    assert_unchanged(small_bert, state)
+
+
 def test_target_matching_nothing_fails_before_writing(small_bert, minilm, tmp_path):
     recipe = {"version": 1, "passes": [{"pass": "svd", "targets": ["decoder.*"], "rank": 2}], "export": {}}
     state = state_of(small_bert)

@@ -40,7 +40,7 @@ MODELS = {
 }
 
 
-def run(model: str, ratios: list[float], windows: int, repeats: int, out_root: Path) -> list[dict]:
+def run(model: str, ratios: list[float], windows: int, repeats: int, out_root: Path, partial: Path | None = None) -> list[dict]:
     from optimum_lowrank import optimize
     from optimum_lowrank.models import load_model
 
@@ -83,6 +83,8 @@ def run(model: str, ratios: list[float], windows: int, repeats: int, out_root: P
                     }
                 )
         print(f"  {model} {label} {quantize}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        if partial is not None:  # keep what is measured if a later configuration fails or runs out of time
+            partial.write_text(json.dumps(rows, indent=2) + "\n")
     base = next(r for r in rows if r["config"] == "original" and r["graph"] == "fp32")
     for row in rows:
         row["size_ratio"] = round(base["size_mb"] / row["size_mb"], 2)
@@ -109,7 +111,7 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
-            rows += run(model, args.ratios, args.windows, args.repeats, Path(tmp))
+            rows += run(model, args.ratios, args.windows, args.repeats, Path(tmp), args.out.with_suffix(".partial.json"))
     header = ["model", "config", "graph", "params", "MB", "x smaller", "metric", "original", "torch", "ONNX", "ms", "speed-up", "compress s"]
     table = [
         [r["model"], r["config"], r["graph"], f"{r['params']:,}", f"{r['size_mb']:.1f}", f"{r['size_ratio']:.2f}", r["metric"],

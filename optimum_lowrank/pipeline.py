@@ -359,11 +359,12 @@ def _export(
     result.sizes_mb["onnx/model.onnx"] = onnx_size_mb(fp32)
 
     with say.step("checking ONNX Runtime vs PyTorch parity"):
-        parity = check_parity(compressed, fp32, atol=cfg.parity_atol, vocab_size=vocab_size)
+        parity = check_parity(compressed, fp32, atol=cfg.parity_atol, rtol=cfg.parity_rtol, vocab_size=vocab_size)
     result.parity = parity.to_dict()
     if not parity.passed:
         raise ExportError(
             f"ONNX Runtime output differs from PyTorch: max |diff| {parity.max_abs_diff:.3g} > atol {cfg.parity_atol:g} "
+            f"+ rtol {cfg.parity_rtol:g} x max|output| {parity.reference_max_abs:.3g} "
             f"({parity.per_shape}); nothing was written"
         )
 

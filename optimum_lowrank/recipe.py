@@ -160,6 +160,7 @@ class ExportConfig(_Strict):
     reduce_range: bool = True
     block_size: int = Field(32, ge=16, le=4096)
     parity_atol: float = Field(1e-3, gt=0)
+    parity_rtol: float = Field(1e-4, ge=0, lt=1)
     latency: LatencyConfig | None = LatencyConfig()
     baseline_latency: bool = True
 

@@ -157,7 +157,8 @@ class OptimizationReport:
             if exp.parity:
                 parts.append(
                     f"ORT vs PyTorch parity: max |diff| {exp.parity.get('max_abs_diff', float('nan')):.2e} "
-                    f"(atol {exp.parity.get('atol')}) -> {'ok' if exp.parity.get('passed') else 'MISMATCH'}"
+                    f"(atol {exp.parity.get('atol')} + rtol {exp.parity.get('rtol')} x max|output| "
+                    f"{exp.parity.get('reference_max_abs', 0):.3g}) -> {'ok' if exp.parity.get('passed') else 'MISMATCH'}"
                 )
             if exp.latency:
                 rows = [

@@ -167,7 +167,8 @@ def finetune(
     Parameters
     ----------
     model : nn.Module
-        The compressed model (modified in place; left in eval mode, gradients off).
+        The compressed model (modified in place; left in eval mode with its ``requires_grad``
+        flags as they were).
     calibration_ids : LongTensor, shape (num_samples, seq_len)
         Training windows (e.g. ``PassContext.calibration_ids``).
     kind : {"encoder", "decoder"}
@@ -250,7 +251,7 @@ def finetune(
                 group["lr"] = lr * _schedule(step, steps, warmup)
             value = loss_fn(calibration_ids[batch])
             if not torch.isfinite(value):
-                raise PassError(f"fine-tune loss became {float(value)} at step {step + 1}/{steps} (lr {lr:g}); parameters restored")
+                raise PassError(f"fine-tune loss became {float(value.detach())} at step {step + 1}/{steps} (lr {lr:g}); parameters restored")
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)

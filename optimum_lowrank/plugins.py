@@ -33,6 +33,9 @@ BUILTIN_PLUGINS = (
     "optimum_lowrank.passes.svd",
     "optimum_lowrank.passes.activation_svd",
     "optimum_lowrank.passes.softlm",
+    "optimum_lowrank.passes.autoencoder_embedding",
+    "optimum_lowrank.passes.tt_embedding",
+    "optimum_lowrank.passes.fourier_embedding",
 )
 
 

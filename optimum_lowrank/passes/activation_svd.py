@@ -66,7 +66,7 @@ from optimum_lowrank.hookspecs import hookimpl
 from optimum_lowrank.layers.lowrank import LowRankLinear, linear_weight, split_factors
 from optimum_lowrank.passes.base import CompressionPass, PassConfig, PassContext
 from optimum_lowrank.passes.calibration import InputStatistics, collect_input_statistics, collect_output_sensitivity
-from optimum_lowrank.passes.svd import RANK_OPTIONS, choose_rank
+from optimum_lowrank.passes.svd import RANK_OPTIONS, _exactly_one_message, choose_rank
 from optimum_lowrank.report import LayerReport
 
 __all__ = [
@@ -337,7 +337,7 @@ class ActivationSVDConfig(PassConfig):
     def _check(self) -> ActivationSVDConfig:
         given = [name for name in RANK_OPTIONS if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError(f"set exactly one of {', '.join(RANK_OPTIONS)}; got {', '.join(given) or 'none'}")
+            raise ValueError(_exactly_one_message(given))
         if self.method == "svd_llm" and self.alpha is not None:
             raise ValueError("alpha applies to method 'asvd' only")
         if self.method == "asvd" and self.damping is not None:

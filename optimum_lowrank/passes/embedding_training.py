@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,7 @@ from optimum_lowrank.passes.base import PassConfig
 
 __all__ = [
     "EmbeddingTrainingConfig",
+    "TrainingOptions",
     "TrainingResult",
     "alpha_at",
     "check_embedding_table",
@@ -54,39 +56,51 @@ POW_WEIGHT = 0.0025
 
 
 class EmbeddingTrainingConfig(PassConfig):
-    """Training options shared by the embedding passes (each pass picks its own defaults).
+    """Training options shared by the embedding passes.
+
+    Every field left at None takes the pass's own default (listed in each pass's
+    docstring and in :attr:`CompressionPass.training_defaults`); the paper's values
+    are given below.
 
     Attributes
     ----------
     epochs : int >= 0
         Passes over the table's rows; 0 skips training (the initialisation is kept).
+        Paper: 30.
     anneal_epochs : int >= 0
         Epochs over which ``alpha`` goes linearly from ``alpha_start`` to ``alpha_end``;
-        it stays at ``alpha_end`` afterwards. Paper: 20 (of 30).
+        it stays at ``alpha_end`` afterwards. Paper: 20.
     alpha_start, alpha_end : float in (0, 2]
         Exponent of the magnitude term. Paper: 1.0 -> 0.1.
     batch_size : int >= 1
-        Rows per optimiser step (paper: 32; larger is much faster on a CPU).
+        Rows per optimiser step (paper: 32; larger is much faster on a CPU). A
+        batch of at least the vocabulary size means one full-table step per epoch.
     learning_rate : float > 0
         Adam learning rate (paper: 1e-3).
     lr_step : int >= 1, lr_gamma : float in (0, 1]
-        StepLR: the learning rate is multiplied by ``lr_gamma`` every ``lr_step`` epochs (paper: 4, 0.5).
+        StepLR: the learning rate is multiplied by ``lr_gamma`` every ``lr_step``
+        epochs (paper: 4, 0.5).
+    loss : {"direction", "mse"}
+        ``direction``: the loss above; ``mse``: mean squared error (plain
+        distillation), for comparison.
     cos_weight, pow_weight, l2_weight : float >= 0
-        Loss weights (paper: 0.9975/5, 0.0025, 0). Not all zero.
+        Weights of the direction loss (paper: 0.9975/5, 0.0025, 0); ``l2_weight``
+        also applies with ``loss: mse``.
     seed : int or None
         Seed of initialisation and shuffling; None uses the recipe's seed.
     progress : bool
         Show a tqdm bar (on stderr) per trained layer.
     """
 
-    epochs: int = Field(30, ge=0)
-    anneal_epochs: int = Field(20, ge=0)
+    epochs: int | None = Field(None, ge=0)
+    anneal_epochs: int | None = Field(None, ge=0)
     alpha_start: float = Field(1.0, gt=0, le=2)
     alpha_end: float = Field(0.1, gt=0, le=2)
-    batch_size: int = Field(1024, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    lr_step: int = Field(4, ge=1)
+    batch_size: int | None = Field(None, ge=1)
+    learning_rate: float | None = Field(None, gt=0)
+    lr_step: int | None = Field(None, ge=1)
     lr_gamma: float = Field(0.5, gt=0, le=1)
+    loss: Literal["direction", "mse"] = "direction"
     cos_weight: float = Field(COS_WEIGHT, ge=0)
     pow_weight: float = Field(POW_WEIGHT, ge=0)
     l2_weight: float = Field(0.0, ge=0)
@@ -95,16 +109,47 @@ class EmbeddingTrainingConfig(PassConfig):
 
     @model_validator(mode="after")
     def _some_loss(self) -> EmbeddingTrainingConfig:
-        if self.epochs > 0 and self.cos_weight == self.pow_weight == self.l2_weight == 0:
+        if self.loss == "direction" and self.cos_weight == self.pow_weight == self.l2_weight == 0:
             raise ValueError("cos_weight, pow_weight and l2_weight are all 0: there is nothing to train on")
         return self
 
+    def training(self, defaults: dict[str, Any], seed: int = 0) -> TrainingOptions:
+        """The training options with every unset field taken from ``defaults`` (and ``seed``)."""
+        values = {name: getattr(self, name) for name in TrainingOptions.__dataclass_fields__ if name != "seed"}
+        for name, value in defaults.items():
+            if values.get(name) is None:
+                values[name] = value
+        missing = [name for name, value in values.items() if value is None and name != "batch_size"]
+        if missing:  # pragma: no cover - a pass forgot a default
+            raise PassError(f"no default for training option(s) {missing}")
+        return TrainingOptions(**values, seed=self.seed if self.seed is not None else seed)
 
-def alpha_at(epoch: int, config: EmbeddingTrainingConfig) -> float:
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """Resolved training options (see :class:`EmbeddingTrainingConfig`); ``batch_size`` None = all rows."""
+
+    epochs: int = 30
+    anneal_epochs: int = 20
+    alpha_start: float = 1.0
+    alpha_end: float = 0.1
+    batch_size: int | None = 32
+    learning_rate: float = 1e-3
+    lr_step: int = 4
+    lr_gamma: float = 0.5
+    loss: str = "direction"
+    cos_weight: float = COS_WEIGHT
+    pow_weight: float = POW_WEIGHT
+    l2_weight: float = 0.0
+    seed: int = 0
+    progress: bool = True
+
+
+def alpha_at(epoch: int, config: TrainingOptions) -> float:
     """Exponent ``alpha`` of the magnitude term at 0-based ``epoch``.
 
     Linear from ``alpha_start`` (epoch 0) to ``alpha_end`` (epoch ``anneal_epochs``),
-    then constant. With the defaults: 1.0, 0.955, ..., 0.145, then 0.1 from epoch 20.
+    then constant. With the paper's values: 1.0, 0.955, ..., 0.145, then 0.1 from epoch 20.
     """
     if config.anneal_epochs <= 0 or epoch >= config.anneal_epochs:
         return config.alpha_end
@@ -219,9 +264,8 @@ def train_rows(
     rows: Callable[[Tensor], Tensor],
     parameters: Iterable[nn.Parameter],
     target: Tensor,
-    config: EmbeddingTrainingConfig,
+    config: TrainingOptions,
     *,
-    seed: int = 0,
     desc: str = "training",
     num_rows: int | None = None,
 ) -> TrainingResult:
@@ -239,9 +283,8 @@ def train_rows(
         What is trained (and what ``l2_weight`` penalises).
     target : Tensor, shape (V, d)
         The original table (not modified).
-    config : EmbeddingTrainingConfig
-    seed : int
-        Seeds the shuffling (``config.seed`` wins when set).
+    config : TrainingOptions
+        From :meth:`EmbeddingTrainingConfig.training`; ``config.seed`` seeds the shuffling.
     desc : str
         Label of the progress bar.
     num_rows : int, optional
@@ -256,21 +299,24 @@ def train_rows(
     result = TrainingResult(epochs=config.epochs, steps=0, seconds=0.0)
     if config.epochs == 0 or not params:
         return result
-    generator = torch.Generator().manual_seed(config.seed if config.seed is not None else seed)
+    generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(params, lr=config.learning_rate)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
     target = target.detach().float()
-    batch = min(config.batch_size, total)
+    batch = total if config.batch_size is None else min(config.batch_size, total)
     bar = _progress(config.epochs, desc, config.progress)
     start = time.perf_counter()
     try:
         for epoch in range(config.epochs):
             alpha = alpha_at(epoch, config)
-            order = torch.randperm(total, generator=generator)
+            order = torch.arange(total) if batch == total else torch.randperm(total, generator=generator)
             running, count = 0.0, 0
             for first in range(0, total, batch):
                 index = order[first : first + batch]
-                loss = direction_loss(rows(index), target[index], alpha, config.cos_weight, config.pow_weight)
+                if config.loss == "mse":
+                    loss = F.mse_loss(rows(index), target[index])
+                else:
+                    loss = direction_loss(rows(index), target[index], alpha, config.cos_weight, config.pow_weight)
                 if config.l2_weight:
                     loss = loss + config.l2_weight * sum(p.square().sum() for p in params)
                 optimizer.zero_grad(set_to_none=True)
@@ -297,3 +343,72 @@ def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="epoch", file=sys.stderr, leave=False)
+
+
+# --------------------------------------------------------------------------- installing a compressed embedding
+
+
+def install_embedding(
+    model: nn.Module,
+    name: str,
+    original: nn.Embedding,
+    layer: nn.Module,
+    tied_head: str,
+    head_factory: Callable[[nn.Module, Tensor | None], nn.Module],
+    head_description: str,
+) -> tuple[int, str]:
+    """Put ``layer`` at ``name`` in place of ``original`` and deal with an output head tied to it.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Modified in place.
+    name : str
+        Qualified name of ``original``.
+    original : nn.Embedding
+    layer : nn.Module
+        The compressed replacement.
+    tied_head : str
+        ``"untie"`` gives the head a dense copy of the original table (saves
+        nothing on the head side); anything else installs ``head_factory(layer, bias)``,
+        which shares ``layer``'s parameters.
+    head_factory : callable (layer, bias or None) -> nn.Module
+    head_description : str
+        How the shared head computes logits, for the report note.
+
+    Returns
+    -------
+    params_after : int
+        Distinct parameters of the replacement, plus what the head adds (its own
+        bias, or the whole dense table when untied).
+    note : str
+        What happened to the tied head ("" if there is none).
+    """
+    from optimum_lowrank.passes.base import count_parameters
+    from optimum_lowrank.passes.svd import tied_output_head
+
+    head = tied_output_head(model, original)
+    after = count_parameters(layer)
+    note = ""
+    if head is not None:
+        head_name, head_module = head
+        bias = getattr(head_module, "bias", None)
+        vocab, dim = original.weight.shape
+        if tied_head == "untie":
+            dense = nn.Linear(dim, vocab, bias=bias is not None)
+            with torch.no_grad():
+                dense.weight.copy_(original.weight)
+                if bias is not None:
+                    dense.bias.copy_(bias)
+            model.set_submodule(head_name, dense.to(original.weight.dtype))
+            after += count_parameters(dense)
+            note = f"tied output head {head_name!r} untied and kept dense ({vocab * dim:,} parameters stay)"
+        else:
+            new_head = head_factory(layer, bias)
+            model.set_submodule(head_name, new_head)
+            after += 0 if bias is None else bias.numel()
+            note = f"tied output head {head_name!r} shares the compressed parameters ({head_description})"
+        if getattr(model, "config", None) is not None:
+            model.config.tie_word_embeddings = False
+    model.set_submodule(name, layer)
+    return after, note

@@ -11,7 +11,9 @@ see ``train``) are trained on the calibration windows with the model's own loss
 plus a differentiable parameter count pushed to the budget:
 
     loss = task_loss + penalty_weight * |P(tau) / P_target - 1|
-    P(tau) = sum_l min((out_l + in_l) * sum_i sigmoid((s_li - tau_l) / (temperature * s_l1)), out_l * in_l) + biases
+    P(tau) = sum_l min((out_l + in_l) * sum_i sigmoid((s_li - tau_l) / (temperature * m_l)), out_l * in_l) + biases
+
+(``m_l``: the median singular value of layer l)
 
 so the training decides how much each layer is compressed. Afterwards every
 layer keeps the singular directions with ``s_i > tau``: the layer becomes a
@@ -52,9 +54,11 @@ Choices the paper leaves open, and what is done here (each is an option)
     Measured on tiny models and SmolLM2-135M, the final count lands within 2
     percentage points below the budget, never above it.
 ``temperature`` (default 0.02)
-    Sigmoid width in units of the layer's largest singular value (scale-free across layers).
+    Sigmoid width in units of the layer's median singular value (scale-free across layers;
+    the median rather than the largest value because whitened spectra have a few outliers
+    hundreds of times larger than the rest).
 ``steps`` (default 100), ``lr`` (default 5e-3), ``batch_size`` (default 1)
-    Adam on ``s / s_1`` and ``tau / s_1`` (learning rate in units of the layer's largest
+    Adam on ``s / m_l`` and ``tau / m_l`` (learning rate in units of the layer's median
     singular value); ``factor_lr`` (default 1e-4) for ``U``, ``V`` with ``train: factors``.
     ``tau`` is clamped to ``>= 0`` after each step. Windows in a seeded random order.
 
@@ -106,8 +110,9 @@ __all__ = ["SoftLMConfig", "SoftLMPass", "SoftLMState", "SoftThresholdLinear"]
 class SoftThresholdLinear(nn.Module):
     """``y = x V^T diag(ReLU(s - tau)) U^T + bias`` with a learnable threshold ``tau``.
 
-    ``s`` and ``tau`` are stored divided by ``scale`` (the largest singular value at
-    construction) so that learning rates and the temperature are relative.
+    ``s`` and ``tau`` are stored divided by ``scale``, the median of the positive singular
+    values at construction (robust to the few outlier directions whitened spectra have),
+    so that learning rates and the temperature are relative to the layer's typical value.
 
     Parameters
     ----------
@@ -134,8 +139,9 @@ class SoftThresholdLinear(nn.Module):
         if u.shape[1] != k or v.shape[0] != k:
             raise PassError(f"inconsistent factors: u {tuple(u.shape)}, s {tuple(s.shape)}, v {tuple(v.shape)}")
         self.out_features, self.in_features = u.shape[0], v.shape[1]
-        top = float(s.max()) if k else 0.0
-        self.scale = top if top > 0 and math.isfinite(top) else 1.0
+        positive = s[s > 0]
+        typical = float(positive.median()) if positive.numel() else 0.0
+        self.scale = typical if typical > 0 and math.isfinite(typical) else 1.0
         self.u = nn.Parameter(u.detach().float().clone(), requires_grad=train_factors)
         self.v = nn.Parameter(v.detach().float().clone(), requires_grad=train_factors)
         self.s = nn.Parameter(s.detach().float() / self.scale)
@@ -242,7 +248,7 @@ class SoftLMConfig(PassConfig):
     train : {"singular_values", "threshold", "factors"}
     steps : int >= 1
     lr : float > 0
-        Adam learning rate of ``s`` and ``tau`` (relative to each layer's largest singular value).
+        Adam learning rate of ``s`` and ``tau`` (relative to each layer's median singular value).
     factor_lr : float > 0
         Learning rate of ``U``, ``V`` with ``train: factors``.
     temperature : float > 0

@@ -80,8 +80,13 @@ class SVDConfig(PassConfig):
     def _exactly_one_rank_option(self) -> SVDConfig:
         given = [name for name in RANK_OPTIONS if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError(f"set exactly one of {', '.join(RANK_OPTIONS)}; got {', '.join(given) or 'none'}")
+            raise ValueError(_exactly_one_message(given))
         return self
+
+
+def _exactly_one_message(given: list[str]) -> str:
+    """The error for zero or several rank options (per-layer options first, then the global budget)."""
+    return f"set exactly one of {', '.join(RANK_OPTIONS[:-1])}; got {', '.join(given) or 'none'} (or the global budget {RANK_OPTIONS[-1]} alone)"
 
 
 def choose_rank(config: SVDConfig, shape: tuple[int, int], singular_values: Tensor | None = None) -> int:

@@ -1,0 +1,207 @@
+"""Direction-aware linear autoencoder compression of token embeddings (Balazy et al. 2021).
+
+A linear autoencoder (encoder ``Linear(d, k)``, decoder ``Linear(k, d)``, both
+with bias) is trained on the rows of the embedding table ``E`` (V x d) with the
+direction-aware loss of :mod:`optimum_lowrank.passes.embedding_training`. The
+deployed layer is :class:`~optimum_lowrank.layers.embeddings.AutoencoderEmbedding`:
+the latents ``encoder(E)`` (computed once) as ``nn.Embedding(V, k)`` followed by
+the decoder; the encoder is dropped. No task data and no language-model training
+are involved.
+
+Decisions not fixed by the paper (measured in ``docs/embeddings.md``):
+
+- SVD initialisation is the default (``init: svd``): encoder ``V_k^T x`` and
+  decoder ``V_k z`` (zero biases) from the truncated SVD ``E ~= U_k S_k V_k^T``,
+  so training starts exactly at the ``svd`` baseline and the report shows what
+  the direction-aware training adds. ``init: pca`` centres the rows first
+  (encoder ``V_k^T (x - mean)``, decoder ``V_k z + mean``: the best affine rank-k
+  fit in the Frobenius norm); ``init: random`` uses PyTorch's ``nn.Linear``
+  initialisation. MiniLM, ratio 5, STS-B dev Spearman x100 (SVD baseline 77.79):
+  trained from SVD 75.83, from PCA 75.63, from random 75.56; untrained PCA 73.47.
+  All reach the same mean row cosine (0.721 vs 0.719 for SVD).
+- Batch 256 rows instead of 32: on this 2-core CPU one epoch over MiniLM's 30,522
+  rows takes ~0.5 s instead of ~1.3 s, and the loss reached is the same.
+- The paper's schedule is kept: 30 epochs, alpha 1.0 -> 0.1 over 20, Adam lr 1e-3,
+  StepLR(4, 0.5).
+
+Tied output head
+----------------
+``tied_head: shared`` (default) replaces the head with
+:class:`~optimum_lowrank.layers.embeddings.AffineFactorHead`,
+``logits = (h P) A^T + (h . b)``, which reuses the latents ``A``, decoder weight
+``P`` and bias ``b``: the savings are real for both the input and the output side.
+``tied_head: untie`` keeps a dense copy of the original head (the head saves nothing).
+
+Recipe
+------
+.. code-block:: yaml
+
+    - {pass: autoencoder_embedding, targets: [embeddings.word_embeddings], compression_ratio: 5}
+    - {pass: autoencoder_embedding, targets: [model.embed_tokens], latent_dim: 96, epochs: 10}
+
+References
+----------
+.. [1] Balazy, Banaei, Lebret, Tabor, Aberer, "Direction is what you need:
+   Improving Word Embedding Compression in Large Language Models",
+   RepL4NLP 2021, arXiv 2106.08181.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from optimum_lowrank.errors import PassError
+from optimum_lowrank.hookspecs import hookimpl
+from optimum_lowrank.layers.embeddings import AffineFactorHead, AutoencoderEmbedding
+from optimum_lowrank.passes.base import CompressionPass, PassContext
+from optimum_lowrank.passes.embedding_training import (
+    EmbeddingTrainingConfig,
+    check_embedding_table,
+    install_embedding,
+    reconstruction_metrics,
+    train_rows,
+)
+from optimum_lowrank.report import LayerReport
+
+__all__ = ["AutoencoderEmbeddingConfig", "AutoencoderEmbeddingPass", "latent_dim_for_ratio"]
+
+
+class AutoencoderEmbeddingConfig(EmbeddingTrainingConfig):
+    """Options of the ``autoencoder_embedding`` pass. Exactly one of ``latent_dim`` and ``compression_ratio``.
+
+    Attributes
+    ----------
+    latent_dim : int >= 1
+        Latent size k; must be below the embedding dimension d (error otherwise).
+    compression_ratio : float > 1
+        ``k = floor(V d / (ratio (V + d)))`` (the paper's formula; the decoder bias,
+        d parameters, is not counted in it but is in the report).
+    init : {"svd", "pca", "random"}
+        Start from the truncated SVD (default), the centred PCA, or a random initialisation.
+    tied_head : {"shared", "untie"}
+        See the module docstring.
+
+    The training options (``epochs``, ``batch_size``, ``learning_rate``, loss weights, ``seed`` ...)
+    are those of :class:`~optimum_lowrank.passes.embedding_training.EmbeddingTrainingConfig`;
+    defaults here: 30 epochs, alpha annealed over 20, batch 256, lr 1e-3, StepLR(4, 0.5).
+    """
+
+    latent_dim: int | None = Field(None, ge=1)
+    compression_ratio: float | None = Field(None, gt=1)
+    init: Literal["svd", "pca", "random"] = "svd"
+    tied_head: Literal["shared", "untie"] = "shared"
+
+    @model_validator(mode="after")
+    def _exactly_one_size(self) -> AutoencoderEmbeddingConfig:
+        given = [n for n in ("latent_dim", "compression_ratio") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of latent_dim, compression_ratio; got {', '.join(given) or 'none'}")
+        return self
+
+
+def latent_dim_for_ratio(num_embeddings: int, embedding_dim: int, ratio: float) -> int:
+    """``floor(V d / (ratio (V + d)))``, at least 1: the paper's latent size for a compression ratio."""
+    return max(1, math.floor(num_embeddings * embedding_dim / (ratio * (num_embeddings + embedding_dim))))
+
+
+@dataclass
+class _Plan:
+    name: str
+    module: nn.Embedding
+    latent_dim: int
+
+
+class AutoencoderEmbeddingPass(CompressionPass):
+    """Linear autoencoder on the embedding rows, trained with the direction-aware loss (Balazy et al., arXiv 2106.08181).
+
+    Replaces each target ``nn.Embedding`` by an
+    :class:`~optimum_lowrank.layers.embeddings.AutoencoderEmbedding`. Per layer the
+    report gives ``relative_error``, ``mean_cosine`` and ``min_cosine`` of the
+    deployed rows against the original ones, the same figures for the
+    initialisation (``init_*``), and the training time. See the module docstring
+    for the recipe syntax, decisions and tied-head handling.
+    """
+
+    name = "autoencoder_embedding"
+    config_class = AutoencoderEmbeddingConfig
+    target_types = (nn.Embedding,)
+    summary = "direction-aware linear autoencoder of the embedding table (latent_dim or compression_ratio)"
+    example_options = {"targets": ["embeddings.word_embeddings"], "compression_ratio": 4, "epochs": 2}
+    training_defaults: ClassVar[dict] = {
+        "epochs": 30, "anneal_epochs": 20, "batch_size": 256, "learning_rate": 1e-3, "lr_step": 4,
+    }
+
+    config: AutoencoderEmbeddingConfig
+
+    def apply(self, model: nn.Module, targets: dict[str, nn.Module], context: PassContext) -> list[LayerReport]:
+        plans = [self._plan(name, module) for name, module in targets.items()]  # validate all before changing any
+        return [self._compress(model, plan, context) for plan in plans]
+
+    def _plan(self, name: str, module: nn.Embedding) -> _Plan:
+        weight = module.weight
+        check_embedding_table(name, weight)
+        vocab, dim = weight.shape
+        if self.config.latent_dim is not None:
+            k = self.config.latent_dim
+        else:
+            k = latent_dim_for_ratio(vocab, dim, self.config.compression_ratio)
+        if k >= dim:
+            raise PassError(f"{name}: latent_dim {k} must be smaller than embedding_dim {dim} (valid: 1..{dim - 1})")
+        if vocab * k + k * dim + dim >= vocab * dim:
+            raise PassError(
+                f"{name}: latent_dim {k} would not reduce a {vocab}x{dim} table "
+                f"({vocab * k + k * dim + dim:,} >= {vocab * dim:,} parameters)"
+            )
+        return _Plan(name, module, k)
+
+    def _compress(self, model: nn.Module, plan: _Plan, context: PassContext) -> LayerReport:
+        options = self.config.training(self.training_defaults, context.seed)
+        module, k = plan.module, plan.latent_dim
+        target = module.weight.detach().float()
+        vocab, dim = target.shape
+        t0 = time.perf_counter()
+        with torch.random.fork_rng():
+            torch.manual_seed(options.seed)
+            encoder, decoder = nn.Linear(dim, k), nn.Linear(k, dim)
+        if self.config.init != "random":
+            mean = target.mean(0) if self.config.init == "pca" else torch.zeros(dim)
+            _, _, vh = torch.linalg.svd(target - mean, full_matrices=False)
+            with torch.no_grad():
+                encoder.weight.copy_(vh[:k])
+                encoder.bias.copy_(-(vh[:k] @ mean))
+                decoder.weight.copy_(vh[:k].t())
+                decoder.bias.copy_(mean)
+
+        def rows(index: torch.Tensor) -> torch.Tensor:
+            return decoder(encoder(target[index]))
+
+        init = reconstruction_metrics(rows, target)
+        result = train_rows(rows, [*encoder.parameters(), *decoder.parameters()], target, options, desc=f"{self.name} {plan.name}")
+        layer = AutoencoderEmbedding.from_autoencoder(target, encoder, decoder, module.padding_idx).to(module.weight.dtype)
+        final = reconstruction_metrics(lambda index: layer(index), target)
+        seconds = time.perf_counter() - t0
+        after, note = install_embedding(
+            model, plan.name, module, layer, self.config.tied_head, AffineFactorHead, "logits = (h P) A^T + (h . b)"
+        )
+        metrics = {**final, **{f"init_{key}": value for key, value in init.items()}}
+        metrics.update(train_seconds=result.seconds, seconds=seconds, epochs=float(result.epochs))
+        init_name = {"svd": "SVD", "pca": "PCA", "random": "random init"}[self.config.init]
+        summary = (
+            f"latent_dim {k}; mean cosine {init['mean_cosine']:.4f} ({init_name}) -> {final['mean_cosine']:.4f} "
+            f"after {result.epochs} epochs ({result.seconds:.1f} s)"
+        )
+        return LayerReport(
+            plan.name, "Embedding", "replaced", vocab * dim, after, k, "; ".join(filter(None, [summary, note])), metrics
+        )
+
+
+@hookimpl
+def lowrank_register_passes(register) -> None:
+    register(AutoencoderEmbeddingPass)

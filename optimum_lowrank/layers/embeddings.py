@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from optimum_lowrank.errors import PassError
+from optimum_lowrank.layers.lowrank import FactorizedEmbedding
 
 __all__ = ["AffineFactorHead", "AutoencoderEmbedding", "MaterializedHead"]
 
 
-class AutoencoderEmbedding(nn.Module):
+class AutoencoderEmbedding(FactorizedEmbedding):
     """Token embedding ``E ~= A P^T + 1 b^T``: ``nn.Embedding(V, k)`` latents, then ``Linear(k, d)`` with bias.
 
     Parameters
@@ -84,12 +85,6 @@ class AutoencoderEmbedding(nn.Module):
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.decoder(self.latents(input_ids))
 
-    def to_dense(self) -> nn.Embedding:
-        """The ``nn.Embedding`` this layer computes, shape (V, d)."""
-        dense = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx)
-        with torch.no_grad():
-            dense.weight.copy_(self.weight)
-        return dense
 
     def extra_repr(self) -> str:
         return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, latent_dim={self.latent_dim}"
@@ -137,7 +132,10 @@ class MaterializedHead(nn.Module):
     Parameters
     ----------
     embedding : nn.Module
-        Has ``weight`` (property, shape (V, d)), ``embedding_dim`` and ``num_embeddings``.
+        Has ``weight`` (property, shape (V, d)), ``embedding_dim`` and ``num_embeddings``;
+        when it has ``materialize(hidden)``, that is used instead of ``weight`` (to keep
+        the ONNX exporter from constant-folding the table, see
+        :meth:`~optimum_lowrank.layers.fourier.FourierEmbedding.materialize`).
     bias : Tensor of shape (V,), or None
 
     Shapes
@@ -152,4 +150,6 @@ class MaterializedHead(nn.Module):
         self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return F.linear(hidden, self.embedding.weight, self.bias)
+        materialize = getattr(self.embedding, "materialize", None)
+        table = materialize(hidden) if callable(materialize) else self.embedding.weight
+        return F.linear(hidden, table, self.bias)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from optimum_lowrank.errors import PassError
+from optimum_lowrank.layers.lowrank import FactorizedEmbedding
 
 __all__ = ["FourierEmbedding", "fourier_mlp_params"]
 
@@ -34,7 +35,7 @@ def fourier_mlp_params(embedding_dim: int, hidden_dim: int, mlp: MLPKind) -> int
     return 3 * d * h + 2 * h + d + d
 
 
-class FourierEmbedding(nn.Module):
+class FourierEmbedding(FactorizedEmbedding):
     """``E(p) = RMSNorm(MLP(T(p)) + T(p))`` with deterministic Fourier features ``T(p)``.
 
     ``x = 2 p / (V - 1) - 1`` maps token id p in [0, V) to [-1, 1]; feature i of
@@ -116,9 +117,11 @@ class FourierEmbedding(nn.Module):
         return self.fc_out(hidden)
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        t = self.features(input_ids)
+        # 2-D inside, so the lookup and a tied head's table use the same (Gemm) weights in ONNX
+        t = self.features(input_ids.reshape(-1))
         e = self._mlp(t) + t
-        return e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight
+        out = e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight
+        return out.reshape(*input_ids.shape, self.embedding_dim)
 
     def rows(self, index: Tensor) -> Tensor:
         """Rows ``index`` (M,) of the implied table, shape (M, d) (training)."""
@@ -129,12 +132,17 @@ class FourierEmbedding(nn.Module):
         """The implied table, shape (V, d), computed for every id (costs V MLP evaluations)."""
         return self(torch.arange(self.num_embeddings, device=self.norm_weight.device))
 
-    def to_dense(self) -> nn.Embedding:
-        """The ``nn.Embedding`` this layer computes."""
-        dense = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx)
-        with torch.no_grad():
-            dense.weight.copy_(self.weight)
-        return dense
+    def materialize(self, like: Tensor) -> Tensor:
+        """The table (V, d) for a head, computed at run time.
+
+        ``like`` (any tensor of the forward pass, e.g. the hidden states) only anchors
+        the ids to run-time data: a table computed from constants alone is
+        constant-folded by the ONNX exporter into a (V, d) initializer (measured on
+        SmolLM2: +226 MB in the int8 graph), which would undo the compression.
+        """
+        anchor = torch.zeros_like(like.reshape(-1)[:1], dtype=torch.long)  # 0, but not a constant
+        return self(torch.arange(self.num_embeddings, device=like.device) + anchor)
+
 
     def extra_repr(self) -> str:
         return (

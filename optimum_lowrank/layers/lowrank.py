@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from optimum_lowrank.errors import PassError
 
 __all__ = [
+    "FactorizedEmbedding",
     "LowRankEmbedding",
     "LowRankHead",
     "LowRankLinear",
@@ -90,6 +91,27 @@ def split_factors(u: Tensor, s: Tensor, vh: Tensor, rank: int) -> tuple[Tensor, 
     return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
+class FactorizedEmbedding(nn.Module):
+    """Base of the compressed token embeddings: subclasses set ``num_embeddings`` (V),
+    ``embedding_dim`` (d), ``padding_idx`` and define ``weight``, the reconstructed
+    (V, d) table, which :meth:`to_dense` turns back into an ``nn.Embedding``."""
+
+    num_embeddings: int
+    embedding_dim: int
+    padding_idx: int | None
+
+    @property
+    def weight(self) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def to_dense(self) -> nn.Embedding:
+        """The ``nn.Embedding`` this layer computes, shape (V, d)."""
+        dense = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx)
+        with torch.no_grad():
+            dense.weight.copy_(self.weight)
+        return dense
+
+
 class LowRankLinear(nn.Module):
     """``y = x B^T A^T + bias``: a linear layer stored as two thin factors.
 
@@ -146,7 +168,7 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-class LowRankEmbedding(nn.Module):
+class LowRankEmbedding(FactorizedEmbedding):
     """Token embedding ``E ~= A P^T`` stored as ``nn.Embedding(V, r)`` then ``nn.Linear(r, d)``.
 
     Parameters
@@ -189,12 +211,6 @@ class LowRankEmbedding(nn.Module):
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.proj(self.codes(input_ids))
 
-    def to_dense(self) -> nn.Embedding:
-        """The ``nn.Embedding`` this layer computes, shape (V, d)."""
-        dense = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx)
-        with torch.no_grad():
-            dense.weight.copy_(self.weight)
-        return dense
 
     def extra_repr(self) -> str:
         return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, rank={self.rank}"

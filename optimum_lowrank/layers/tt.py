@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from optimum_lowrank.errors import PassError
+from optimum_lowrank.layers.lowrank import FactorizedEmbedding
 
 __all__ = [
     "TTEmbedding",
@@ -275,6 +276,16 @@ def _contract(cores: Sequence[Tensor], shape: Sequence[int], ranks: Sequence[int
     return out.reshape(out.shape[0], -1)
 
 
+def _runtime_zero(like: Tensor, dtype: torch.dtype) -> Tensor:
+    """A zero of shape (1,) that depends on ``like`` (a tensor of the forward pass).
+
+    Added to the cores before a head rebuilds the table, it keeps the ONNX
+    exporter from constant-folding the reshaped/transposed cores (or the whole
+    table) into new initializers, which would store the compressed parameters twice.
+    """
+    return torch.zeros_like(like.reshape(-1)[:1], dtype=dtype)
+
+
 def _check_table(weight: Tensor, what: str) -> None:
     if weight.dim() != 2:
         raise PassError(f"{what}: expected a 2-D table (num_embeddings, embedding_dim), got shape {tuple(weight.shape)}")
@@ -287,7 +298,7 @@ def _check_table(weight: Tensor, what: str) -> None:
 # --------------------------------------------------------------------------- per-token MPS
 
 
-class TTEmbedding(nn.Module):
+class TTEmbedding(FactorizedEmbedding):
     """Per-token tensor-train (MPS) embedding (TensorGPT).
 
     Row ``p`` of the table, reshaped to ``n_1 x ... x n_N`` (``prod n_k = d``),
@@ -391,12 +402,11 @@ class TTEmbedding(nn.Module):
         """The reconstructed table, shape (V, d), contracted from the full core tables (no gather)."""
         return _contract(list(self.cores), self.shape, self.ranks)
 
-    def to_dense(self) -> nn.Embedding:
-        """The ``nn.Embedding`` this layer computes."""
-        dense = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx)
-        with torch.no_grad():
-            dense.weight.copy_(self.weight)
-        return dense
+    def materialize(self, like: Tensor) -> Tensor:
+        """:attr:`weight` computed at run time, for a head; see :func:`_runtime_zero`."""
+        zero = _runtime_zero(like, self.cores[0].dtype)
+        return _contract([core + zero for core in self.cores], self.shape, self.ranks)
+
 
     def extra_repr(self) -> str:
         return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, shape={self.shape}, ranks={self.ranks}"
@@ -405,7 +415,7 @@ class TTEmbedding(nn.Module):
 # --------------------------------------------------------------------------- TT-matrix
 
 
-class TTMatrixEmbedding(nn.Module):
+class TTMatrixEmbedding(FactorizedEmbedding):
     """TT-matrix embedding: the (padded) table ``W (prod v) x (prod d)`` as a tensor train.
 
     With token id ``p = (i_1, ..., i_N)`` in mixed radix ``v_1 x ... x v_N``
@@ -526,13 +536,17 @@ class TTMatrixEmbedding(nn.Module):
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.rows(input_ids.reshape(-1)).reshape(*input_ids.shape, self.embedding_dim)
 
-    def full_table(self) -> Tensor:
-        """The padded table, shape (prod v, d), by a Kronecker-ordered contraction (no gather)."""
+    def full_table(self, offset: Tensor | None = None) -> Tensor:
+        """The padded table, shape (prod v, d), by a Kronecker-ordered contraction (no gather).
+
+        ``offset`` (a zero from :func:`_runtime_zero`) is added to every core first.
+        """
+        cores = list(self.cores) if offset is None else [core + offset for core in self.cores]
         v0, d0, r1 = self.vocab_shape[0], self.shape[0], self.ranks[1]
-        out = self.cores[0].reshape(v0, d0, r1)  # (A, B, R) with A = rows so far, B = columns so far
+        out = cores[0].reshape(v0, d0, r1)  # (A, B, R) with A = rows so far, B = columns so far
         for k in range(1, len(self.shape)):
             v, r0, d, r1 = self.vocab_shape[k], self.ranks[k], self.shape[k], self.ranks[k + 1]
-            core = self.cores[k].reshape(v, r0, d * r1).transpose(0, 1).reshape(r0, v * d * r1)
+            core = cores[k].reshape(v, r0, d * r1).transpose(0, 1).reshape(r0, v * d * r1)
             a, b = out.shape[0], out.shape[1]
             out = torch.matmul(out.reshape(a * b, r0), core).reshape(a, b, v, d, r1)
             out = out.permute(0, 2, 1, 3, 4).reshape(a * v, b * d, r1)
@@ -543,12 +557,10 @@ class TTMatrixEmbedding(nn.Module):
         """The reconstructed table, shape (V, d) (padding rows dropped)."""
         return self.full_table()[: self.num_embeddings]
 
-    def to_dense(self) -> nn.Embedding:
-        """The ``nn.Embedding`` this layer computes."""
-        dense = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx)
-        with torch.no_grad():
-            dense.weight.copy_(self.weight)
-        return dense
+    def materialize(self, like: Tensor) -> Tensor:
+        """:attr:`weight` computed at run time, for a head; see :func:`_runtime_zero`."""
+        return self.full_table(_runtime_zero(like, self.cores[0].dtype))[: self.num_embeddings]
+
 
     def extra_repr(self) -> str:
         return (

@@ -76,7 +76,15 @@ METHODS = {
     "tt": ("tt_embedding", {"mode": "tt"}),
     "tt_matrix": ("tt_embedding", {"mode": "tt_matrix", "epochs": 15, "anneal_epochs": 10, "lr_step": 2}),
     "fourier": ("fourier_embedding", {"epochs": 3, "anneal_epochs": 2, "lr_step": 1}),
+    # tied models only: the input embedding compressed, the output head kept dense (saves only the input side)
+    "svd_untie": ("svd", {"tied_head": "untie"}),
+    "autoencoder_untie": ("autoencoder_embedding", {"tied_head": "untie"}),
 }
+TIED_ONLY = ("svd_untie", "autoencoder_untie")
+# optional: the TT-SVD initialisation alone (no training), to measure what training adds
+METHODS["tt_untrained"] = ("tt_embedding", {"mode": "tt", "epochs": 0})
+METHODS["tt_matrix_untrained"] = ("tt_embedding", {"mode": "tt_matrix", "epochs": 0})
+OPTIONAL = (*TIED_ONLY, "tt_untrained", "tt_matrix_untrained")
 QUICK_EPOCHS = {"epochs": 3, "anneal_epochs": 2, "lr_step": 1}
 MODELS = {
     "minilm": {"target": "embeddings.word_embeddings", "kind": "encoder"},
@@ -92,7 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", default="minilm,smollm2", help="comma-separated: minilm, smollm2")
     parser.add_argument("--ratios", default="2.5,5,10,20,40", help="embedding compression ratios (MiniLM)")
     parser.add_argument("--smollm2-ratios", default="20", help="ratios for SmolLM2 (run in this order)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    parser.add_argument(
+        "--methods", default=",".join(m for m in METHODS if m not in OPTIONAL),
+        help=f"comma-separated subset of {', '.join(METHODS)} ({', '.join(TIED_ONLY)}: tied models only)",
+    )
     parser.add_argument("--quick", action="store_true", help="3 epochs, 300 STS-B pairs, 2 windows, ratios 5 and 20")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX export and int8 size")
     parser.add_argument("--windows", type=int, default=8, help="SmolLM2 perplexity windows of 512 tokens")
@@ -247,6 +258,8 @@ def run_model(name: str, args: argparse.Namespace, results: Results, deadline: f
     for ratio in ratios:
         for method in args.methods:
             label = f"{method}@{ratio:g}"
+            if method in TIED_ONLY and spec["kind"] != "decoder":
+                continue
             if spec["kind"] == "decoder" and method == "fourier" and ratio < DECODER_FOURIER_MIN_RATIO:
                 section["skipped"].append({"config": label, "reason": f"Fourier head below ratio {DECODER_FOURIER_MIN_RATIO:g} (table rebuilt per call)"})
                 continue
@@ -269,7 +282,7 @@ def run_config(model, spec, method, ratio, weight, evaluator, metric, args) -> d
     options = {"targets": [spec["target"]], "compression_ratio": ratio, **extra}
     if pass_id != "svd":
         options["progress"] = False
-        if args.quick:
+        if args.quick and options.get("epochs", 1) != 0:
             options.update(QUICK_EPOCHS)
     row: dict = {"method": method, "target_ratio": ratio, "pass": pass_id, "options": options}
     recipe = load_recipe({"version": 1, "passes": [{"pass": pass_id, **options}]})

@@ -382,8 +382,14 @@ def test_autoencoder_and_fourier_encoder_export(tiny_bert, tmp_path):
     ids=["autoencoder", "tt_matrix", "fourier"],
 )
 def test_tied_decoder_export_parity_and_int8(tiny_llama, tmp_path, run, options):
+    import onnx
+
     from optimum_lowrank.exporters.onnx import check_parity
 
     run(tiny_llama, targets=["model.embed_tokens"], epochs=1, **options)
-    _, quantized = _export_and_quantize(tiny_llama, tmp_path)
+    fp32, quantized = _export_and_quantize(tiny_llama, tmp_path)
     assert check_parity(tiny_llama, quantized, atol=1.0, seq_lengths=(8,)).passed
+    # the head shares the compressed parameters in the graph too: no constant-folded copy of the
+    # table or of its factors/cores (only the small decoder weight of the autoencoder, d x k)
+    stored = sum(math.prod(t.dims) for t in onnx.load(str(fp32), load_external_data=False).graph.initializer)
+    assert stored - count_parameters(tiny_llama) <= 32 * 8

@@ -23,7 +23,30 @@ from torch import Tensor, nn
 from optimum_lowrank.errors import PassError
 from optimum_lowrank.layers.lowrank import FactorizedEmbedding
 
-__all__ = ["AffineFactorHead", "AutoencoderEmbedding", "MaterializedHead"]
+__all__ = ["AffineFactorHead", "AutoencoderEmbedding", "MaterializedHead", "runtime_zero"]
+
+
+def runtime_zero(like: Tensor, dtype: torch.dtype) -> Tensor:
+    """A zero of shape (1,) computed from ``like`` (a tensor of the forward pass).
+
+    The ONNX exporter constant-folds every expression of parameters alone: a
+    transposed or reshaped copy of a table that a tied head reuses, or a whole
+    rebuilt (V, d) table, would become a new initializer and store the compressed
+    parameters twice (measured: Fourier head on SmolLM2 +226 MB in the int8 graph;
+    per-token TT head: every core twice). Adding this zero to the parameters
+    first makes those expressions run-time values, so the graph keeps one copy.
+
+    Parameters
+    ----------
+    like : Tensor
+        Any tensor of the forward pass (e.g. the hidden states); only its shape is used.
+    dtype : torch.dtype
+
+    Returns
+    -------
+    Tensor of shape (1,), all zeros.
+    """
+    return torch.zeros_like(like.reshape(-1)[:1], dtype=dtype)
 
 
 class AutoencoderEmbedding(FactorizedEmbedding):
@@ -85,7 +108,6 @@ class AutoencoderEmbedding(FactorizedEmbedding):
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.decoder(self.latents(input_ids))
 
-
     def extra_repr(self) -> str:
         return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, latent_dim={self.latent_dim}"
 
@@ -118,7 +140,9 @@ class AffineFactorHead(nn.Module):
         decoder = self.embedding.decoder
         codes = torch.matmul(hidden, decoder.weight)  # (..., k)
         offset = torch.matmul(hidden, decoder.bias.unsqueeze(-1))  # (..., 1)
-        return F.linear(codes, self.embedding.latents.weight, self.bias) + offset
+        latents = self.embedding.latents.weight
+        latents = latents + runtime_zero(hidden, latents.dtype)  # one copy of A in ONNX, see runtime_zero
+        return F.linear(codes, latents, self.bias) + offset
 
 
 class MaterializedHead(nn.Module):
@@ -134,8 +158,7 @@ class MaterializedHead(nn.Module):
     embedding : nn.Module
         Has ``weight`` (property, shape (V, d)), ``embedding_dim`` and ``num_embeddings``;
         when it has ``materialize(hidden)``, that is used instead of ``weight`` (to keep
-        the ONNX exporter from constant-folding the table, see
-        :meth:`~optimum_lowrank.layers.fourier.FourierEmbedding.materialize`).
+        the ONNX exporter from constant-folding the table, see :func:`runtime_zero`).
     bias : Tensor of shape (V,), or None
 
     Shapes

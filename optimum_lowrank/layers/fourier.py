@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from optimum_lowrank.errors import PassError
+from optimum_lowrank.layers.embeddings import runtime_zero
 from optimum_lowrank.layers.lowrank import FactorizedEmbedding
 
 __all__ = ["FourierEmbedding", "fourier_mlp_params"]
@@ -117,8 +118,9 @@ class FourierEmbedding(FactorizedEmbedding):
         return self.fc_out(hidden)
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        # 2-D inside, so the lookup and a tied head's table use the same (Gemm) weights in ONNX
-        t = self.features(input_ids.reshape(-1))
+        # (1, N) inside: the lookup and a tied head's table then use the same MatMul weights in
+        # ONNX (a 2-D input exports as Gemm, which ORT 1.31's dynamic int8 turns into a broken MatMulInteger)
+        t = self.features(input_ids.reshape(1, -1))
         e = self._mlp(t) + t
         out = e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight
         return out.reshape(*input_ids.shape, self.embedding_dim)
@@ -136,13 +138,12 @@ class FourierEmbedding(FactorizedEmbedding):
         """The table (V, d) for a head, computed at run time.
 
         ``like`` (any tensor of the forward pass, e.g. the hidden states) only anchors
-        the ids to run-time data: a table computed from constants alone is
-        constant-folded by the ONNX exporter into a (V, d) initializer (measured on
-        SmolLM2: +226 MB in the int8 graph), which would undo the compression.
+        the ids to run-time data (:func:`~optimum_lowrank.layers.embeddings.runtime_zero`):
+        a table computed from constants alone is constant-folded by the ONNX exporter
+        into a (V, d) initializer (measured on SmolLM2: +226 MB in the int8 graph).
         """
-        anchor = torch.zeros_like(like.reshape(-1)[:1], dtype=torch.long)  # 0, but not a constant
+        anchor = runtime_zero(like, torch.long)  # 0, but not a constant
         return self(torch.arange(self.num_embeddings, device=like.device) + anchor)
-
 
     def extra_repr(self) -> str:
         return (

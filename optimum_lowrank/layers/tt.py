@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from optimum_lowrank.errors import PassError
+from optimum_lowrank.layers.embeddings import runtime_zero
 from optimum_lowrank.layers.lowrank import FactorizedEmbedding
 
 __all__ = [
@@ -276,16 +277,6 @@ def _contract(cores: Sequence[Tensor], shape: Sequence[int], ranks: Sequence[int
     return out.reshape(out.shape[0], -1)
 
 
-def _runtime_zero(like: Tensor, dtype: torch.dtype) -> Tensor:
-    """A zero of shape (1,) that depends on ``like`` (a tensor of the forward pass).
-
-    Added to the cores before a head rebuilds the table, it keeps the ONNX
-    exporter from constant-folding the reshaped/transposed cores (or the whole
-    table) into new initializers, which would store the compressed parameters twice.
-    """
-    return torch.zeros_like(like.reshape(-1)[:1], dtype=dtype)
-
-
 def _check_table(weight: Tensor, what: str) -> None:
     if weight.dim() != 2:
         raise PassError(f"{what}: expected a 2-D table (num_embeddings, embedding_dim), got shape {tuple(weight.shape)}")
@@ -403,10 +394,9 @@ class TTEmbedding(FactorizedEmbedding):
         return _contract(list(self.cores), self.shape, self.ranks)
 
     def materialize(self, like: Tensor) -> Tensor:
-        """:attr:`weight` computed at run time, for a head; see :func:`_runtime_zero`."""
-        zero = _runtime_zero(like, self.cores[0].dtype)
+        """:attr:`weight` computed at run time, for a head; see :func:`~optimum_lowrank.layers.embeddings.runtime_zero`."""
+        zero = runtime_zero(like, self.cores[0].dtype)
         return _contract([core + zero for core in self.cores], self.shape, self.ranks)
-
 
     def extra_repr(self) -> str:
         return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, shape={self.shape}, ranks={self.ranks}"
@@ -539,7 +529,7 @@ class TTMatrixEmbedding(FactorizedEmbedding):
     def full_table(self, offset: Tensor | None = None) -> Tensor:
         """The padded table, shape (prod v, d), by a Kronecker-ordered contraction (no gather).
 
-        ``offset`` (a zero from :func:`_runtime_zero`) is added to every core first.
+        ``offset`` (a zero from :func:`~optimum_lowrank.layers.embeddings.runtime_zero`) is added to every core first.
         """
         cores = list(self.cores) if offset is None else [core + offset for core in self.cores]
         v0, d0, r1 = self.vocab_shape[0], self.shape[0], self.ranks[1]
@@ -558,9 +548,8 @@ class TTMatrixEmbedding(FactorizedEmbedding):
         return self.full_table()[: self.num_embeddings]
 
     def materialize(self, like: Tensor) -> Tensor:
-        """:attr:`weight` computed at run time, for a head; see :func:`_runtime_zero`."""
-        return self.full_table(_runtime_zero(like, self.cores[0].dtype))[: self.num_embeddings]
-
+        """:attr:`weight` computed at run time, for a head; see :func:`~optimum_lowrank.layers.embeddings.runtime_zero`."""
+        return self.full_table(runtime_zero(like, self.cores[0].dtype))[: self.num_embeddings]
 
     def extra_repr(self) -> str:
         return (

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import resource
@@ -373,6 +374,13 @@ def layer_latency(args) -> list[dict]:
 # --------------------------------------------------------------------------- output
 
 
+def _relative(value: float | None, original: float, higher: bool) -> str:
+    """Change vs the original: points for a higher-is-better metric, percent otherwise."""
+    if value is None:
+        return "-"
+    return f"{value - original:+.2f}" if higher else f"{(value / original - 1) * 100:+.1f}%"
+
+
 def print_tables(results: dict) -> None:
     from optimum_lowrank.report import format_table
 
@@ -387,11 +395,8 @@ def print_tables(results: dict) -> None:
         header = ["fewer", "method", "params ratio", "dense", model["metric"], "+finetune", "vs orig", "vs orig (ft)", "calib s", "compress s", "+MB", "ft s"]
         rows = []
         for r in model["rows"]:
-            def rel(v):
-                if v is None:
-                    return "-"
-                return f"{v - model['original']:+.2f}" if higher else f"{(v / model['original'] - 1) * 100:+.1f}%"
             ft = r.get("metric_finetuned")
+            rel = functools.partial(_relative, original=model["original"], higher=higher)
             rows.append([f"{r['fewer']:.0%}", r["method"], f"{r['params_ratio']:.4f}", str(r["dense_layers"]), f"{r['metric']:.4g}",
                          "-" if ft is None else f"{ft:.4g}", rel(r["metric"]), rel(ft), f"{r['shared_calibration_s']:.0f}", f"{r['compress_s']:.1f}",
                          f"{r.get('compress_extra_mb') or 0:.0f}", f"{r.get('finetune_s', 0):.0f}" if ft is not None else "-"])

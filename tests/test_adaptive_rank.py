@@ -15,7 +15,6 @@ from torch.testing import assert_close
 from optimum_lowrank.errors import DataError, PassError, RecipeError
 from optimum_lowrank.finetune import finetune, lowrank_parameters
 from optimum_lowrank.layers import LowRankLinear
-from optimum_lowrank.pipeline import apply_passes
 from optimum_lowrank.passes.activation_svd import (
     ActivationSVDConfig,
     ActivationSVDPass,
@@ -29,6 +28,7 @@ from optimum_lowrank.passes.budget import LayerSpectrum, allocate_ranks
 from optimum_lowrank.passes.calibration import InputStatistics, collect_input_statistics, collect_output_sensitivity
 from optimum_lowrank.passes.softlm import SoftLMConfig, SoftLMPass, SoftThresholdLinear
 from optimum_lowrank.passes.svd import SVDConfig, SVDPass
+from optimum_lowrank.pipeline import apply_passes
 from optimum_lowrank.plugins import get_registry
 from optimum_lowrank.recipe import load_recipe
 
@@ -79,8 +79,8 @@ def test_streaming_statistics_match_a_direct_computation(tiny_llama, llama_ids):
         h.remove()
 
     stats = collect_input_statistics(tiny_llama, targets, llama_ids, kind="decoder", gram=True, abs_mean=True, batch_size=4)
-    for name in targets:
-        x = torch.cat(seen[name]).reshape(-1, targets[name].in_features).double()
+    for name, module in targets.items():
+        x = torch.cat(seen[name]).reshape(-1, module.in_features).double()
         assert stats[name].count == llama_ids.numel()
         gram = x.t() @ x  # float64 here; the hook multiplies each batch in float32 and sums batches in float64
         assert stats[name].gram.dtype == torch.float64
@@ -358,7 +358,7 @@ def test_softlm_non_finite_loss_restores_the_layers_and_raises(tiny_llama, llama
 def test_softlm_in_a_recipe_pipeline_leaves_the_callers_model_untouched(tiny_llama, llama_ids):
     recipe = load_recipe({"version": 1, "passes": [{"pass": "softlm", "targets": LLAMA_TARGETS, "target_params_ratio": 0.7, "steps": 2, "allocation": "relative"}]})
     state = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
-    compressed, reports = apply_passes(tiny_llama, recipe, decoder_context(llama_ids))
+    _, reports = apply_passes(tiny_llama, recipe, decoder_context(llama_ids))
     assert reports[0].model_params_after < reports[0].model_params_before
     for key, value in tiny_llama.state_dict().items():
         assert torch.equal(value, state[key])

@@ -50,3 +50,41 @@ def test_lowrank_embedding_and_tied_head_match_dense_at_full_rank():
     assert_close(head(hidden), hidden @ table.weight.t(), atol=1e-4, rtol=1e-4)
     # the head shares the embedding's parameters: no extra storage
     assert sum(p.numel() for p in nn.ModuleList([layer, head]).parameters()) == 50 * 8 + 8 * 8
+
+
+def test_tied_svd_head_stores_each_factor_once_in_onnx(tiny_llama, tmp_path):
+    # The head multiplies by A^T and P where the embedding gathers from A and multiplies by P^T;
+    # constant folding used to store a transposed copy of both (LowRankHead docstring).
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from optimum_lowrank.exporters.onnx import check_parity, export_onnx, onnx_task
+    from optimum_lowrank.exporters.quantize import quantize_onnx
+    from optimum_lowrank.passes.base import count_parameters
+    from optimum_lowrank.passes.svd import SVDConfig, SVDPass
+
+    torch.manual_seed(0)
+    with torch.no_grad():  # distinct norm weights: the exporter merges equal initializers
+        for name, param in tiny_llama.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+    SVDPass(SVDConfig(targets=("model.embed_tokens",), rank=8)).run(tiny_llama)
+    emb = tiny_llama.model.embed_tokens
+    assert isinstance(tiny_llama.lm_head, LowRankHead) and tiny_llama.lm_head.embedding is emb
+    fp32 = export_onnx(tiny_llama, tmp_path / "onnx", onnx_task(tiny_llama))
+    assert check_parity(tiny_llama, fp32, atol=1e-4, seq_lengths=(8, 16)).passed
+
+    initializers = [numpy_helper.to_array(t) for t in onnx.load(str(fp32)).graph.initializer]
+    table, proj = emb.codes.weight.detach().numpy(), emb.proj.weight.detach().numpy()  # (128, 8), (32, 8)
+    for factor in (table, proj):
+        copies = [a for a in initializers if a.shape in (factor.shape, factor.T.shape)
+                  and (np.array_equal(a, factor) or np.array_equal(a, factor.T))]
+        assert len(copies) == 1, [a.shape for a in copies]
+    assert sum(a.size for a in initializers) == count_parameters(tiny_llama)
+
+    # int8: the table is stored once (int8, shared by the Gather and the head), no (r, V) copy
+    quantized = quantize_onnx(fp32, tmp_path / "onnx" / "model_quantized.onnx", "dynamic_int8")
+    shapes = [tuple(t.dims) for t in onnx.load(str(quantized)).graph.initializer]
+    assert sum(s in ((128, 8), (8, 128)) for s in shapes) == 1, shapes
+    assert check_parity(tiny_llama, quantized, atol=1.0, seq_lengths=(8,)).passed

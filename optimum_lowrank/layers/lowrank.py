@@ -220,7 +220,19 @@ class LowRankHead(nn.Module):
     """Output head tied to a :class:`LowRankEmbedding`: ``logits = (h P) A^T``.
 
     Shares the embedding's parameters (no copy), so tying the head costs no
-    memory and ONNX stores the factors once.
+    memory, and the exported ONNX graph stores each factor once.
+
+    The exporter constant-folds every expression of parameters alone, so a head
+    that multiplied by ``A^T`` and by ``P`` while the embedding gathers from ``A``
+    and multiplies by ``P^T`` would store a transposed copy of both factors
+    (+5.6 MB fp32 on SmolLM2 at rank 28). Instead the head adds a run-time zero
+    (:func:`~optimum_lowrank.layers.embeddings.runtime_zero`) to ``A`` and to
+    ``P^T`` and transposes at run time: ``A`` stays the embedding's ``Gather``
+    table, and ``P^T`` is the constant the embedding's ``Linear`` folds to (the
+    exporter deduplicates equal constants). ORT's dynamic int8 then stores ``A``
+    once, in int8 (``Gather``), and dequantizes it for the head, whose two
+    MatMuls (both inputs computed at run time) stay fp32; ``P^T`` (d x r) is kept
+    in int8 for the embedding and in fp32 for the head.
 
     Parameters
     ----------
@@ -240,5 +252,10 @@ class LowRankHead(nn.Module):
         self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
 
     def forward(self, hidden: Tensor) -> Tensor:
-        codes = torch.matmul(hidden, self.embedding.proj.weight)
-        return F.linear(codes, self.embedding.codes.weight, self.bias)
+        # deferred: layers.embeddings imports this module
+        from optimum_lowrank.layers.embeddings import runtime_zero
+
+        proj_t = self.embedding.proj.weight.t()  # (r, d): the embedding Linear's folded constant
+        codes = torch.matmul(hidden, (proj_t + runtime_zero(hidden, proj_t.dtype)).t())  # h P, (..., r)
+        table = self.embedding.codes.weight  # (V, r): the embedding's Gather table
+        return F.linear(codes, table + runtime_zero(hidden, table.dtype), self.bias)

@@ -111,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--time-budget", type=float, default=25.0, help="minutes; later configurations are skipped")
     parser.add_argument("--tensorly-rows", type=int, default=None, help="rows for the TensorLy loop timing (default: all)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "embeddings.json")
-    parser.add_argument("--merge", action="store_true", help="keep the sections of models not run now from an existing --output")
+    parser.add_argument("--merge", action="store_true", help="keep what an existing --output holds for the models and configurations not run now")
     args = parser.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.methods = [m for m in args.methods.split(",") if m]
@@ -216,7 +216,16 @@ def run_model(name: str, args: argparse.Namespace, results: Results, deadline: f
     target = spec["target"]
     weight = embedding_module(model, target).weight.detach().float().clone()
     vocab, dim = weight.shape
+    ratios = args.ratios if name == "minilm" else args.smollm2_ratios
     section: dict = {"target": target, "table_shape": [vocab, dim], "rows": [], "skipped": []}
+    earlier = results.data.get(name)  # present only with --merge
+    if earlier:
+        # keep the earlier rows (and skip notes) of the configurations not run now
+        planned = {(method, float(ratio)) for method in args.methods for ratio in ratios}
+        section["rows"] = [r for r in earlier.get("rows", []) if (r["method"], float(r["target_ratio"])) not in planned]
+        section["skipped"] = [s for s in earlier.get("skipped", []) if _config_key(s["config"]) not in planned]
+        if "tt_svd_timing" in earlier:
+            section["tt_svd_timing"] = earlier["tt_svd_timing"]
     results.data[name] = section
 
     if spec["kind"] == "encoder":
@@ -253,7 +262,6 @@ def run_model(name: str, args: argparse.Namespace, results: Results, deadline: f
         results.save()
         print(f"[{name}] TT-SVD timing: {section['tt_svd_timing']}", flush=True)
 
-    ratios = args.ratios if name == "minilm" else args.smollm2_ratios
     last_seconds = 0.0
     for ratio in ratios:
         for method in args.methods:
@@ -273,8 +281,21 @@ def run_model(name: str, args: argparse.Namespace, results: Results, deadline: f
             last_seconds = time.perf_counter() - t0
             row["wall_seconds"] = last_seconds
             section["rows"].append(row)
+            section["rows"].sort(key=_row_order)
             results.save()
             print(f"[{name}] {describe(row, metric)}", flush=True)
+
+
+def _config_key(config: str) -> tuple[str, float]:
+    """``"tt@20"`` -> ``("tt", 20.0)``."""
+    method, _, ratio = config.rpartition("@")
+    return method, float(ratio)
+
+
+def _row_order(row: dict) -> tuple[float, int]:
+    """Rows by ratio, then in the order of METHODS."""
+    methods = list(METHODS)
+    return float(row["target_ratio"]), methods.index(row["method"]) if row["method"] in methods else len(methods)
 
 
 def run_config(model, spec, method, ratio, weight, evaluator, metric, args) -> dict:

@@ -100,6 +100,10 @@ def optimize(
         with say.step("preparing accuracy data"):
             evaluator = _build_evaluator(recipe, loaded)
     context = _context(recipe, loaded)
+    finetune_ids = None
+    if recipe.finetune is not None and recipe.finetune.num_samples is not None:
+        with say.step("preparing fine-tune data"):  # before the passes: a too-short text stops here
+            finetune_ids = _finetune_windows(recipe, loaded)
 
     compressed, pass_reports = apply_passes(loaded.model, recipe, context, registry, say)
     finetuned = None
@@ -107,16 +111,19 @@ def optimize(
         from optimum_lowrank.finetune import finetune
 
         ft = recipe.finetune
-        with say.step(f"fine-tuning ({ft.steps} steps on the calibration data)"):
+        fresh = finetune_ids is not None
+        where = f"{ft.num_samples} windows after the calibration windows" if fresh else "the calibration windows"
+        with say.step(f"fine-tuning ({ft.steps} steps on {where})"):
             finetuned = finetune(
                 compressed,
-                context.calibration_ids,
+                finetune_ids if fresh else context.calibration_ids,
                 kind=loaded.kind,
                 reference_model=loaded.model,
                 seed=recipe.seed,
                 progress=progress,
-                **ft.model_dump(),
+                **ft.model_dump(exclude={"num_samples"}),
             )
+        finetuned["data"] = f"{where} of the calibration text, {recipe.calibration.seq_len} tokens each"
     report = OptimizationReport(
         model=loaded.source,
         kind=loaded.kind,
@@ -251,6 +258,19 @@ def _staging(out_dir: Path | None) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def _finetune_windows(recipe: Recipe, loaded: LoadedModel) -> torch.Tensor:
+    """``finetune.num_samples`` fresh windows: the calibration text's windows after the calibration ones."""
+    from optimum_lowrank.data import load_text
+    from optimum_lowrank.errors import DataError
+    from optimum_lowrank.finetune import fresh_windows
+
+    cal = recipe.calibration
+    if loaded.tokenizer is None:
+        raise DataError("finetune.num_samples cuts windows from the calibration text and needs the model's tokenizer")
+    text, _ = load_text(cal.data)
+    return fresh_windows(loaded.tokenizer, text, cal.seq_len, cal.num_samples, recipe.finetune.num_samples)
+
+
 def _context(recipe: Recipe, loaded: LoadedModel) -> PassContext:
     from optimum_lowrank.data import load_text, token_windows
 
@@ -259,6 +279,12 @@ def _context(recipe: Recipe, loaded: LoadedModel) -> PassContext:
     def calibration_ids() -> torch.Tensor:
         text, _ = load_text(cal.data)
         return token_windows(loaded.tokenizer, text, cal.seq_len, cal.num_samples)
+
+    def token_counts():
+        from optimum_lowrank.vocab import token_counts as count_tokens
+
+        text, source = load_text(cal.data)
+        return count_tokens(loaded.tokenizer, text, source)
 
     if cal.data is None:
         description = "pydoc_data.topics (English prose shipped with Python; no data named in the recipe)"
@@ -271,6 +297,7 @@ def _context(recipe: Recipe, loaded: LoadedModel) -> PassContext:
         calibration_loader=calibration_ids,
         calibration_description=description,
         seed=recipe.seed,
+        token_counts_loader=token_counts if loaded.tokenizer is not None else None,
     )
 
 

@@ -107,7 +107,7 @@ def test_tied_embedding_shares_factors_with_head_and_saves_memory(tiny_llama):
     assert tiny_llama.config.tie_word_embeddings is False
     saved = before - count_parameters(tiny_llama)
     assert saved == 128 * 32 - 8 * (128 + 32) == reports[0].params_before - reports[0].params_after
-    assert "shares the factors" in reports[0].note
+    assert "shares the compressed parameters" in reports[0].note
     hidden = torch.randn(1, 10, 32)
     assert_close(head(hidden), hidden @ emb.weight.t(), atol=1e-5, rtol=1e-5)
     with torch.no_grad():

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
@@ -61,13 +60,8 @@ from optimum_lowrank.errors import PassError
 from optimum_lowrank.hookspecs import hookimpl
 from optimum_lowrank.layers.embeddings import AffineFactorHead, AutoencoderEmbedding
 from optimum_lowrank.passes.base import CompressionPass, PassContext
-from optimum_lowrank.passes.embedding_training import (
-    EmbeddingTrainingConfig,
-    check_embedding_table,
-    install_embedding,
-    reconstruction_metrics,
-    train_rows,
-)
+from optimum_lowrank.passes.embedding_training import EmbeddingTrainingConfig, reconstruction_metrics, train_rows
+from optimum_lowrank.passes.usage import EmbeddingJob, finish_embedding, prepare_embedding, weighted_svd
 from optimum_lowrank.report import LayerReport
 
 __all__ = ["AutoencoderEmbeddingConfig", "AutoencoderEmbeddingPass", "latent_dim_for_ratio"]
@@ -111,22 +105,17 @@ def latent_dim_for_ratio(num_embeddings: int, embedding_dim: int, ratio: float) 
     return max(1, math.floor(num_embeddings * embedding_dim / (ratio * (num_embeddings + embedding_dim))))
 
 
-@dataclass
-class _Plan:
-    name: str
-    module: nn.Embedding
-    latent_dim: int
-
-
 class AutoencoderEmbeddingPass(CompressionPass):
     """Linear autoencoder on the embedding rows, trained with the direction-aware loss (Balazy et al., arXiv 2106.08181).
 
     Replaces each target ``nn.Embedding`` by an
-    :class:`~optimum_lowrank.layers.embeddings.AutoencoderEmbedding`. Per layer the
-    report gives ``relative_error``, ``mean_cosine`` and ``min_cosine`` of the
-    deployed rows against the original ones, the same figures for the
-    initialisation (``init_*``), and the training time. See the module docstring
-    for the recipe syntax, decisions and tied-head handling.
+    :class:`~optimum_lowrank.layers.embeddings.AutoencoderEmbedding` (inside a
+    :class:`~optimum_lowrank.layers.hybrid.HybridEmbedding` with ``keep_top_k``).
+    Per layer the report gives ``relative_error``, ``mean_cosine`` and ``min_cosine``
+    of the deployed table against the original one, the initialisation's figures on
+    the fitted rows (``init_*``), the training time and the vocabulary report
+    (:mod:`optimum_lowrank.passes.usage`). See the module docstring for the recipe
+    syntax, decisions and tied-head handling.
     """
 
     name = "autoencoder_embedding"
@@ -141,38 +130,35 @@ class AutoencoderEmbeddingPass(CompressionPass):
     config: AutoencoderEmbeddingConfig
 
     def apply(self, model: nn.Module, targets: dict[str, nn.Module], context: PassContext) -> list[LayerReport]:
-        plans = [self._plan(name, module) for name, module in targets.items()]  # validate all before changing any
-        return [self._compress(model, plan, context) for plan in plans]
+        jobs = [prepare_embedding(self.config, name, module, context, self.config.compression_ratio) for name, module in targets.items()]
+        sizes = [self._latent_dim(job) for job in jobs]  # validate all before changing any
+        return [self._compress(model, job, k, context) for job, k in zip(jobs, sizes)]
 
-    def _plan(self, name: str, module: nn.Embedding) -> _Plan:
-        weight = module.weight
-        check_embedding_table(name, weight)
-        vocab, dim = weight.shape
-        if self.config.latent_dim is not None:
-            k = self.config.latent_dim
-        else:
-            k = latent_dim_for_ratio(vocab, dim, self.config.compression_ratio)
+    def _latent_dim(self, job: EmbeddingJob) -> int:
+        vocab, dim = job.rows.shape
+        k = self.config.latent_dim if self.config.latent_dim is not None else latent_dim_for_ratio(vocab, dim, job.ratio)
         if k >= dim:
-            raise PassError(f"{name}: latent_dim {k} must be smaller than embedding_dim {dim} (valid: 1..{dim - 1})")
+            raise PassError(f"{job.name}: latent_dim {k} must be smaller than embedding_dim {dim} (valid: 1..{dim - 1})")
         if vocab * k + k * dim + dim >= vocab * dim:
             raise PassError(
-                f"{name}: latent_dim {k} would not reduce a {vocab}x{dim} table "
+                f"{job.label(job.name)}: latent_dim {k} would not reduce a {vocab}x{dim} table "
                 f"({vocab * k + k * dim + dim:,} >= {vocab * dim:,} parameters)"
             )
-        return _Plan(name, module, k)
+        return k
 
-    def _compress(self, model: nn.Module, plan: _Plan, context: PassContext) -> LayerReport:
+    def _compress(self, model: nn.Module, job: EmbeddingJob, k: int, context: PassContext) -> LayerReport:
         options = self.config.training(self.training_defaults, context.seed)
-        module, k = plan.module, plan.latent_dim
-        target = module.weight.detach().float()
+        target = job.rows
         vocab, dim = target.shape
         t0 = time.perf_counter()
         with torch.random.fork_rng():
             torch.manual_seed(options.seed)
             encoder, decoder = nn.Linear(dim, k), nn.Linear(k, dim)
         if self.config.init != "random":
-            mean = target.mean(0) if self.config.init == "pca" else torch.zeros(dim)
-            _, _, vh = torch.linalg.svd(target - mean, full_matrices=False)
+            mean = torch.zeros(dim)
+            if self.config.init == "pca":
+                mean = target.mean(0) if job.weights is None else (job.weights[:, None] * target).sum(0) / job.weights.sum()
+            _, _, vh = weighted_svd(target - mean, job.weights)
             with torch.no_grad():
                 encoder.weight.copy_(vh[:k])
                 encoder.bias.copy_(-(vh[:k] @ mean))
@@ -183,23 +169,25 @@ class AutoencoderEmbeddingPass(CompressionPass):
             return decoder(encoder(target[index]))
 
         init = reconstruction_metrics(rows, target)
-        result = train_rows(rows, [*encoder.parameters(), *decoder.parameters()], target, options, desc=f"{self.name} {plan.name}")
-        layer = AutoencoderEmbedding.from_autoencoder(target, encoder, decoder, module.padding_idx).to(module.weight.dtype)
-        final = reconstruction_metrics(lambda index: layer(index), target)
-        seconds = time.perf_counter() - t0
-        after, note = install_embedding(
-            model, plan.name, module, layer, self.config.tied_head, AffineFactorHead, "logits = (h P) A^T + (h . b)"
+        result = train_rows(
+            rows, [*encoder.parameters(), *decoder.parameters()], target, options,
+            desc=f"{self.name} {job.name}", row_weights=job.weights,
         )
-        metrics = {**final, **{f"init_{key}": value for key, value in init.items()}}
-        metrics.update(train_seconds=result.seconds, seconds=seconds, epochs=float(result.epochs))
+        layer = AutoencoderEmbedding.from_autoencoder(target, encoder, decoder, None if job.hybrid else job.module.padding_idx)
+        final = reconstruction_metrics(lambda index: layer(index), target)
+        metrics = {f"init_{key}": value for key, value in init.items()}
+        metrics.update(train_seconds=result.seconds, epochs=float(result.epochs))
         init_name = {"svd": "SVD", "pca": "PCA", "random": "random init"}[self.config.init]
         summary = (
             f"latent_dim {k}; mean cosine {init['mean_cosine']:.4f} ({init_name}) -> {final['mean_cosine']:.4f} "
             f"after {result.epochs} epochs ({result.seconds:.1f} s)"
         )
-        return LayerReport(
-            plan.name, "Embedding", "replaced", vocab * dim, after, k, "; ".join(filter(None, [summary, note])), metrics
+        report = finish_embedding(
+            self.config, model, job, layer, context, tied_head=self.config.tied_head, head_factory=AffineFactorHead,
+            head_description="logits = (h P) A^T + (h . b)", rank=k, summary=summary, metrics=metrics,
         )
+        report.metrics["seconds"] = time.perf_counter() - t0
+        return report
 
 
 @hookimpl

@@ -84,6 +84,10 @@ class PassContext:
         Token windows of the recipe's calibration text; evaluated lazily and cached,
         so passes that need no data cost nothing.
     seed : int
+    token_counts_loader : callable returning TokenCounts, optional
+        Occurrences of every token id in the whole calibration text (the pipeline
+        tokenizes the text once and caches the counts on disk); see
+        :meth:`token_counts`.
     """
 
     kind: Literal["encoder", "decoder"] = "encoder"
@@ -92,12 +96,48 @@ class PassContext:
     calibration_description: str = ""
     seed: int = 0
     notes: list[str] = field(default_factory=list)
+    token_counts_loader: Callable[[], Any] | None = None
 
     @cached_property
     def calibration_ids(self) -> torch.Tensor:
         if self.calibration_loader is None:
             raise TargetError("this pass needs calibration data, but the pipeline gave none")
         return self.calibration_loader()
+
+    @property
+    def has_calibration(self) -> bool:
+        """Whether calibration data (windows or token counts) is available."""
+        return self.calibration_loader is not None or self.token_counts_loader is not None
+
+    def token_counts(self, vocab_size: int, what: str = "the embedding"):
+        """Calibration token counts for a table of ``vocab_size`` rows.
+
+        From ``token_counts_loader`` (the whole calibration text) when given, else
+        from the calibration windows.
+
+        Returns
+        -------
+        optimum_lowrank.vocab.TokenCounts
+            ``counts`` of shape (vocab_size,).
+
+        Raises
+        ------
+        TargetError
+            If the context has no calibration data at all.
+        DataError
+            If the text produces no tokens, or the tokenizer does not match the table.
+        """
+        from optimum_lowrank.vocab import count_ids
+
+        cached = self.__dict__.setdefault("_token_counts", {})
+        if vocab_size not in cached:
+            if self.token_counts_loader is not None:
+                cached[vocab_size] = self.token_counts_loader().resized(vocab_size, what)
+            elif self.calibration_loader is not None:
+                cached[vocab_size] = count_ids(self.calibration_ids, vocab_size, self.calibration_description or "calibration windows")
+            else:
+                raise TargetError("token counts need calibration data, but the pipeline gave none")
+        return cached[vocab_size]
 
 
 def count_parameters(module: nn.Module) -> int:

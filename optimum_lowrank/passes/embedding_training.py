@@ -38,7 +38,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from optimum_lowrank.errors import PassError
-from optimum_lowrank.passes.base import PassConfig
+from optimum_lowrank.passes.usage import UsageAwareConfig
 
 __all__ = [
     "EmbeddingTrainingConfig",
@@ -55,7 +55,7 @@ COS_WEIGHT = 0.9975 / 5
 POW_WEIGHT = 0.0025
 
 
-class EmbeddingTrainingConfig(PassConfig):
+class EmbeddingTrainingConfig(UsageAwareConfig):
     """Training options shared by the embedding passes.
 
     Every field left at None takes the pass's own default (listed in each pass's
@@ -90,6 +90,9 @@ class EmbeddingTrainingConfig(PassConfig):
         Seed of initialisation and shuffling; None uses the recipe's seed.
     progress : bool
         Show a tqdm bar (on stderr) per trained layer.
+
+    The usage-aware options (``row_weighting``, ``weight_exponent``, ``keep_top_k``,
+    ``refine``) are those of :class:`~optimum_lowrank.passes.usage.UsageAwareConfig`.
     """
 
     epochs: int | None = Field(None, ge=0)
@@ -162,6 +165,7 @@ def direction_loss(
     alpha: float,
     cos_weight: float = COS_WEIGHT,
     pow_weight: float = POW_WEIGHT,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Direction-aware reconstruction loss of Balazy et al. (without the L2 term).
 
@@ -172,6 +176,9 @@ def direction_loss(
     alpha : float > 0
         Exponent of the magnitude term.
     cos_weight, pow_weight : float >= 0
+    weights : Tensor, shape (B,), optional
+        Per-row weights (e.g. :func:`optimum_lowrank.vocab.row_weights`, mean 1 over
+        the table); each row's terms are multiplied by its weight before the mean.
 
     Returns
     -------
@@ -181,12 +188,12 @@ def direction_loss(
     ----------
     .. [1] Balazy et al., arXiv 2106.08181, Section 3.
     """
-    loss = x_hat.new_zeros(())
+    per_row = x_hat.new_zeros(x_hat.shape[:-1])
     if cos_weight:
-        loss = loss + cos_weight * (1 - F.cosine_similarity(x_hat, x, dim=-1)).mean()
+        per_row = per_row + cos_weight * (1 - F.cosine_similarity(x_hat, x, dim=-1))
     if pow_weight:
-        loss = loss + pow_weight * ((x_hat - x).abs() + 1e-10).pow(alpha).mean()
-    return loss
+        per_row = per_row + pow_weight * ((x_hat - x).abs() + 1e-10).pow(alpha).mean(-1)
+    return (per_row if weights is None else per_row * weights).mean()
 
 
 def check_embedding_table(name: str, weight: Tensor) -> None:
@@ -268,6 +275,7 @@ def train_rows(
     *,
     desc: str = "training",
     num_rows: int | None = None,
+    row_weights: Tensor | None = None,
 ) -> TrainingResult:
     """Fit ``rows(index) ~= target[index]`` with the direction-aware loss.
 
@@ -289,6 +297,8 @@ def train_rows(
         Label of the progress bar.
     num_rows : int, optional
         Train on the first ``num_rows`` rows only (default: all V).
+    row_weights : Tensor, shape (V,), optional
+        Per-row loss weights (usage-aware compression); None weights rows alike.
 
     Returns
     -------
@@ -313,10 +323,12 @@ def train_rows(
             running, count = 0.0, 0
             for first in range(0, total, batch):
                 index = order[first : first + batch]
+                weights = None if row_weights is None else row_weights[index]
                 if config.loss == "mse":
-                    loss = F.mse_loss(rows(index), target[index])
+                    error = (rows(index) - target[index]).square().mean(-1)
+                    loss = (error if weights is None else error * weights).mean()
                 else:
-                    loss = direction_loss(rows(index), target[index], alpha, config.cos_weight, config.pow_weight)
+                    loss = direction_loss(rows(index), target[index], alpha, config.cos_weight, config.pow_weight, weights)
                 if config.l2_weight:
                     loss = loss + config.l2_weight * sum(p.square().sum() for p in params)
                 optimizer.zero_grad(set_to_none=True)

@@ -62,13 +62,8 @@ from optimum_lowrank.hookspecs import hookimpl
 from optimum_lowrank.layers.embeddings import MaterializedHead
 from optimum_lowrank.layers.fourier import FourierEmbedding, fourier_mlp_params
 from optimum_lowrank.passes.base import CompressionPass, PassContext
-from optimum_lowrank.passes.embedding_training import (
-    EmbeddingTrainingConfig,
-    check_embedding_table,
-    install_embedding,
-    reconstruction_metrics,
-    train_rows,
-)
+from optimum_lowrank.passes.embedding_training import EmbeddingTrainingConfig, reconstruction_metrics, train_rows
+from optimum_lowrank.passes.usage import EmbeddingJob, finish_embedding, prepare_embedding
 from optimum_lowrank.report import LayerReport
 
 __all__ = ["FourierEmbeddingConfig", "FourierEmbeddingPass", "hidden_dim_for_ratio"]
@@ -140,52 +135,55 @@ class FourierEmbeddingPass(CompressionPass):
     def apply(self, model: nn.Module, targets: dict[str, nn.Module], context: PassContext) -> list[LayerReport]:
         plans = []
         for name, module in targets.items():  # validate every target before changing any
-            check_embedding_table(name, module.weight)
-            plans.append((name, module, self._hidden_dim(name, module)))
-        return [self._compress(model, name, module, hidden, context) for name, module, hidden in plans]
+            job = prepare_embedding(self.config, name, module, context, self.config.compression_ratio)
+            plans.append((job, self._hidden_dim(job)))
+        return [self._compress(model, job, hidden, context) for job, hidden in plans]
 
-    def _hidden_dim(self, name: str, module: nn.Embedding) -> int:
-        vocab, dim = module.weight.shape
+    def _hidden_dim(self, job: EmbeddingJob) -> int:
+        vocab, dim = job.rows.shape
         cfg = self.config
         if cfg.mlp == "linear":
             hidden = dim
         elif cfg.hidden_dim is not None:
             hidden = cfg.hidden_dim
         else:
-            hidden = hidden_dim_for_ratio(vocab, dim, cfg.compression_ratio, cfg.mlp)
+            hidden = hidden_dim_for_ratio(vocab, dim, job.ratio, cfg.mlp)
             if hidden < 1:
-                raise PassError(f"{name}: compression ratio {cfg.compression_ratio:g} leaves no room for a {cfg.mlp} MLP on d={dim}")
+                raise PassError(f"{job.label(job.name)}: compression ratio {job.ratio:g} leaves no room for a {cfg.mlp} MLP on d={dim}")
         params = fourier_mlp_params(dim, hidden, cfg.mlp)
         if params >= vocab * dim:
-            raise PassError(f"{name}: a {cfg.mlp} MLP of width {hidden} has {params:,} parameters, not fewer than the table's {vocab * dim:,}")
+            raise PassError(
+                f"{job.label(job.name)}: a {cfg.mlp} MLP of width {hidden} has {params:,} parameters, not fewer than the table's {vocab * dim:,}"
+            )
         return hidden
 
-    def _compress(self, model: nn.Module, name: str, module: nn.Embedding, hidden: int, context: PassContext) -> LayerReport:
+    def _compress(self, model: nn.Module, job: EmbeddingJob, hidden: int, context: PassContext) -> LayerReport:
         cfg = self.config
         options = cfg.training(self.training_defaults, context.seed)
-        target = module.weight.detach().float()
+        target = job.rows
         vocab, dim = target.shape
         t0 = time.perf_counter()
         with torch.random.fork_rng():
             torch.manual_seed(options.seed)
-            layer = FourierEmbedding(vocab, dim, hidden, cfg.mlp, padding_idx=module.padding_idx)
+            layer = FourierEmbedding(vocab, dim, hidden, cfg.mlp, padding_idx=None if job.hybrid else job.module.padding_idx)
         with torch.no_grad():
             layer.norm_weight.copy_(target.square().mean(0).sqrt())
         init = reconstruction_metrics(layer.rows, target)
-        result = train_rows(layer.rows, layer.parameters(), target, options, desc=f"{self.name} {name}")
+        result = train_rows(layer.rows, layer.parameters(), target, options, desc=f"{self.name} {job.name}", row_weights=job.weights)
         final = reconstruction_metrics(layer.rows, target)
-        layer = layer.to(module.weight.dtype)
-        seconds = time.perf_counter() - t0
-        after, head_note = install_embedding(
-            model, name, module, layer, cfg.tied_head, MaterializedHead, "MLP evaluated for every id in every forward, logits = h @ table^T"
-        )
-        metrics = {**final, **{f"init_{key}": value for key, value in init.items()}}
-        metrics.update(train_seconds=result.seconds, seconds=seconds, epochs=float(result.epochs))
+        metrics = {f"init_{key}": value for key, value in init.items()}
+        metrics.update(train_seconds=result.seconds, epochs=float(result.epochs))
         summary = (
             f"{cfg.mlp} MLP width {hidden}; mean cosine {init['mean_cosine']:.4f} (init) -> {final['mean_cosine']:.4f} "
             f"after {result.epochs} epochs ({result.seconds:.1f} s)"
         )
-        return LayerReport(name, "Embedding", "replaced", vocab * dim, after, hidden, "; ".join(filter(None, [summary, head_note])), metrics)
+        report = finish_embedding(
+            cfg, model, job, layer, context, tied_head=cfg.tied_head, head_factory=MaterializedHead,
+            head_description="MLP evaluated for every id in every forward, logits = h @ table^T",
+            rank=hidden, summary=summary, metrics=metrics,
+        )
+        report.metrics["seconds"] = time.perf_counter() - t0
+        return report
 
 
 @hookimpl

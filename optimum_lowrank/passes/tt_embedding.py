@@ -98,13 +98,8 @@ from optimum_lowrank.layers.tt import (
     vocab_factors,
 )
 from optimum_lowrank.passes.base import CompressionPass, PassContext
-from optimum_lowrank.passes.embedding_training import (
-    EmbeddingTrainingConfig,
-    check_embedding_table,
-    install_embedding,
-    reconstruction_metrics,
-    train_rows,
-)
+from optimum_lowrank.passes.embedding_training import EmbeddingTrainingConfig, reconstruction_metrics, train_rows
+from optimum_lowrank.passes.usage import EmbeddingJob, finish_embedding, prepare_embedding
 from optimum_lowrank.report import LayerReport
 
 __all__ = ["TTEmbeddingConfig", "TTEmbeddingPass", "choose_tt_layout"]
@@ -306,42 +301,40 @@ class TTEmbeddingPass(CompressionPass):
     def apply(self, model: nn.Module, targets: dict[str, nn.Module], context: PassContext) -> list[LayerReport]:
         plans = []
         for name, module in targets.items():  # validate every target before changing any
-            check_embedding_table(name, module.weight)
-            plans.append((name, module, choose_tt_layout(self.config, module.weight, name)))
-        return [self._compress(model, name, module, layout, context) for name, module, layout in plans]
+            job = prepare_embedding(self.config, name, module, context, self.config.compression_ratio)
+            config = self.config
+            if config.compression_ratio is not None:
+                config = config.model_copy(update={"compression_ratio": job.ratio})
+            plans.append((job, choose_tt_layout(config, job.rows, job.label(name))))
+        return [self._compress(model, job, layout, context) for job, layout in plans]
 
-    def _compress(self, model: nn.Module, name: str, module: nn.Embedding, layout: _Layout, context: PassContext) -> LayerReport:
+    def _compress(self, model: nn.Module, job: EmbeddingJob, layout: _Layout, context: PassContext) -> LayerReport:
         cfg = self.config
         options = cfg.training(self.training_defaults[cfg.mode], context.seed)
-        target = module.weight.detach().float()
+        target = job.rows
         vocab, dim = target.shape
+        padding_idx = None if job.hybrid else job.module.padding_idx
         t0 = time.perf_counter()
         if cfg.mode == "tt":
-            layer = TTEmbedding.from_weight(target, layout.shape, layout.max_rank, layout.tolerance, module.padding_idx)
+            layer = TTEmbedding.from_weight(target, layout.shape, layout.max_rank, layout.tolerance, padding_idx)
         else:
-            layer = TTMatrixEmbedding.from_weight(
-                target, layout.vocab_shape, layout.shape, layout.max_rank, layout.tolerance, module.padding_idx
-            )
+            layer = TTMatrixEmbedding.from_weight(target, layout.vocab_shape, layout.shape, layout.max_rank, layout.tolerance, padding_idx)
         decompose_seconds = time.perf_counter() - t0
         init = reconstruction_metrics(layer.rows, target)
         full_table = options.batch_size is None or options.batch_size * 4 >= vocab
+        desc = f"{self.name} {job.name}"
         if isinstance(layer, TTMatrixEmbedding) and full_table:
 
             def rows(index: Tensor) -> Tensor:
                 table = layer.full_table()
                 return table[:vocab] if index.numel() == vocab else table[index]
 
-            result = train_rows(rows, layer.parameters(), target, options, desc=f"{self.name} {name}", num_rows=vocab)
+            result = train_rows(rows, layer.parameters(), target, options, desc=desc, num_rows=vocab, row_weights=job.weights)
         else:
-            result = train_rows(layer.rows, layer.parameters(), target, options, desc=f"{self.name} {name}")
+            result = train_rows(layer.rows, layer.parameters(), target, options, desc=desc, row_weights=job.weights)
         final = reconstruction_metrics(layer.rows, target)
-        layer = layer.to(module.weight.dtype)
-        seconds = time.perf_counter() - t0
-        after, head_note = install_embedding(
-            model, name, module, layer, cfg.tied_head, MaterializedHead, "table contracted from the cores in every forward, logits = h @ table^T"
-        )
-        metrics = {**final, **{f"init_{key}": value for key, value in init.items()}}
-        metrics.update(decompose_seconds=decompose_seconds, train_seconds=result.seconds, seconds=seconds, epochs=float(result.epochs))
+        metrics = {f"init_{key}": value for key, value in init.items()}
+        metrics.update(decompose_seconds=decompose_seconds, train_seconds=result.seconds, epochs=float(result.epochs))
         shape = "x".join(map(str, layer.shape))
         if cfg.mode == "tt_matrix":
             shape = f"({'x'.join(map(str, layer.vocab_shape))}) x ({shape})"
@@ -349,10 +342,13 @@ class TTEmbeddingPass(CompressionPass):
             f"{cfg.mode} {shape}, TT-ranks {list(layer.ranks)}; mean cosine {init['mean_cosine']:.4f} (TT-SVD) -> "
             f"{final['mean_cosine']:.4f} after {result.epochs} epochs ({result.seconds:.1f} s)"
         )
-        return LayerReport(
-            name, "Embedding", "replaced", vocab * dim, after, max(layer.ranks),
-            "; ".join(filter(None, [summary, layout.note, head_note])), metrics,
+        report = finish_embedding(
+            cfg, model, job, layer, context, tied_head=cfg.tied_head, head_factory=MaterializedHead,
+            head_description="table contracted from the cores in every forward, logits = h @ table^T",
+            rank=max(layer.ranks), summary="; ".join(filter(None, [summary, layout.note])), metrics=metrics,
         )
+        report.metrics["seconds"] = time.perf_counter() - t0
+        return report
 
 
 @hookimpl

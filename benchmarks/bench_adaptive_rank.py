@@ -135,8 +135,10 @@ def shared_cost(record: dict, method: str, suffix: str = "_s") -> float:
     return round(sum(record.get(step + suffix, 0.0) for step in steps), 1)
 
 
-def compress(method: str, model, keep: float, patterns, shared: Shared, context, softlm_steps: int, softlm_lr: float):
-    """Compress a deep copy of ``model``; returns (model, layer reports, notes)."""
+def compress(method: str, model, keep: float, patterns, shared: Shared, context, softlm_steps: int, softlm_lr: float, min_saving: float = 0.1):
+    """Compress a deep copy of ``model``; returns (model, layer reports, notes).
+
+    ``min_saving``: the passes' ``min_layer_saving`` (layers saving less stay dense)."""
     from optimum_lowrank.passes.activation_svd import ActivationSVDConfig, ActivationSVDPass
     from optimum_lowrank.passes.softlm import SoftLMConfig, SoftLMPass
     from optimum_lowrank.passes.svd import SVDConfig, SVDPass
@@ -144,17 +146,17 @@ def compress(method: str, model, keep: float, patterns, shared: Shared, context,
     m = copy.deepcopy(model)
     notes: list[str] = []
     if method == "svd":
-        reports = SVDPass(SVDConfig(targets=patterns, compression_ratio=1 / keep)).run(m)
+        reports = SVDPass(SVDConfig(targets=patterns, compression_ratio=1 / keep, min_layer_saving=min_saving)).run(m)
     elif method == "svd_budget":
-        reports = SVDPass(SVDConfig(targets=patterns, target_params_ratio=keep)).run(m)
+        reports = SVDPass(SVDConfig(targets=patterns, target_params_ratio=keep, min_layer_saving=min_saving)).run(m)
     elif method == "svd_llm_uniform":
-        compression = ActivationSVDPass(ActivationSVDConfig(targets=patterns, method="svd_llm", compression_ratio=1 / keep))
+        compression = ActivationSVDPass(ActivationSVDConfig(targets=patterns, method="svd_llm", compression_ratio=1 / keep, min_layer_saving=min_saving))
         reports = compression.apply_decomposed(m, compression.select(m), shared.decomps["svd_llm"])
     elif method in ("asvd", "svd_llm"):
-        compression = ActivationSVDPass(ActivationSVDConfig(targets=patterns, method=method, target_params_ratio=keep))
+        compression = ActivationSVDPass(ActivationSVDConfig(targets=patterns, method=method, target_params_ratio=keep, min_layer_saving=min_saving))
         reports = compression.apply_decomposed(m, compression.select(m), shared.decomps[method], shared.sensitivity)
     elif method == "softlm":
-        config = SoftLMConfig(targets=patterns, target_params_ratio=keep, steps=softlm_steps, lr=softlm_lr)
+        config = SoftLMConfig(targets=patterns, target_params_ratio=keep, steps=softlm_steps, lr=softlm_lr, min_layer_saving=min_saving)
         softlm = SoftLMPass(config)
         state = softlm.train_soft(m, softlm.select(m), context, decomposition=shared.decomps["svd_llm"], sensitivity=shared.sensitivity)
         reports = softlm.truncate(m, state)
@@ -230,7 +232,7 @@ def run_model(name: str, args) -> dict:
         for method in args.methods:
             row: dict = {"model": name, "fewer": fewer, "method": method}
             with measured(row, "compress"):
-                compressed, reports, notes = compress(method, model, keep, patterns, shared, context, args.softlm_steps, args.softlm_lr)
+                compressed, reports, notes = compress(method, model, keep, patterns, shared, context, args.softlm_steps, args.softlm_lr, args.min_layer_saving)
             row.update(layer_summary(reports))
             row["notes"] = notes
             row["shared_calibration_s"] = shared_cost(result["shared"], method)
@@ -268,7 +270,7 @@ def target_run(model, patterns, context, evaluator, ft_ids, original: float, sha
     row: dict = {"method": args.target_method, "fewer": args.target_fewer, "ft_steps": args.target_ft_steps}
     row["calibration_cpu_s"] = shared_cost(shared_record, args.target_method, "_cpu_s")
     cpu0, wall0 = _cpu_s(), time.perf_counter()
-    m, reports, _ = compress(args.target_method, model, keep, patterns, shared, context, args.softlm_steps, args.softlm_lr)
+    m, reports, _ = compress(args.target_method, model, keep, patterns, shared, context, args.softlm_steps, args.softlm_lr, args.min_layer_saving)
     row["compress_cpu_s"], row["compress_wall_s"] = round(_cpu_s() - cpu0, 1), round(time.perf_counter() - wall0, 1)
     row["compress_cpu_s"] = round(row["compress_cpu_s"] + row["calibration_cpu_s"], 1)
     row.update(layer_summary(reports))
@@ -427,6 +429,8 @@ def main() -> None:
     parser.add_argument("--ft-lr-encoder", type=float, default=1e-4, help="encoder (distillation) fine-tune learning rate")
     parser.add_argument("--softlm-steps", type=int, default=30)
     parser.add_argument("--softlm-lr", type=float, default=5e-3)
+    parser.add_argument("--min-layer-saving", type=float, default=0.1,
+                        help="the passes' min_layer_saving: layers whose factors save less stay dense (0: only break-even; the runs before it existed)")
     parser.add_argument("--cal-samples", type=int, default=32, help="calibration windows")
     parser.add_argument("--cal-seq", type=int, default=256, help="decoder calibration window length (tokens)")
     parser.add_argument("--cal-seq-encoder", type=int, default=128, help="encoder calibration window length (tokens)")

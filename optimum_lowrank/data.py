@@ -230,12 +230,14 @@ def token_windows(
     stride: int | None = None,
     *,
     add_bos: bool = False,
+    strict: bool = False,
 ) -> torch.LongTensor:
     """Tokenize ``text`` once (no special tokens) and cut it into fixed windows.
 
     Window ``i`` holds tokens ``[i * stride, i * stride + seq_len)`` of the token
     stream; only full windows are returned, at most ``max_windows`` of them, from
-    the start of the text.
+    the start of the text. By default a text too short for ``max_windows`` windows
+    silently gives fewer; ``strict=True`` makes that an error.
 
     Parameters
     ----------
@@ -250,18 +252,22 @@ def token_windows(
         Start the token stream with ``tokenizer.bos_token_id`` (when the tokenizer
         has one), marking the start of the document, so that the text's first token
         is predicted too. Special tokens are never added anywhere else.
+    strict : bool
+        Require exactly ``max_windows`` windows (for callers that need N windows,
+        e.g. N fresh fine-tuning windows after the calibration ones).
 
     Returns
     -------
     torch.LongTensor, shape (n_windows, seq_len)
-        ``1 <= n_windows <= max_windows``.
+        ``1 <= n_windows <= max_windows`` (``n_windows == max_windows`` if ``strict``).
 
     Raises
     ------
     ValueError
         If ``seq_len``, ``max_windows`` or ``stride`` is below 1.
     DataError
-        If the text has fewer than ``seq_len`` tokens.
+        If the text has fewer than ``seq_len`` tokens, or, with ``strict``, gives fewer
+        than ``max_windows`` windows (the message says how many it gives).
     """
     import torch
 
@@ -275,6 +281,12 @@ def token_windows(
         ids = [bos, *ids]
     if len(ids) < seq_len:
         raise DataError(f"the text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}")
-    n = min(max_windows, (len(ids) - seq_len) // stride + 1)
+    available = (len(ids) - seq_len) // stride + 1
+    if strict and available < max_windows:
+        raise DataError(
+            f"asked for {max_windows} windows of {seq_len} tokens (stride {stride}), but the text has {len(ids):,} tokens: "
+            f"only {available} windows"
+        )
+    n = min(max_windows, available)
     tensor = torch.tensor(ids, dtype=torch.long)
     return torch.stack([tensor[i * stride : i * stride + seq_len] for i in range(n)])

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from optimum_lowrank.errors import DataError, PassError
 
-__all__ = ["LOSSES", "finetune", "lowrank_parameters", "make_loss"]
+__all__ = ["LOSSES", "finetune", "fresh_windows", "lowrank_parameters", "make_loss"]
 
 LOSSES = ("auto", "lm", "hidden", "logits")
 
@@ -130,6 +130,31 @@ def make_loss(
         out = _hidden(_forward(base, ids, kind)).float()
         return (out - ref).square().mean() / ref.square().mean().clamp_min(1e-12)
     return hidden
+
+
+def fresh_windows(tokenizer: Any, text: str, seq_len: int, skip: int, num_samples: int) -> Tensor:
+    """``num_samples`` windows of ``seq_len`` tokens cut from ``text`` after its first ``skip`` windows.
+
+    For fine-tuning on text the calibration did not use: the calibration takes the
+    first ``skip`` windows of the same text (:func:`~optimum_lowrank.data.token_windows`),
+    these are the next ones.
+
+    Returns
+    -------
+    LongTensor, shape (num_samples, seq_len)
+
+    Raises
+    ------
+    DataError
+        If the text gives fewer than ``skip + num_samples`` windows (the message says how many).
+    """
+    from optimum_lowrank.data import token_windows
+
+    try:
+        windows = token_windows(tokenizer, text, seq_len, skip + num_samples, strict=True)
+    except DataError as err:
+        raise DataError(f"fine-tune num_samples={num_samples} needs {num_samples} windows after the {skip} calibration windows: {err}") from None
+    return windows[skip:]
 
 
 def _schedule(step: int, steps: int, warmup: int) -> float:

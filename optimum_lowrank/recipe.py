@@ -67,13 +67,20 @@ class CalibrationConfig(_Strict):
 
 
 class FinetuneConfig(_Strict):
-    """A short fine-tune after the passes, on the calibration windows (see :func:`optimum_lowrank.finetune.finetune`).
+    """A short fine-tune after the passes (see :func:`optimum_lowrank.finetune.finetune`).
 
     Decoders train on the language-model loss; encoders distil the original's last
     hidden states. ``train: lowrank`` (default) updates only the low-rank factors.
+
+    ``num_samples``: train on that many *fresh* windows of ``calibration.seq_len``
+    tokens, cut from the calibration text right after the calibration windows (text
+    the passes did not calibrate on; each window seen once when ``steps * batch_size
+    <= num_samples``). A text too short for them is a ``DataError`` that says how
+    many windows it gives. Unset (default): train on the calibration windows.
     """
 
     steps: int = Field(ge=1, le=100_000)
+    num_samples: int | None = Field(None, ge=1, le=1_000_000)
     lr: float = Field(1e-4, gt=0, le=1)
     batch_size: int = Field(1, ge=1, le=1024)
     train: Literal["lowrank", "all"] = "lowrank"

@@ -401,3 +401,196 @@ def test_finetune_non_finite_loss_restores_parameters(tiny_llama, llama_ids):
 def test_finetune_without_lowrank_layers_is_refused(tiny_llama, llama_ids):
     with pytest.raises(PassError, match="no low-rank layers"):
         finetune(tiny_llama, llama_ids, kind="decoder", steps=1, lr=1e-3, progress=False)
+
+
+# --------------------------------------------------------------------------- min_layer_saving: layers saving too little stay dense
+
+# q_proj of tiny_llama is 32x32: break-even rank 16; rank 15 saves 6.25% of the weights (< 10%), rank 14 saves 12.5%.
+ZONE_RANK, SAVING_RANK = 15, 14
+
+
+def test_factorizes_and_the_effective_break_even():
+    from optimum_lowrank.passes.budget import dense_rank, factorizes
+
+    # the benchmark's layer-latency ranks: 5% fewer was slower than dense in ORT, 10% fewer faster
+    assert not factorizes((576, 576), 273, 0.1) and factorizes((576, 576), 259, 0.1)
+    assert factorizes((576, 576), 273, 0.0) and not factorizes((576, 576), 288, 0.0)
+    assert dense_rank((576, 576), 0.0) == 288 and dense_rank((576, 576), 0.1) == 260
+    assert dense_rank((1536, 384), 0.1) == 277 and factorizes((1536, 384), 276, 0.1)
+    with pytest.raises(PassError, match="min_layer_saving"):
+        factorizes((8, 8), 1, 1.0)
+
+
+def test_allocation_treats_the_minimum_saving_as_break_even():
+    gains = {"a": torch.logspace(0, -2, 32), "b": torch.logspace(0, -4, 32), "c": torch.logspace(0, -1, 32)}
+    shapes = {"a": (32, 32), "b": (32, 64), "c": (64, 32)}
+    plain = allocate_ranks([LayerSpectrum(n, shapes[n], g) for n, g in gains.items()], 0.75)
+    # without a minimum saving, c lands at rank 20: 1,920 of 2,048 weights (6% saved, slower than dense in ORT)
+    assert not plain.dense["c"] and plain.ranks["c"] == 20
+    alloc = allocate_ranks([LayerSpectrum(n, shapes[n], g, min_saving=0.1) for n, g in gains.items()], 0.75)
+    for name, (m, n) in shapes.items():
+        if not alloc.dense[name]:
+            assert alloc.ranks[name] * (m + n) <= 0.9 * m * n
+    assert alloc.dense["c"] and alloc.ranks["c"] == 32
+    assert alloc.budget - 96 <= alloc.params_after <= alloc.budget  # still within one rank of the largest layer
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.7, 0.85])
+def test_budgeted_passes_never_factorize_a_layer_saving_less_than_the_minimum(tiny_llama, llama_ids, ratio):
+    svd_reports = SVDPass(SVDConfig(targets=LLAMA_TARGETS, target_params_ratio=ratio)).run(copy.deepcopy(tiny_llama))
+    config = ActivationSVDConfig(targets=LLAMA_TARGETS, target_params_ratio=ratio, sensitivity_samples=2)
+    asvd_reports = ActivationSVDPass(config).run(copy.deepcopy(tiny_llama), decoder_context(llama_ids))
+    for reports in (svd_reports, asvd_reports):
+        tolerance = max(a + b for a, b in [(32, 32), (32, 64)]) / sum(r.params_before for r in reports)
+        assert ratio - tolerance <= params_ratio(reports) <= ratio
+        for r in reports:
+            if r.action == "factorized":
+                assert r.params_after <= 0.9 * r.params_before
+            else:
+                assert r.action == "skipped" and "kept dense by the budget allocation" in r.note
+                assert "min_layer_saving" in r.note and "ONNX Runtime" in r.note
+
+
+def test_explicit_rank_saving_too_little_stays_dense_with_a_note(tiny_llama, llama_ids):
+    target = ["model.layers.0.self_attn.q_proj"]
+    for reports in (
+        SVDPass(SVDConfig(targets=target, rank=ZONE_RANK)).run(copy.deepcopy(tiny_llama)),
+        ActivationSVDPass(ActivationSVDConfig(targets=target, rank=ZONE_RANK)).run(copy.deepcopy(tiny_llama), decoder_context(llama_ids)),
+    ):
+        (report,) = reports
+        assert report.action == "skipped" and report.params_after == report.params_before
+        assert "rank 15 would keep 93.8% of the 32x32 weights" in report.note
+        assert "min_layer_saving" in report.note and "slower than the dense one" in report.note and "0.97x" in report.note
+    model = copy.deepcopy(tiny_llama)
+    (report,) = SVDPass(SVDConfig(targets=target, rank=ZONE_RANK)).run(model)
+    assert type(model.get_submodule(target[0])) is nn.Linear
+    # a rank that saves enough is factorised; min_layer_saving 0 restores the plain break-even rule
+    (report,) = SVDPass(SVDConfig(targets=target, rank=SAVING_RANK)).run(copy.deepcopy(tiny_llama))
+    assert report.action == "factorized"
+    (report,) = SVDPass(SVDConfig(targets=target, rank=ZONE_RANK, min_layer_saving=0)).run(copy.deepcopy(tiny_llama))
+    assert report.action == "factorized" and report.rank == ZONE_RANK
+    # a rank that does not reduce the layer at all is still refused
+    with pytest.raises(PassError, match="rank 16 would not reduce"):
+        SVDPass(SVDConfig(targets=target, rank=16)).run(copy.deepcopy(tiny_llama))
+
+
+def test_rank_ratio_in_the_slow_zone_is_skipped_per_layer(tiny_llama):
+    # rank_ratio 0.47: q/o (32x32) get rank 15, 6% saved -> dense; k/v (16x32) rank 8, 25% saved; MLP (32x64) rank 15, 30% saved
+    reports = SVDPass(SVDConfig(targets=LLAMA_TARGETS, rank_ratio=0.47)).run(copy.deepcopy(tiny_llama))
+    by_shape = {}
+    for r in reports:
+        by_shape.setdefault(r.params_before, set()).add(r.action)
+    assert by_shape[32 * 32] == {"skipped"}
+    assert by_shape[16 * 32] == by_shape[32 * 64] == {"factorized"}
+    assert all("min_layer_saving" in r.note for r in reports if r.action == "skipped")
+
+
+def test_soft_threshold_layer_in_the_slow_zone_becomes_dense_and_equal():
+    dense = nn.Linear(32, 32)
+    u, s, vh = torch.linalg.svd(dense.weight.detach(), full_matrices=False)
+    layer = SoftThresholdLinear(u, s, vh, dense.bias, tau=float(s[ZONE_RANK]))
+    assert layer.hard_rank() == ZONE_RANK
+    x = torch.randn(5, 32)
+    assert isinstance(layer.to_lowrank(0.0), LowRankLinear)
+    kept = layer.to_lowrank(0.1)
+    assert type(kept) is nn.Linear
+    assert_close(kept(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_softlm_respects_the_minimum_saving_and_the_budget(tiny_llama, llama_ids):
+    config = SoftLMConfig(targets=LLAMA_TARGETS, target_params_ratio=0.8, steps=6, lr=2e-2, sensitivity_samples=2)
+    reports = SoftLMPass(config).run(copy.deepcopy(tiny_llama), decoder_context(llama_ids))
+    assert 0.8 - SOFTLM_TOLERANCE <= params_ratio(reports) <= 0.8
+    for r in reports:
+        if r.action == "factorized":
+            assert r.params_after <= 0.9 * r.params_before
+        else:
+            assert r.action == "replaced" and "kept dense" in r.note
+
+    # a layer whose surviving rank saves too little: charged as dense by the hard count, truncated to a dense layer
+    softlm = SoftLMPass(config)
+    state = softlm.train_soft(tiny_llama, softlm.select(tiny_llama), decoder_context(llama_ids))
+    name = "model.layers.0.self_attn.q_proj"
+    with torch.no_grad():
+        layer = state.soft[name]
+        layer.s.copy_(torch.linspace(2, 1, layer.s.numel()))
+        layer.tau.fill_(float(layer.s[ZONE_RANK]))
+    hard = SoftLMPass._hard_params(state.soft, state.shapes, state.extras, 0.1)
+    assert hard - SoftLMPass._hard_params(state.soft, state.shapes, state.extras, 0.0) == 32 * 32 - ZONE_RANK * 64
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        soft_logits = tiny_llama(ids).logits
+    reports = softlm.truncate(tiny_llama, state)
+    with torch.no_grad():
+        assert_close(tiny_llama(ids).logits, soft_logits, atol=1e-4, rtol=1e-4)
+    assert sum(r.params_after for r in reports) == hard
+    q = next(r for r in reports if r.name == name)
+    assert q.action == "replaced" and q.rank == ZONE_RANK and type(tiny_llama.get_submodule(name)) is nn.Linear
+    assert "min_layer_saving" in q.note and "ONNX Runtime" in q.note
+
+
+@pytest.mark.parametrize("pass_id", ["svd", "activation_svd", "softlm"])
+@pytest.mark.parametrize("value", [1, 1.5, -0.1])
+def test_min_layer_saving_outside_0_1_is_rejected(pass_id, value):
+    options = {"target_params_ratio": 0.5, "min_layer_saving": value}
+    with pytest.raises(RecipeError, match="min_layer_saving"):
+        load_recipe({"version": 1, "passes": [{"pass": pass_id, "targets": ["x"], **options}]})
+
+
+# --------------------------------------------------------------------------- fresh fine-tune windows
+
+
+class WordTokenizer:
+    """'w17' -> 17 (mod 128); enough of a tokenizer for token_windows and the pipeline."""
+
+    bos_token_id = None
+
+    def __call__(self, text, **_):
+        return {"input_ids": [int(word[1:]) % 128 for word in text.split()]}
+
+
+def test_token_windows_strict_names_how_many_windows_the_text_gives():
+    from optimum_lowrank.data import token_windows
+
+    text = " ".join(f"w{i}" for i in range(56))  # 56 tokens: 7 windows of 8
+    assert token_windows(WordTokenizer(), text, 8, 10).shape == (7, 8)  # lenient: fewer, silently
+    assert token_windows(WordTokenizer(), text, 8, 7, strict=True).shape == (7, 8)
+    with pytest.raises(DataError, match="asked for 10 windows of 8 tokens .* 56 tokens: only 7 windows"):
+        token_windows(WordTokenizer(), text, 8, 10, strict=True)
+
+
+def test_pipeline_finetune_num_samples_trains_on_fresh_windows(tiny_llama, tmp_path, monkeypatch):
+    import optimum_lowrank.finetune as finetune_module
+    from optimum_lowrank import optimize
+    from optimum_lowrank.data import token_windows
+
+    text_file = tmp_path / "cal.txt"
+    text = " ".join(f"w{i}" for i in range(56))
+    text_file.write_text(text)
+    seen = []
+    real = finetune_module.finetune
+
+    def spy(model, ids, **kwargs):
+        seen.append(ids.clone())
+        return real(model, ids, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "finetune", spy)
+    recipe = {
+        "version": 1,
+        "passes": [{"pass": "svd", "targets": LLAMA_TARGETS, "rank": 4}],
+        "calibration": {"data": str(text_file), "num_samples": 4, "seq_len": 8},
+        "finetune": {"steps": 3, "lr": 1e-3, "num_samples": 3},
+    }
+    report = optimize(tiny_llama, recipe, tokenizer=WordTokenizer(), progress=False)
+    assert torch.equal(seen[0], token_windows(WordTokenizer(), text, 8, 7)[4:])  # windows 4..6: not the calibration ones
+    assert report.finetune["tokens"] == 3 * 8 and "3 windows after the calibration windows" in report.finetune["data"]
+    assert report.recipe["finetune"]["num_samples"] == 3
+    # without num_samples: the calibration windows, as before
+    seen.clear()
+    del recipe["finetune"]["num_samples"]
+    optimize(tiny_llama, recipe, tokenizer=WordTokenizer(), progress=False)
+    assert torch.equal(seen[0], token_windows(WordTokenizer(), text, 8, 4))
+    # more fresh windows than the text gives: a DataError naming the count, before any pass runs
+    recipe["finetune"]["num_samples"] = 4
+    with pytest.raises(DataError, match="num_samples=4 needs 4 windows after the 4 calibration windows: .* only 7 windows"):
+        optimize(tiny_llama, recipe, tokenizer=WordTokenizer(), progress=False)

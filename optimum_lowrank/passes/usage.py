@@ -219,13 +219,12 @@ def prepare_embedding(
         raise PassError(f"{name}: keep_top_k {k} must be below the vocabulary size {vocab} (valid: 0..{vocab - 1})")
     notes: list[str] = []
     counts = None
-    if config.usage_aware or config.refine is not None:
-        if context.has_calibration:
-            counts = context.token_counts(vocab, f"{name} ({vocab}x{dim})").counts
-        elif k > 0:
-            raise PassError(f"{name}: keep_top_k needs calibration text to rank tokens by frequency, and none was given")
-        elif config.row_weighting == "frequency":
-            notes.append("no calibration data: rows weighted uniformly")
+    if context.has_calibration:  # counts also feed the vocabulary report
+        counts = context.token_counts(vocab, f"{name} ({vocab}x{dim})").counts
+    elif k > 0:
+        raise PassError(f"{name}: keep_top_k needs calibration text to rank tokens by frequency, and none was given")
+    elif config.row_weighting == "frequency":
+        notes.append("no calibration data: rows weighted uniformly")
     if k > 0:
         kept, rest = frequency_slots(counts, k)
     else:
@@ -505,7 +504,7 @@ def refine_embedding(
                 steps = step
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{float(loss):.4g}", best=f"{best:.4g}")
+                    bar.set_postfix(loss=f"{loss.item():.4g}", best=f"{best:.4g}")
                 if step % config.eval_every == 0 or step == config.steps:
                     current = held_loss()
                     if current < best:

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from optimum_lowrank.errors import PassError
 from optimum_lowrank.hookspecs import hookimpl
 from optimum_lowrank.layers.lowrank import LowRankEmbedding, LowRankHead, LowRankLinear, linear_weight, split_factors
-from optimum_lowrank.passes.base import CompressionPass, PassConfig, PassContext
+from optimum_lowrank.passes.base import CompressionPass, PassContext
+from optimum_lowrank.passes.usage import EmbeddingJob, UsageAwareConfig, finish_embedding, prepare_embedding, weighted_factors, weighted_svd
 from optimum_lowrank.passes.budget import DEFAULT_MIN_LAYER_SAVING, budget_dense_note, factorizes, min_saving_note
 from optimum_lowrank.report import LayerReport
 
@@ -41,7 +42,7 @@ __all__ = ["SVDConfig", "SVDPass", "choose_rank", "tied_output_head"]
 RANK_OPTIONS = ("rank", "rank_ratio", "compression_ratio", "energy", "target_params_ratio")
 
 
-class SVDConfig(PassConfig):
+class SVDConfig(UsageAwareConfig):
     """Options of the ``svd`` pass. Exactly one of the five rank options is set.
 
     Attributes
@@ -76,6 +77,12 @@ class SVDConfig(PassConfig):
 
     With ``rank_ratio``, ``compression_ratio`` or ``energy``, a layer whose rank would
     not reduce its parameters is skipped with a report line.
+
+    Embedding targets also take the usage-aware options of
+    :class:`~optimum_lowrank.passes.usage.UsageAwareConfig`: ``row_weighting``
+    (default ``frequency``: the weighted SVD ``min ||D (E - A B)||_F``,
+    ``D = diag((count + 1)^(weight_exponent / 2))``), ``keep_top_k`` and ``refine``
+    (not with ``target_params_ratio``). Linear targets ignore them.
     """
 
     rank: int | None = Field(None, ge=1)
@@ -91,6 +98,8 @@ class SVDConfig(PassConfig):
         given = [name for name in RANK_OPTIONS if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(_exactly_one_message(given))
+        if self.target_params_ratio is not None and (self.keep_top_k or self.refine is not None):
+            raise ValueError("keep_top_k and refine apply to one embedding at a given rank; they cannot be combined with target_params_ratio")
         return self
 
 
@@ -166,13 +175,27 @@ class SVDPass(CompressionPass):
 
     def apply(self, model: nn.Module, targets: dict[str, nn.Module], context: PassContext) -> list[LayerReport]:
         budget = self._allocate(targets) if self.config.target_params_ratio is not None else {}
+        jobs = {  # usage statistics and hybrid split of every embedding, validated before any change
+            name: self._prepare_embedding(name, module, context)
+            for name, module in targets.items()
+            if isinstance(module, nn.Embedding)
+        }
         reports = []
         for name, module in targets.items():
-            if isinstance(module, nn.Embedding):
-                reports.append(self._embedding(model, name, module, budget.get(name)))
+            if name in jobs:
+                reports.append(self._embedding(model, jobs[name], context, budget.get(name)))
             else:
                 reports.append(self._linear(model, name, module, budget.get(name)))
         return reports
+
+    def _prepare_embedding(self, name: str, module: nn.Embedding, context: PassContext) -> EmbeddingJob:
+        config, note = self.config, ""
+        if config.target_params_ratio is not None and config.row_weighting == "frequency":
+            config = config.model_copy(update={"row_weighting": "none"})
+            note = "rows not weighted: the global budget allocates ranks on the plain spectra"
+        job = prepare_embedding(config, name, module, context, self.config.compression_ratio)
+        job.notes.extend(filter(None, [note]))
+        return job
 
     def _allocate(self, targets: dict[str, nn.Module]) -> dict[str, tuple[int, tuple[Tensor, Tensor, Tensor]]]:
         """SVD of every target and the ranks :func:`allocate_ranks` gives them under ``target_params_ratio``."""
@@ -227,39 +250,39 @@ class SVDPass(CompressionPass):
         error = _relative_error(svd[1], rank)
         return LayerReport(name, type(module).__name__, "factorized", before, sum(p.numel() for p in layer.parameters()), rank, metrics={"relative_error": error})
 
-    def _embedding(self, model: nn.Module, name: str, module: nn.Embedding, budgeted=None) -> LayerReport:
-        head = tied_output_head(model, module)
-        before = module.weight.numel()
-        rank, svd = self._decompose(name, module.weight, budgeted)
-        if svd is None:
-            return LayerReport(name, "Embedding", "skipped", before, before, rank, _break_even_note(rank, module.weight.shape, budgeted is not None))
-        layer = LowRankEmbedding(module.num_embeddings, module.embedding_dim, rank, padding_idx=module.padding_idx)
-        a, b = split_factors(*svd, rank)
+    def _embedding(self, model: nn.Module, job: EmbeddingJob, context: PassContext, budgeted=None) -> LayerReport:
+        rows = job.rows
+        m, n = rows.shape
+        if budgeted is not None:
+            rank, svd = budgeted
+            if rank * (m + n) >= m * n:
+                return LayerReport(job.name, "Embedding", "skipped", m * n, m * n, rank, _break_even_note(rank, (m, n), True))
+        else:
+            svd = weighted_svd(rows, job.weights)
+            config = self.config
+            if config.compression_ratio is not None:
+                config = config.model_copy(update={"compression_ratio": job.ratio})
+            rank = choose_rank(config, (m, n), svd[1])
+            if rank * (m + n) >= m * n:
+                if self.config.rank is not None:
+                    raise PassError(
+                        f"{job.label(job.name)}: rank {rank} would not reduce a {m}x{n} table "
+                        f"({rank * (m + n):,} >= {m * n:,} parameters); use rank < {m * n / (m + n):.1f}"
+                    )
+                vocab, dim = job.table.shape
+                return LayerReport(job.name, "Embedding", "skipped", vocab * dim, vocab * dim, rank, _break_even_note(rank, (m, n)))
+        a, b = weighted_factors(rows, svd[1], svd[2], rank)
+        layer = LowRankEmbedding(m, n, rank, padding_idx=None if job.hybrid else job.module.padding_idx)
         with torch.no_grad():
             layer.codes.weight.copy_(a)
             layer.proj.weight.copy_(b.t())
-        layer.to(module.weight.dtype)
-        after = sum(p.numel() for p in layer.parameters())
-        note = ""
-        if head is not None:
-            head_name, head_module = head
-            bias = getattr(head_module, "bias", None)
-            if self.config.tied_head == "shared":
-                model.set_submodule(head_name, LowRankHead(layer, bias))
-                note = f"tied output head {head_name!r} shares the factors (logits = (h P) A^T)"
-            else:
-                dense = nn.Linear(module.embedding_dim, module.num_embeddings, bias=bias is not None)
-                with torch.no_grad():
-                    dense.weight.copy_(module.weight)
-                    if bias is not None:
-                        dense.bias.copy_(bias)
-                model.set_submodule(head_name, dense.to(module.weight.dtype))
-                after += before
-                note = f"tied output head {head_name!r} untied and kept dense ({before:,} parameters stay)"
-            if getattr(model, "config", None) is not None:
-                model.config.tie_word_embeddings = False
-        model.set_submodule(name, layer)
-        return LayerReport(name, "Embedding", "factorized", before, after, rank, note, {"relative_error": _relative_error(svd[1], rank)})
+        error = _relative_error(svd[1], rank)
+        summary = f"rank {rank}; {'weighted ' if job.weights is not None else ''}relative error of the fitted rows {error:.4f}"
+        return finish_embedding(
+            self.config, model, job, layer, context, tied_head=self.config.tied_head, head_factory=LowRankHead,
+            head_description="logits = (h P) A^T", rank=rank, summary=summary, metrics={"fit_relative_error": error},
+            action="factorized",
+        )
 
 
 def _relative_error(singular_values: Tensor, rank: int) -> float:

@@ -378,10 +378,22 @@ def finish_embedding(
         if job.hybrid:
             exact = torch.zeros(job.table.shape[0], dtype=torch.bool)
             exact[job.kept] = True
-        out.update(usage_report(job.table, approx, job.counts, exact))
+        usage = usage_report(job.table, approx, job.counts, exact)
+        out.update(usage)
+        notes.append(_usage_note(usage))
     notes.append(head_note)
     return LayerReport(
         job.name, "Embedding", action, job.table.numel(), after + index_params, rank, "; ".join(filter(None, notes)), out
+    )
+
+
+def _usage_note(usage: dict[str, float]) -> str:
+    """One report line from :func:`~optimum_lowrank.vocab.usage_report`."""
+    groups = ", ".join(f"{group} {usage[f'{group}_cosine']:.3f}" for group in ("frequent", "rare", "unseen") if f"{group}_cosine" in usage)
+    exact = f"exact rows cover {usage['exact_token_share']:.1%} of them; " if usage["exact_rows"] else ""
+    return (
+        f"calibration: {usage['calibration_tokens']:,.0f} tokens, {usage['seen_rows']:,.0f} distinct; {exact}"
+        f"row cosine per calibration token {usage['token_weighted_cosine']:.3f} (mean over rows: {groups})"
     )
 
 

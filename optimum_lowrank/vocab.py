@@ -44,7 +44,7 @@ class TokenCounts:
 
     @property
     def total(self) -> int:
-        """Number of calibration tokens."""
+        """Number of calibration tokens (special tokens included at their assigned count, see :func:`token_counts`)."""
         return int(self.counts.sum())
 
     def resized(self, vocab_size: int, what: str = "embedding") -> TokenCounts:
@@ -125,7 +125,10 @@ def token_counts(tokenizer, text: str, description: str = "calibration text", *,
     -------
     TokenCounts
         ``counts`` has ``len(tokenizer)`` entries (or more, if the tokenizer produced
-        a larger id).
+        a larger id). The tokenizer's special tokens (``[CLS]``, ``[SEP]``, BOS, ...)
+        frame every model input but never occur in raw text; each gets the count of
+        the most frequent token, so that weighting and ``keep_top_k`` treat them as
+        the most used rows.
 
     Raises
     ------
@@ -150,7 +153,12 @@ def token_counts(tokenizer, text: str, description: str = "calibration text", *,
             partial.replace(path)
     if float(counts.sum()) == 0:
         raise DataError(f"{description}: the text produces no tokens")
-    return TokenCounts(counts, f"{source} ({int(counts.sum()):,} tokens)")
+    total = int(counts.sum())
+    special = [i for i in getattr(tokenizer, "all_special_ids", []) if 0 <= i < counts.shape[0]]
+    if special:  # [CLS]/[SEP]/BOS frame every input but never occur in raw text: rank them first
+        counts = counts.clone()
+        counts[special] = torch.maximum(counts[special], counts.max().expand(len(special)))
+    return TokenCounts(counts, f"{source} ({total:,} tokens; special tokens {special} counted as the most frequent)")
 
 
 def row_weights(counts: Tensor, exponent: float) -> Tensor:

@@ -75,12 +75,14 @@ def test_token_counts_of_real_tokenizer_are_cached(tmp_path, monkeypatch):
     text = "the cat sat on the mat . the end"
     first = token_counts(tokenizer, text, "toy text")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert first.counts.shape == (len(tokenizer),) and first.total == len(ids)
-    assert first.counts[tokenizer.convert_tokens_to_ids("the")] == 3
+    the = tokenizer.convert_tokens_to_ids("the")
+    assert first.counts.shape == (len(tokenizer),) and first.counts[the] == 3
+    assert first.counts[tokenizer.cls_token_id] == first.counts[tokenizer.sep_token_id] == 3  # special: most frequent
+    assert first.total == len(ids) + 3 * len(tokenizer.all_special_ids)
     cached = list((tmp_path / "token_counts").glob("*.pt"))
     assert len(cached) == 1
     torch.save(first.counts * 2, cached[0])  # the second call must read the cache, not re-tokenize
-    assert token_counts(tokenizer, text, "toy text").total == 2 * len(ids)
+    assert token_counts(tokenizer, text, "toy text").counts[the] == 6
     with pytest.raises(DataError, match="produces no tokens"):
         token_counts(tokenizer, "   \n ", "blank text", cache=False)
 

@@ -275,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _order(row: dict) -> tuple:
+    return row["ratio"], list(METHODS).index(row["method"]), row["weighting"] != "none", row["keep_top_k"], row["refine_steps"]
+
+
 def print_table(results: dict) -> None:
     for name in MODELS:
         section = results.get(name)
@@ -283,7 +287,7 @@ def print_table(results: dict) -> None:
         metric = section["metric"]
         print(f"\n{name}: {metric} (original {section['baseline'][metric]:.3f}), calibration {section['calibration']}")
         print(f"{'ratio':>5}  {'method':<12} {'weighting':<9} {'top_k':>5} {'refine':>6}  {'achieved':>8}  {metric:>13}  {'row cos':>7}  {'token cos':>9}  {'exact share':>11}  {'s':>6}")
-        for r in sorted(section["rows"], key=lambda r: (r["ratio"], list(METHODS).index(r["method"]), r["weighting"], r["keep_top_k"], r["refine_steps"])):
+        for r in sorted(section["rows"], key=_order):
             if "error" in r:
                 print(f"{r['ratio']:>5g}  {r['method']:<12} {r['weighting']:<9} {r['keep_top_k']:>5} {r['refine_steps']:>6}  error: {r['error'][:80]}")
                 continue
@@ -295,5 +299,40 @@ def print_table(results: dict) -> None:
             )
 
 
+def markdown(results: dict) -> str:
+    """The results as markdown tables (for docs/usage_aware.md): ``python bench_usage_aware.py --markdown``."""
+    lines = []
+    for name in MODELS:
+        section = results.get(name)
+        if not section:
+            continue
+        metric = section["metric"]
+        base = section["baseline"]
+        lines += [
+            f"**{name}** ({section['evaluation']}; original {base[metric]:.2f}"
+            + (f", int8 ONNX {base['int8_onnx_mb']:.1f} MB" if "int8_onnx_mb" in base else "") + ")",
+            "",
+            f"| ratio | method | weighting | keep_top_k | refine steps | achieved ratio | {metric} | row cosine | row cosine per token | exact token share | pass s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in sorted(section["rows"], key=_order):
+            head = f"| {r['ratio']:g} | {r['method']} | {r['weighting']} | {r['keep_top_k'] or '-'} | {r['refine_steps'] or '-'} |"
+            if "error" in r:
+                lines.append(f"{head} error: {r['error'][:120]} | | | | | |")
+                continue
+            m = r["layer_metrics"]
+            value = f"{r[metric]:.2f}" if metric == "stsb_spearman" else f"{r[metric]:.4g}"
+            steps = f" ({int(m['refine_steps'])} run)" if "refine_steps" in m else ""
+            lines.append(
+                f"{head[:-2]}{steps} | {r['achieved_ratio']:.2f} | {value} | {m['mean_cosine']:.3f} | "
+                f"{m.get('token_weighted_cosine', float('nan')):.3f} | {m.get('exact_token_share', 0):.3f} | {r['pass_seconds']:.1f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
+    if "--markdown" in sys.argv:
+        print(markdown(json.loads(RESULTS.read_text(encoding="utf-8"))))
+        raise SystemExit(0)
     raise SystemExit(main())

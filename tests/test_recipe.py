@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from optimum_lowrank.errors import RecipeError, UnknownPassError
@@ -86,3 +88,10 @@ def test_recipe_is_frozen():
     with pytest.raises(Exception):
         recipe.version = 2  # type: ignore[misc]
     assert isinstance(recipe, Recipe)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    recipe = load_recipe(path)
+    assert recipe.passes or recipe.export is not None  # a recipe without passes is an export (baseline, int8 only)
+    assert load_recipe(recipe.to_yaml()) == recipe  # round-trips

@@ -71,7 +71,11 @@ class RefineConfig(BaseModel):
     eval_every : int >= 1
         Steps between evaluations on the held-back windows.
     patience : int >= 1
-        Evaluations without improvement before stopping; the best state is kept.
+        Evaluations in a row without improvement before stopping; the best state is kept.
+    lr_decay : float in (0, 1]
+        The learning rate is multiplied by this after every evaluation without
+        improvement (reduce on plateau; 1 keeps it constant). Measured on MiniLM at
+        ratio 10: a constant 3e-3 stopped improving after 60 steps.
     loss : {"auto", "hidden", "logits"}
         ``auto``: ``hidden`` (relative MSE of the last hidden states) for encoders,
         ``logits`` (KL divergence of the next-token distributions) for decoders.
@@ -87,6 +91,7 @@ class RefineConfig(BaseModel):
     holdout: float = Field(0.125, gt=0, lt=1)
     eval_every: int = Field(20, ge=1)
     patience: int = Field(3, ge=1)
+    lr_decay: float = Field(0.5, gt=0, le=1)
     loss: Literal["auto", "hidden", "logits"] = "auto"
     progress: bool = True
 
@@ -439,9 +444,10 @@ def refine_embedding(
     head, by qualified name) swapped back in for each forward, so no second copy
     of the model is held. The calibration windows are split: the last
     ``holdout`` share (at least one window) is held back; every ``eval_every``
-    steps the mean loss on it is measured, the best parameters are kept, and
-    training stops after ``patience`` evaluations without improvement. Adam,
-    constant learning rate; dropout off; every other parameter frozen.
+    steps the mean loss on it is measured, the best parameters are kept, the
+    learning rate is multiplied by ``lr_decay`` after an evaluation without
+    improvement, and training stops after ``patience`` of them in a row. Adam;
+    dropout off; every other parameter frozen.
 
     Parameters
     ----------
@@ -526,6 +532,8 @@ def refine_embedding(
                         stale += 1
                         if stale >= config.patience:
                             break
+                        for group in optimizer.param_groups:
+                            group["lr"] *= config.lr_decay
         finally:
             if bar is not None:
                 bar.close()

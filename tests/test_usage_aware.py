@@ -350,3 +350,21 @@ def test_refinement_needs_two_windows(tiny_bert):
     options = {"targets": ["embeddings.word_embeddings"], "rank": 4, "refine": {"steps": 5, "progress": False}}
     with pytest.raises(DataError, match="at least 2 calibration windows"):
         SVDPass(options).run(tiny_bert, tiny_context(120, num_samples=1))
+
+
+def test_refinement_windows_are_cut_and_framed():
+    from types import SimpleNamespace
+
+    from optimum_lowrank.passes.usage import RefineConfig, refinement_windows
+
+    ids = torch.arange(2 * 12).reshape(2, 12) + 10
+    bert = SimpleNamespace(cls_token_id=1, sep_token_id=2, bos_token_id=None)
+    out = refinement_windows(ids, bert, "encoder", RefineConfig(seq_len=6))
+    assert out.shape == (4, 6)
+    assert out[:, 0].tolist() == [1] * 4 and out[:, -1].tolist() == [2] * 4
+    assert out[1, 1:-1].tolist() == [16, 17, 18, 19]
+    llama = SimpleNamespace(cls_token_id=None, sep_token_id=None, bos_token_id=0)
+    out = refinement_windows(ids, llama, "decoder", RefineConfig())
+    assert out[:, 0].tolist() == [0, 0] and out[0, 1:].tolist() == list(range(10, 21))
+    assert torch.equal(refinement_windows(ids, bert, "encoder", RefineConfig(frame=False)), ids)
+    assert torch.equal(refinement_windows(ids, None, "encoder", RefineConfig()), ids)

@@ -50,6 +50,7 @@ __all__ = [
     "finish_embedding",
     "prepare_embedding",
     "refine_embedding",
+    "refinement_windows",
     "weighted_factors",
     "weighted_svd",
 ]
@@ -76,6 +77,14 @@ class RefineConfig(BaseModel):
         The learning rate is multiplied by this after every evaluation without
         improvement (reduce on plateau; 1 keeps it constant). Measured on MiniLM at
         ratio 10: a constant 3e-3 stopped improving after 60 steps.
+    seq_len : int >= 4, optional
+        Cut the calibration windows into pieces of this many tokens (e.g. 32 for a
+        sentence encoder used on short sentences); default: the windows as they are.
+    frame : bool
+        Frame every window as the model sees its inputs: ``[CLS] ... [SEP]`` for
+        encoders, BOS first for decoders (when the tokenizer has those tokens; the
+        window is shortened to keep its length). Calibration windows are cut from
+        raw text without special tokens.
     loss : {"auto", "hidden", "logits"}
         ``auto``: ``hidden`` (relative MSE of the last hidden states) for encoders,
         ``logits`` (KL divergence of the next-token distributions) for decoders.
@@ -92,6 +101,8 @@ class RefineConfig(BaseModel):
     eval_every: int = Field(20, ge=1)
     patience: int = Field(3, ge=1)
     lr_decay: float = Field(0.5, gt=0, le=1)
+    seq_len: int | None = Field(None, ge=4)
+    frame: bool = True
     loss: Literal["auto", "hidden", "logits"] = "auto"
     progress: bool = True
 
@@ -430,6 +441,22 @@ def _swapped(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
             model.set_submodule(name, module)
 
 
+def refinement_windows(ids: Tensor, tokenizer, kind: str, config: RefineConfig) -> Tensor:
+    """The calibration windows (N, L) as refinement inputs: cut to ``config.seq_len``, framed (see :class:`RefineConfig`)."""
+    if config.seq_len is not None and config.seq_len < ids.shape[1]:
+        pieces = ids.shape[1] // config.seq_len
+        ids = ids[:, : pieces * config.seq_len].reshape(-1, config.seq_len)
+    if not config.frame or tokenizer is None:
+        return ids
+    cls, sep, bos = (getattr(tokenizer, name, None) for name in ("cls_token_id", "sep_token_id", "bos_token_id"))
+    column = lambda token: torch.full((ids.shape[0], 1), token, dtype=ids.dtype)  # noqa: E731
+    if kind == "encoder" and cls is not None and sep is not None:
+        return torch.cat([column(cls), ids[:, : ids.shape[1] - 2], column(sep)], dim=1)
+    if kind == "decoder" and bos is not None and not bool((ids[:, 0] == bos).all()):
+        return torch.cat([column(bos), ids[:, : ids.shape[1] - 1]], dim=1)
+    return ids
+
+
 def refine_embedding(
     model: nn.Module,
     layer: nn.Module,
@@ -477,7 +504,7 @@ def refine_embedding(
     """
     from optimum_lowrank.finetune import make_loss
 
-    ids = context.calibration_ids
+    ids = refinement_windows(context.calibration_ids, context.tokenizer, context.kind, config)
     if ids.shape[0] < 2:
         raise DataError(f"refinement needs at least 2 calibration windows (one held back), got {ids.shape[0]}; raise calibration.num_samples")
     n_hold = max(1, round(config.holdout * ids.shape[0]))

@@ -278,7 +278,7 @@ def _context(recipe: Recipe, loaded: LoadedModel) -> PassContext:
 
     def calibration_ids() -> torch.Tensor:
         text, _ = load_text(cal.data)
-        return token_windows(loaded.tokenizer, text, cal.seq_len, cal.num_samples)
+        return token_windows(loaded.tokenizer, text, cal.seq_len, cal.num_samples, strict=True)
 
     def token_counts():
         from optimum_lowrank.vocab import token_counts as count_tokens

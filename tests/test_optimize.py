@@ -163,3 +163,35 @@ def test_real_minilm_end_to_end_with_int8(data_dir, tmp_path):
     assert report.params_after < report.params_before
     assert json.loads((out / "report.json").read_text())["accuracy"]["passed"] is True
     assert Path(report.export.files["onnx_quantized"]).parent == out / "onnx"
+
+
+def test_calibration_text_too_short_for_the_samples_is_an_error(small_bert, minilm, tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text("a short calibration text with a few dozen tokens, far fewer than asked for. " * 4)
+    recipe = {
+        "version": 1,
+        "passes": [{"pass": "activation_svd", "targets": ["re:.*intermediate\\.dense"], "rank": 8}],
+        "calibration": {"data": str(text), "num_samples": 64, "seq_len": 32},
+        "export": {},
+    }
+    state = state_of(small_bert)
+    with pytest.raises(DataError, match="64"):
+        optimize(small_bert, recipe, tmp_path / "out", tokenizer=minilm.tokenizer, progress=False)
+    assert not (tmp_path / "out").exists()
+    assert_unchanged(small_bert, state)
+
+
+def test_usage_aware_embedding_recipe_end_to_end(small_bert, minilm, tmp_path):
+    """keep_top_k + frequency weighting through the pipeline: counts from the calibration text, export parity."""
+    text = tmp_path / "cal.txt"
+    text.write_text("the cat sat on the mat and the dog sat on the log. " * 40)
+    recipe = {
+        "version": 1,
+        "passes": [{"pass": "svd", "targets": ["embeddings.word_embeddings"], "compression_ratio": 4, "keep_top_k": 8}],
+        "calibration": {"data": str(text), "num_samples": 4, "seq_len": 32},
+        "export": {"quantize": "dynamic_int8", "latency": None},
+    }
+    report = optimize(small_bert, recipe, tmp_path / "o", tokenizer=minilm.tokenizer, progress=False)
+    [layer] = report.passes[0].layers
+    assert layer.metrics["exact_rows"] == 8 and layer.metrics["exact_token_share"] > 0.5
+    assert "exact rows cover" in layer.note and report.export.parity["passed"] is True

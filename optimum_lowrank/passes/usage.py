@@ -74,9 +74,10 @@ class RefineConfig(BaseModel):
     patience : int >= 1
         Evaluations in a row without improvement before stopping; the best state is kept.
     lr_decay : float in (0, 1]
-        The learning rate is multiplied by this after every evaluation without
-        improvement (reduce on plateau; 1 keeps it constant). Measured on MiniLM at
-        ratio 10: a constant 3e-3 stopped improving after 60 steps.
+        After every evaluation without improvement the best parameters so far are
+        restored and the learning rate is multiplied by this (reduce on plateau; 1
+        keeps it constant). Measured on MiniLM at ratio 10: at a constant 3e-3 the
+        held-out loss stopped improving after 40 steps.
     seq_len : int >= 4, optional
         Cut the calibration windows into pieces of this many tokens (e.g. 32 for a
         sentence encoder used on short sentences); default: the windows as they are.
@@ -471,9 +472,10 @@ def refine_embedding(
     head, by qualified name) swapped back in for each forward, so no second copy
     of the model is held. The calibration windows are split: the last
     ``holdout`` share (at least one window) is held back; every ``eval_every``
-    steps the mean loss on it is measured, the best parameters are kept, the
-    learning rate is multiplied by ``lr_decay`` after an evaluation without
-    improvement, and training stops after ``patience`` of them in a row. Adam;
+    steps the mean loss on it is measured, the best parameters are kept; after an
+    evaluation without improvement the best parameters are restored and the
+    learning rate is multiplied by ``lr_decay``; training stops after ``patience``
+    of those in a row. Adam;
     dropout off; every other parameter frozen.
 
     Parameters
@@ -559,6 +561,9 @@ def refine_embedding(
                         stale += 1
                         if stale >= config.patience:
                             break
+                        with torch.no_grad():  # back to the best state, at a lower learning rate
+                            for p, value in zip(params, best_state):
+                                p.copy_(value)
                         for group in optimizer.param_groups:
                             group["lr"] *= config.lr_decay
         finally:

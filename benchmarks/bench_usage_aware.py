@@ -86,6 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--refine-steps", type=int, default=300, help="refinement steps of the best hybrid per ratio (0: none)")
     parser.add_argument("--refine-lr", type=float, default=1e-3)
     parser.add_argument("--refine-batch", type=int, default=4)
+    parser.add_argument("--refine-seq-len", type=int, default=None, help="cut the calibration windows to this length for refinement")
     parser.add_argument("--cal-samples", type=int, default=256, help="calibration windows (refinement; counts use the whole file)")
     parser.add_argument("--only", action="append", default=[], help="METHOD:RATIO:WEIGHTING:KEEP_TOP_K:REFINE_STEPS")
     parser.add_argument("--windows", type=int, default=8, help="SmolLM2 perplexity windows of 512 tokens")
@@ -150,6 +151,8 @@ def run_config(model, spec, context, evaluator, metric, config, args) -> dict:
         options["keep_top_k"] = keep
     if steps:
         options["refine"] = {"steps": steps, "lr": args.refine_lr, "batch_size": args.refine_batch, "progress": False}
+        if args.refine_seq_len:
+            options["refine"]["seq_len"] = args.refine_seq_len
     row: dict = {"method": method, "ratio": ratio, "weighting": weighting, "keep_top_k": keep, "refine_steps": steps, "options": options}
     start = time.perf_counter()
     try:
@@ -262,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "threads": args.threads, "torch": torch.__version__,
         "machine": platform.machine(), "cpus": os.cpu_count(), "calibration": str(CALIBRATION.relative_to(DATA)),
         "weight_exponent": args.exponent, "refine_lr": args.refine_lr, "refine_batch": args.refine_batch,
+        "refine_seq_len": args.refine_seq_len,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
 

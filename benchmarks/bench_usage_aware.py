@@ -336,7 +336,9 @@ def markdown(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    if "--markdown" in sys.argv:
-        print(markdown(json.loads(RESULTS.read_text(encoding="utf-8"))))
+    if "--markdown" in sys.argv:  # --markdown [JSON ...]: tables of earlier runs (default: both models' results)
+        files = [Path(f) for f in sys.argv[sys.argv.index("--markdown") + 1 :]] or [RESULTS, RESULTS.with_name("usage_aware_smollm2.json")]
+        for file in files:
+            print(markdown(json.loads(file.read_text(encoding="utf-8"))))
         raise SystemExit(0)
     raise SystemExit(main())

@@ -88,6 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--refine-batch", type=int, default=4)
     parser.add_argument("--refine-seq-len", type=int, default=None, help="cut the calibration windows to this length for refinement")
     parser.add_argument("--cal-samples", type=int, default=256, help="calibration windows (refinement; counts use the whole file)")
+    parser.add_argument("--calibration", default=str(CALIBRATION), help="calibration text source (optimum_lowrank.data.load_text syntax)")
     parser.add_argument("--only", action="append", default=[], help="METHOD:RATIO:WEIGHTING:KEEP_TOP_K:REFINE_STEPS")
     parser.add_argument("--windows", type=int, default=8, help="SmolLM2 perplexity windows of 512 tokens")
     parser.add_argument("--stsb-pairs", type=int, default=None)
@@ -115,16 +116,16 @@ def grid(args: argparse.Namespace, model: str) -> list[tuple[str, float, str, in
     return configs
 
 
-def build_context(loaded, kind: str, seq_len: int, num_samples: int) -> PassContext:
+def build_context(loaded, kind: str, seq_len: int, num_samples: int, calibration: str = str(CALIBRATION)) -> PassContext:
     from optimum_lowrank.data import load_text, token_windows
     from optimum_lowrank.vocab import token_counts
 
-    text, source = load_text(CALIBRATION)
+    text, source = load_text(calibration)
     windows = token_windows(loaded.tokenizer, text, seq_len, num_samples, add_bos=kind == "decoder")
     return PassContext(
         kind=kind, tokenizer=loaded.tokenizer, seed=0,
         calibration_loader=lambda: windows,
-        calibration_description=f"{CALIBRATION.name}, {windows.shape[0]} windows of {seq_len} tokens",
+        calibration_description=f"{source}, {windows.shape[0]} windows of {seq_len} tokens",
         token_counts_loader=lambda: token_counts(loaded.tokenizer, text, source),
     )
 
@@ -210,7 +211,7 @@ def run_model(name: str, args: argparse.Namespace, results: dict, save, deadline
     spec = MODELS[name]
     loaded = load_model(name)
     model = loaded.model
-    context = build_context(loaded, spec["kind"], spec["seq_len"], args.cal_samples)
+    context = build_context(loaded, spec["kind"], spec["seq_len"], args.cal_samples, args.calibration)
     if spec["kind"] == "encoder":
         evaluator = STSBEvaluator(loaded.tokenizer, load_sts_pairs(STSB), max_pairs=args.stsb_pairs, threads=args.threads)
         metric = "stsb_spearman"
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     results["meta"] = {
         "command": "benchmarks/bench_usage_aware.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "threads": args.threads, "torch": torch.__version__,
-        "machine": platform.machine(), "cpus": os.cpu_count(), "calibration": str(CALIBRATION.relative_to(DATA)),
+        "machine": platform.machine(), "cpus": os.cpu_count(), "calibration": args.calibration,
         "weight_exponent": args.exponent, "refine_lr": args.refine_lr, "refine_batch": args.refine_batch,
         "refine_seq_len": args.refine_seq_len,
     }

@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 _DATASETS_PREFIX = "datasets:"
+_TSV_PREFIX = "tsv:"
 
 
 def default_text() -> tuple[str, str]:
@@ -73,6 +74,10 @@ def load_text(source: str | os.PathLike | None) -> tuple[str, str]:
           optional ``datasets`` package; SPLIT defaults to ``test``), its ``text``
           column (or first string column) joined by newlines, e.g.
           ``datasets:wikitext:wikitext-2-raw-v1:test``;
+        - ``"tsv:PATH:COLUMNS[:header]"``: the given 0-based, comma-separated
+          columns of a tab-separated file, one field a line (rows with fewer
+          columns are skipped; ``header`` skips the first line), e.g. the sentences
+          of STS-B train, ``tsv:../shared/data/stsb/sts-train.tsv:5,6``;
         - otherwise a path to a UTF-8 text file, read with universal newlines.
 
     Returns
@@ -92,6 +97,8 @@ def load_text(source: str | os.PathLike | None) -> tuple[str, str]:
     text_source = os.fspath(source)
     if text_source.startswith(_DATASETS_PREFIX):
         return _load_hf_text(text_source[len(_DATASETS_PREFIX):])
+    if text_source.startswith(_TSV_PREFIX):
+        return _load_tsv_text(text_source[len(_TSV_PREFIX):])
     path = Path(text_source).expanduser()
     if not path.exists():
         raise DataError(f"text file {str(path)!r} does not exist")
@@ -104,6 +111,29 @@ def load_text(source: str | os.PathLike | None) -> tuple[str, str]:
     if not text.strip():
         raise DataError(f"text file {str(path)!r} is empty")
     return text, f"{path.name} ({len(text):,} characters, {path.resolve()})"
+
+
+def _load_tsv_text(spec: str) -> tuple[str, str]:
+    parts = spec.split(":")
+    header = len(parts) > 2 and parts[-1] == "header"
+    if header:
+        parts = parts[:-1]
+    if len(parts) < 2:
+        raise DataError(f"expected tsv:PATH:COLUMNS[:header], got {_TSV_PREFIX}{spec!r}")
+    path_text, columns_text = ":".join(parts[:-1]), parts[-1]
+    try:
+        columns = [int(c) for c in columns_text.split(",")]
+    except ValueError:
+        raise DataError(f"tsv columns must be 0-based integers separated by commas, got {columns_text!r}") from None
+    if not columns or min(columns) < 0:
+        raise DataError(f"tsv columns must be 0-based integers separated by commas, got {columns_text!r}")
+    table, _ = load_text(path_text)
+    lines = table.splitlines()[1 if header else 0 :]
+    fields = [row[c].strip() for row in (line.split("\t") for line in lines) if len(row) > max(columns) for c in columns]
+    text = "\n".join(f for f in fields if f)
+    if not text:
+        raise DataError(f"columns {columns} of {path_text!r} hold no text (rows need more than {max(columns)} tab-separated fields)")
+    return text, f"columns {columns_text} of {Path(path_text).name} ({len(fields):,} fields, {len(text):,} characters)"
 
 
 def _load_hf_text(spec: str) -> tuple[str, str]:

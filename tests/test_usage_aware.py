@@ -368,3 +368,19 @@ def test_refinement_windows_are_cut_and_framed():
     assert out[:, 0].tolist() == [0, 0] and out[0, 1:].tolist() == list(range(10, 21))
     assert torch.equal(refinement_windows(ids, bert, "encoder", RefineConfig(frame=False)), ids)
     assert torch.equal(refinement_windows(ids, None, "encoder", RefineConfig()), ids)
+
+
+def test_tsv_columns_as_calibration_text(tmp_path):
+    from optimum_lowrank.data import load_text
+
+    table = tmp_path / "pairs.tsv"
+    table.write_text("genre\tid\tfirst\tsecond\nnews\t1\tA cat sat.\tThe cat sat.\nshort\trow\nforum\t2\tHello there.\t\n")
+    text, description = load_text(f"tsv:{table}:2,3:header")
+    assert text.splitlines() == ["A cat sat.", "The cat sat.", "Hello there."]
+    assert "columns 2,3 of pairs.tsv" in description
+    with pytest.raises(DataError, match="0-based integers"):
+        load_text(f"tsv:{table}:x")
+    with pytest.raises(DataError, match="hold no text"):
+        load_text(f"tsv:{table}:9")
+    with pytest.raises(DataError, match="does not exist"):
+        load_text(f"tsv:{tmp_path / 'missing.tsv'}:1")

@@ -30,13 +30,16 @@ def _optimize(args: argparse.Namespace) -> int:
 
 def _passes(args: argparse.Namespace) -> int:
     from optimum_lowrank.plugins import get_registry
+    from optimum_lowrank.recipe import fields_most_specific_first
 
     for name, entry in get_registry().entries():
         cls = entry.pass_class
         print(f"{name}  (plugin: {entry.plugin}; targets: {', '.join(t if isinstance(t, str) else t.__name__ for t in cls.target_types)})")
         if cls.summary:
             print(f"    {cls.summary}")
-        for field_name, field in cls.config_class.model_fields.items():
+        fields = cls.config_class.model_fields
+        for field_name in fields_most_specific_first(cls.config_class):
+            field = fields[field_name]
             default = "required" if field.is_required() else f"default {field.default!r}"
             print(f"    {field_name}: {_annotation(field.annotation)} ({default})")
     return 0

@@ -40,9 +40,16 @@ from torch import Tensor, nn
 
 from optimum_lowrank.errors import DataError, PassError
 
-__all__ = ["LOSSES", "finetune", "fresh_windows", "lowrank_parameters", "make_loss"]
+__all__ = ["LOSSES", "finetune", "fresh_windows", "load_values", "lowrank_parameters", "make_loss"]
 
 LOSSES = ("auto", "lm", "hidden", "logits")
+
+
+@torch.no_grad()
+def load_values(params: list[nn.Parameter], values: list[Tensor]) -> None:
+    """Copy saved ``values`` back into ``params`` (same order and shapes), without autograd."""
+    for p, value in zip(params, values, strict=True):
+        p.copy_(value)
 
 
 def lowrank_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -287,9 +294,7 @@ def finetune(
         if not math.isfinite(after):
             raise PassError(f"fine-tune loss after training is {after}; parameters restored")
     except BaseException:
-        with torch.no_grad():
-            for p, saved in zip(params, snapshot):
-                p.copy_(saved)
+        load_values(params, snapshot)
         raise
     finally:
         optimizer.zero_grad(set_to_none=True)

@@ -270,7 +270,7 @@ def _parse_step(index: int, raw: Any, registry: PassRegistry) -> PassStep:
     return PassStep(pass_id, config)
 
 
-def _fields_most_specific_first(model: type[BaseModel]) -> list[str]:
+def fields_most_specific_first(model: type[BaseModel]) -> list[str]:
     """``targets``, then the fields the class itself declares, then the inherited ones (shared option groups)."""
     own = [name for name in model.model_fields if name in model.__dict__.get("__annotations__", {})]
     rest = [name for name in model.model_fields if name not in own and name != "targets"]
@@ -284,7 +284,7 @@ def format_validation_error(err: ValidationError, where: str, model: type[BaseMo
         loc = ".".join(str(part) for part in problem["loc"])
         if problem["type"] == "extra_forbidden":
             owner = _owner_model(model, problem["loc"][:-1])
-            allowed = ", ".join(_fields_most_specific_first(owner)) if owner else "?"
+            allowed = ", ".join(fields_most_specific_first(owner)) if owner else "?"
             section = ".".join(str(part) for part in problem["loc"][:-1])
             lines.append(f"{where}{': ' + section if section else ''}: unknown key {problem['loc'][-1]!r}; allowed keys: {allowed}")
         elif problem["type"] == "literal_error":

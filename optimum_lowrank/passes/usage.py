@@ -504,7 +504,7 @@ def refine_embedding(
         If the loss becomes NaN/inf (the parameters are restored first) or the loss
         does not fit the model kind.
     """
-    from optimum_lowrank.finetune import make_loss
+    from optimum_lowrank.finetune import load_values, make_loss
 
     ids = refinement_windows(context.calibration_ids, context.tokenizer, context.kind, config)
     if ids.shape[0] < 2:
@@ -561,21 +561,15 @@ def refine_embedding(
                         stale += 1
                         if stale >= config.patience:
                             break
-                        with torch.no_grad():  # back to the best state, at a lower learning rate
-                            for p, value in zip(params, best_state):
-                                p.copy_(value)
+                        load_values(params, best_state)  # back to the best state, at a lower learning rate
                         for group in optimizer.param_groups:
                             group["lr"] *= config.lr_decay
         finally:
             if bar is not None:
                 bar.close()
-        with torch.no_grad():
-            for p, value in zip(params, best_state):
-                p.copy_(value)
+        load_values(params, best_state)
     except BaseException:
-        with torch.no_grad():
-            for p, value in zip(params, initial):
-                p.copy_(value)
+        load_values(params, initial)
         raise
     finally:
         for p, flag in flags.items():

@@ -286,6 +286,9 @@ def test_calibration_with_no_tokens_and_mismatched_tokenizer(tiny_bert):
     with pytest.raises(DataError, match=r"30,522 ids\) does not match embeddings.word_embeddings \(120x32\) with 120 rows"):
         SVDPass({"targets": ["embeddings.word_embeddings"], "rank": 4}).run(tiny_bert, wrong)
     assert isinstance(tiny_bert.embeddings.word_embeddings, nn.Embedding)
+    # unweighted, without keep_top_k, the counts only feed the report: the pass runs and says why there is none
+    [report] = SVDPass({"targets": ["embeddings.word_embeddings"], "rank": 4, "row_weighting": "none"}).run(tiny_bert, wrong)
+    assert "no vocabulary report" in report.note and "exact_rows" not in report.metrics
 
 
 # --------------------------------------------------------------------------- refinement

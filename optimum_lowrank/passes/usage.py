@@ -237,7 +237,12 @@ def prepare_embedding(
     notes: list[str] = []
     counts = None
     if context.has_calibration:  # counts also feed the vocabulary report
-        counts = context.token_counts(vocab, f"{name} ({vocab}x{dim})").counts
+        try:
+            counts = context.token_counts(vocab, f"{name} ({vocab}x{dim})").counts
+        except DataError as err:
+            if config.usage_aware:
+                raise
+            notes.append(f"no vocabulary report ({err})")  # only the report needed them
     elif k > 0:
         raise PassError(f"{name}: keep_top_k needs calibration text to rank tokens by frequency, and none was given")
     elif config.row_weighting == "frequency":

@@ -194,7 +194,7 @@ def describe(row: dict, metric: str) -> str:
 
 
 def best_hybrid(rows: list[dict], ratio: float, metric: str) -> tuple | None:
-    """The hybrid (or, failing that, any) unrefined row at ``ratio`` with the best metric."""
+    """The unrefined row at ``ratio`` with the best metric (ties: the larger ``keep_top_k``), as a config tuple."""
     candidates = [r for r in rows if r["ratio"] == ratio and not r["refine_steps"] and metric in r]
     if not candidates:
         return None

@@ -60,7 +60,7 @@ from optimum_lowrank.errors import PassError
 from optimum_lowrank.hookspecs import hookimpl
 from optimum_lowrank.layers.embeddings import AffineFactorHead, AutoencoderEmbedding
 from optimum_lowrank.passes.base import CompressionPass, PassContext
-from optimum_lowrank.passes.embedding_training import EmbeddingTrainingConfig, reconstruction_metrics, train_rows
+from optimum_lowrank.passes.embedding_training import EmbeddingTrainingConfig, fit_rows
 from optimum_lowrank.passes.usage import EmbeddingJob, finish_embedding, prepare_embedding, weighted_svd
 from optimum_lowrank.report import LayerReport
 
@@ -141,7 +141,7 @@ class AutoencoderEmbeddingPass(CompressionPass):
             raise PassError(f"{job.name}: latent_dim {k} must be smaller than embedding_dim {dim} (valid: 1..{dim - 1})")
         if vocab * k + k * dim + dim >= vocab * dim:
             raise PassError(
-                f"{job.label(job.name)}: latent_dim {k} would not reduce a {vocab}x{dim} table "
+                f"{job.label}: latent_dim {k} would not reduce a {vocab}x{dim} table "
                 f"({vocab * k + k * dim + dim:,} >= {vocab * dim:,} parameters)"
             )
         return k
@@ -168,23 +168,16 @@ class AutoencoderEmbeddingPass(CompressionPass):
         def rows(index: torch.Tensor) -> torch.Tensor:
             return decoder(encoder(target[index]))
 
-        init = reconstruction_metrics(rows, target)
-        result = train_rows(
+        fit = fit_rows(
             rows, [*encoder.parameters(), *decoder.parameters()], target, options,
             desc=f"{self.name} {job.name}", row_weights=job.weights,
         )
         layer = AutoencoderEmbedding.from_autoencoder(target, encoder, decoder, None if job.hybrid else job.module.padding_idx)
-        final = reconstruction_metrics(lambda index: layer(index), target)
-        metrics = {f"init_{key}": value for key, value in init.items()}
-        metrics.update(train_seconds=result.seconds, epochs=float(result.epochs))
         init_name = {"svd": "SVD", "pca": "PCA", "random": "random init"}[self.config.init]
-        summary = (
-            f"latent_dim {k}; mean cosine {init['mean_cosine']:.4f} ({init_name}) -> {final['mean_cosine']:.4f} "
-            f"after {result.epochs} epochs ({result.seconds:.1f} s)"
-        )
+        summary = f"latent_dim {k}; {fit.describe(init_name)}"
         report = finish_embedding(
             self.config, model, job, layer, context, tied_head=self.config.tied_head, head_factory=AffineFactorHead,
-            head_description="logits = (h P) A^T + (h . b)", rank=k, summary=summary, metrics=metrics,
+            head_description="logits = (h P) A^T + (h . b)", rank=k, summary=summary, metrics=fit.metrics(),
         )
         report.metrics["seconds"] = time.perf_counter() - t0
         return report

@@ -97,6 +97,7 @@ class PassContext:
     seed: int = 0
     notes: list[str] = field(default_factory=list)
     token_counts_loader: Callable[[], Any] | None = None
+    _token_counts: dict[int, Any] = field(default_factory=dict, init=False, repr=False)
 
     @cached_property
     def calibration_ids(self) -> torch.Tensor:
@@ -129,7 +130,7 @@ class PassContext:
         """
         from optimum_lowrank.vocab import count_ids
 
-        cached = self.__dict__.setdefault("_token_counts", {})
+        cached = self._token_counts
         if vocab_size not in cached:
             if self.token_counts_loader is not None:
                 cached[vocab_size] = self.token_counts_loader().resized(vocab_size, what)

@@ -62,7 +62,7 @@ from optimum_lowrank.hookspecs import hookimpl
 from optimum_lowrank.layers.embeddings import MaterializedHead
 from optimum_lowrank.layers.fourier import FourierEmbedding, fourier_mlp_params
 from optimum_lowrank.passes.base import CompressionPass, PassContext
-from optimum_lowrank.passes.embedding_training import EmbeddingTrainingConfig, reconstruction_metrics, train_rows
+from optimum_lowrank.passes.embedding_training import EmbeddingTrainingConfig, fit_rows
 from optimum_lowrank.passes.usage import EmbeddingJob, finish_embedding, prepare_embedding
 from optimum_lowrank.report import LayerReport
 
@@ -155,11 +155,11 @@ class FourierEmbeddingPass(CompressionPass):
         else:
             hidden = hidden_dim_for_ratio(vocab, dim, job.ratio, cfg.mlp)
             if hidden < 1:
-                raise PassError(f"{job.label(job.name)}: compression ratio {job.ratio:g} leaves no room for a {cfg.mlp} MLP on d={dim}")
+                raise PassError(f"{job.label}: compression ratio {job.ratio:g} leaves no room for a {cfg.mlp} MLP on d={dim}")
         params = fourier_mlp_params(dim, hidden, cfg.mlp)
         if params >= vocab * dim:
             raise PassError(
-                f"{job.label(job.name)}: a {cfg.mlp} MLP of width {hidden} has {params:,} parameters, not fewer than the table's {vocab * dim:,}"
+                f"{job.label}: a {cfg.mlp} MLP of width {hidden} has {params:,} parameters, not fewer than the table's {vocab * dim:,}"
             )
         return hidden
 
@@ -174,19 +174,12 @@ class FourierEmbeddingPass(CompressionPass):
             layer = FourierEmbedding(vocab, dim, hidden, cfg.mlp, padding_idx=None if job.hybrid else job.module.padding_idx)
         with torch.no_grad():
             layer.norm_weight.copy_(target.square().mean(0).sqrt())
-        init = reconstruction_metrics(layer.rows, target)
-        result = train_rows(layer.rows, layer.parameters(), target, options, desc=f"{self.name} {job.name}", row_weights=job.weights)
-        final = reconstruction_metrics(layer.rows, target)
-        metrics = {f"init_{key}": value for key, value in init.items()}
-        metrics.update(train_seconds=result.seconds, epochs=float(result.epochs))
-        summary = (
-            f"{cfg.mlp} MLP width {hidden}; mean cosine {init['mean_cosine']:.4f} (init) -> {final['mean_cosine']:.4f} "
-            f"after {result.epochs} epochs ({result.seconds:.1f} s)"
-        )
+        fit = fit_rows(layer.rows, layer.parameters(), target, options, desc=f"{self.name} {job.name}", row_weights=job.weights)
+        summary = f"{cfg.mlp} MLP width {hidden}; {fit.describe('init')}"
         report = finish_embedding(
             cfg, model, job, layer, context, tied_head=cfg.tied_head, head_factory=MaterializedHead,
             head_description="MLP evaluated for every id in every forward, logits = h @ table^T",
-            rank=hidden, summary=summary, metrics=metrics,
+            rank=hidden, summary=summary, metrics=fit.metrics(),
         )
         report.metrics["seconds"] = time.perf_counter() - t0
         return report

@@ -266,7 +266,7 @@ class SVDPass(CompressionPass):
             if rank * (m + n) >= m * n:
                 if self.config.rank is not None:
                     raise PassError(
-                        f"{job.label(job.name)}: rank {rank} would not reduce a {m}x{n} table "
+                        f"{job.label}: rank {rank} would not reduce a {m}x{n} table "
                         f"({rank * (m + n):,} >= {m * n:,} parameters); use rank < {m * n / (m + n):.1f}"
                     )
                 vocab, dim = job.table.shape

@@ -98,7 +98,7 @@ from optimum_lowrank.layers.tt import (
     vocab_factors,
 )
 from optimum_lowrank.passes.base import CompressionPass, PassContext
-from optimum_lowrank.passes.embedding_training import EmbeddingTrainingConfig, reconstruction_metrics, train_rows
+from optimum_lowrank.passes.embedding_training import EmbeddingTrainingConfig, fit_rows
 from optimum_lowrank.passes.usage import EmbeddingJob, finish_embedding, prepare_embedding
 from optimum_lowrank.report import LayerReport
 
@@ -305,7 +305,7 @@ class TTEmbeddingPass(CompressionPass):
             config = self.config
             if config.compression_ratio is not None:
                 config = config.model_copy(update={"compression_ratio": job.ratio})
-            plans.append((job, choose_tt_layout(config, job.rows, job.label(name))))
+            plans.append((job, choose_tt_layout(config, job.rows, job.label)))
         return [self._compress(model, job, layout, context) for job, layout in plans]
 
     def _compress(self, model: nn.Module, job: EmbeddingJob, layout: _Layout, context: PassContext) -> LayerReport:
@@ -320,28 +320,21 @@ class TTEmbeddingPass(CompressionPass):
         else:
             layer = TTMatrixEmbedding.from_weight(target, layout.vocab_shape, layout.shape, layout.max_rank, layout.tolerance, padding_idx)
         decompose_seconds = time.perf_counter() - t0
-        init = reconstruction_metrics(layer.rows, target)
-        full_table = options.batch_size is None or options.batch_size * 4 >= vocab
-        desc = f"{self.name} {job.name}"
-        if isinstance(layer, TTMatrixEmbedding) and full_table:
+        whole = isinstance(layer, TTMatrixEmbedding) and (options.batch_size is None or options.batch_size * 4 >= vocab)
 
-            def rows(index: Tensor) -> Tensor:
-                table = layer.full_table()
-                return table[:vocab] if index.numel() == vocab else table[index]
+        def whole_table(index: Tensor) -> Tensor:  # TT-matrix: one contraction of the whole table per step
+            table = layer.full_table()
+            return table[:vocab] if index.numel() == vocab else table[index]
 
-            result = train_rows(rows, layer.parameters(), target, options, desc=desc, num_rows=vocab, row_weights=job.weights)
-        else:
-            result = train_rows(layer.rows, layer.parameters(), target, options, desc=desc, row_weights=job.weights)
-        final = reconstruction_metrics(layer.rows, target)
-        metrics = {f"init_{key}": value for key, value in init.items()}
-        metrics.update(decompose_seconds=decompose_seconds, train_seconds=result.seconds, epochs=float(result.epochs))
+        fit = fit_rows(
+            layer.rows, layer.parameters(), target, options, desc=f"{self.name} {job.name}", row_weights=job.weights,
+            train_with=whole_table if whole else None,
+        )
+        metrics = {**fit.metrics(), "decompose_seconds": decompose_seconds}
         shape = "x".join(map(str, layer.shape))
         if cfg.mode == "tt_matrix":
             shape = f"({'x'.join(map(str, layer.vocab_shape))}) x ({shape})"
-        summary = (
-            f"{cfg.mode} {shape}, TT-ranks {list(layer.ranks)}; mean cosine {init['mean_cosine']:.4f} (TT-SVD) -> "
-            f"{final['mean_cosine']:.4f} after {result.epochs} epochs ({result.seconds:.1f} s)"
-        )
+        summary = f"{cfg.mode} {shape}, TT-ranks {list(layer.ranks)}; {fit.describe('TT-SVD')}"
         report = finish_embedding(
             cfg, model, job, layer, context, tied_head=cfg.tied_head, head_factory=MaterializedHead,
             head_description="table contracted from the cores in every forward, logits = h @ table^T",

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -182,14 +183,15 @@ class EmbeddingJob:
     def hybrid(self) -> bool:
         return self.kept.numel() > 0
 
-    @property
+    @cached_property
     def rows(self) -> Tensor:
-        """The rows the method compresses, shape (V - k, d), in ``rest`` order."""
+        """The rows the method compresses, shape (V - k, d), in ``rest`` order (gathered once)."""
         return self.table[self.rest] if self.hybrid else self.table
 
-    def label(self, name: str) -> str:
-        """``name`` or, for a hybrid table, ``name`` + " (the V - k compressed rows)"."""
-        return f"{name} ({self.rest.numel():,} compressed rows)" if self.hybrid else name
+    @property
+    def label(self) -> str:
+        """The layer's name, plus "(N compressed rows)" for a hybrid table (for error messages)."""
+        return f"{self.name} ({self.rest.numel():,} compressed rows)" if self.hybrid else self.name
 
 
 def prepare_embedding(

@@ -276,7 +276,6 @@ def train_rows(
     config: TrainingOptions,
     *,
     desc: str = "training",
-    num_rows: int | None = None,
     row_weights: Tensor | None = None,
 ) -> TrainingResult:
     """Fit ``rows(index) ~= target[index]`` with the direction-aware loss.
@@ -297,8 +296,6 @@ def train_rows(
         From :meth:`EmbeddingTrainingConfig.training`; ``config.seed`` seeds the shuffling.
     desc : str
         Label of the progress bar.
-    num_rows : int, optional
-        Train on the first ``num_rows`` rows only (default: all V).
     row_weights : Tensor, shape (V,), optional
         Per-row loss weights (usage-aware compression); None weights rows alike.
 
@@ -307,7 +304,7 @@ def train_rows(
     TrainingResult
     """
     params = [p for p in parameters if p.requires_grad]
-    total = target.shape[0] if num_rows is None else num_rows
+    total = target.shape[0]
     result = TrainingResult(epochs=config.epochs, steps=0, seconds=0.0)
     if config.epochs == 0 or not params:
         return result

@@ -107,8 +107,8 @@ class Shared:
     """Calibration computed once per model: statistics, sensitivities, whitened decompositions."""
 
     def __init__(self, model, targets, ids, kind, sens_samples, methods, record):
-        from optimum_lowrank.passes.activation_svd import ActivationSVDConfig, ActivationSVDPass
-        from optimum_lowrank.passes.calibration import collect_input_statistics, collect_output_sensitivity
+        from optimum_lowrank.passes.linear.activation_svd import ActivationSVDConfig, ActivationSVDPass
+        from optimum_lowrank.passes.linear.calibration import collect_input_statistics, collect_output_sensitivity
 
         need = {m for m in methods if m not in ("svd", "svd_budget")}
         self.decomps = {}
@@ -139,8 +139,8 @@ def compress(method: str, model, keep: float, patterns, shared: Shared, context,
     """Compress a deep copy of ``model``; returns (model, layer reports, notes).
 
     ``min_saving``: the passes' ``min_layer_saving`` (layers saving less stay dense)."""
-    from optimum_lowrank.passes.activation_svd import ActivationSVDConfig, ActivationSVDPass
-    from optimum_lowrank.passes.softlm import SoftLMConfig, SoftLMPass
+    from optimum_lowrank.passes.linear.activation_svd import ActivationSVDConfig, ActivationSVDPass
+    from optimum_lowrank.passes.linear.softlm import SoftLMConfig, SoftLMPass
     from optimum_lowrank.passes.svd import SVDConfig, SVDPass
 
     m = copy.deepcopy(model)
@@ -185,11 +185,11 @@ def layer_summary(reports) -> dict:
 def run_model(name: str, args) -> dict:
     import torch
 
+    from optimum_lowrank.api import PassContext, count_parameters, resolve_targets
     from optimum_lowrank.data import load_sts_pairs, load_text, token_windows
     from optimum_lowrank.evaluation import PerplexityEvaluator, STSBEvaluator
     from optimum_lowrank.finetune import finetune
     from optimum_lowrank.models import load_model
-    from optimum_lowrank.passes.base import PassContext, count_parameters, resolve_targets
 
     result: dict = {"model": name, "rows": [], "shared": {}}
     loaded = load_model(name)
@@ -295,8 +295,9 @@ def latency(name: str, model, compressed: dict, kind: str, args) -> list[dict]:
     the machine's load hits every graph alike; median of ``--latency-repeats`` runs after one warm-up."""
     import numpy as np
 
-    from optimum_lowrank.exporters.onnx import build_dummy_feeds, export_onnx, make_session, onnx_size_mb, onnx_task
+    from optimum_lowrank.exporters.onnx import export_onnx, onnx_size_mb, onnx_task
     from optimum_lowrank.exporters.quantize import quantize_onnx
+    from optimum_lowrank.exporters.runtime import build_dummy_feeds, make_session
 
     method = "weight_int8" if kind == "decoder" else "dynamic_int8"
     vocab = getattr(model.config, "vocab_size", 2)

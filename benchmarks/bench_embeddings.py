@@ -59,12 +59,12 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from optimum_lowrank.errors import LowRankError  # noqa: E402
-from optimum_lowrank.passes.base import PassContext, count_parameters  # noqa: E402
-from optimum_lowrank.passes.embedding_training import reconstruction_metrics  # noqa: E402
-from optimum_lowrank.pipeline import apply_passes  # noqa: E402
-from optimum_lowrank.recipe import load_recipe  # noqa: E402
-from optimum_lowrank.report import format_table  # noqa: E402
+from optimum_lowrank.api import PassContext, count_parameters
+from optimum_lowrank.errors import LowRankError
+from optimum_lowrank.passes.embedding.install import reconstruction_metrics
+from optimum_lowrank.pipeline import apply_passes
+from optimum_lowrank.recipe import load_recipe
+from optimum_lowrank.report import format_table
 
 DATA = ROOT.parent / "shared" / "data"
 STSB = DATA / "stsb" / "sts-dev.tsv"

@@ -48,10 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_embeddings import forward_ms  # noqa: E402
 
-from optimum_lowrank.errors import LowRankError  # noqa: E402
-from optimum_lowrank.passes.base import PassContext, count_parameters  # noqa: E402
-from optimum_lowrank.pipeline import apply_passes  # noqa: E402
-from optimum_lowrank.recipe import load_recipe  # noqa: E402
+from optimum_lowrank.api import PassContext, count_parameters
+from optimum_lowrank.errors import LowRankError
+from optimum_lowrank.pipeline import apply_passes
+from optimum_lowrank.recipe import load_recipe
 
 DATA = ROOT.parent / "shared" / "data"
 CALIBRATION = DATA / "wikitext-2" / "wiki.valid.tokens"

@@ -6,25 +6,63 @@ original model and exports ONNX (optionally int8)::
 
     from optimum_lowrank import optimize
     report = optimize("minilm", "recipes/minilm-svd.yaml", output="out/minilm")
+
+This namespace is also the whole plugin API: a third-party pass imports
+``hookimpl``, ``CompressionPass``, ``PassConfig``, ``PassContext``,
+``LayerReport``, the errors and the layer helpers from here and nowhere else
+(see ``docs/plugins.md``).
 """
 
 from __future__ import annotations
 
-from optimum_lowrank.errors import AccuracyError, LowRankError, RecipeError
+from optimum_lowrank.api import CompressionPass, PassConfig, PassContext, count_parameters, resolve_targets
+from optimum_lowrank.errors import (
+    AccuracyError,
+    DataError,
+    DuplicatePassError,
+    ExportError,
+    LowRankError,
+    ModelLoadError,
+    OutputExistsError,
+    PassError,
+    RecipeError,
+    TargetError,
+    UnknownPassError,
+)
 from optimum_lowrank.hookspecs import hookimpl
+from optimum_lowrank.layers.lowrank import LowRankEmbedding, LowRankLinear, linear_weight
+from optimum_lowrank.linalg.svd import split_factors, truncated_svd
 from optimum_lowrank.pipeline import optimize
 from optimum_lowrank.recipe import Recipe, load_recipe
-from optimum_lowrank.report import OptimizationReport
+from optimum_lowrank.report import LayerReport, OptimizationReport
 
 __all__ = [
     "AccuracyError",
+    "CompressionPass",
+    "DataError",
+    "DuplicatePassError",
+    "ExportError",
+    "LayerReport",
+    "LowRankEmbedding",
     "LowRankError",
+    "LowRankLinear",
+    "ModelLoadError",
     "OptimizationReport",
+    "OutputExistsError",
+    "PassConfig",
+    "PassContext",
+    "PassError",
     "Recipe",
     "RecipeError",
+    "TargetError",
+    "UnknownPassError",
+    "count_parameters",
     "hookimpl",
+    "linear_weight",
     "load_recipe",
     "optimize",
+    "resolve_targets",
+    "split_factors",
+    "truncated_svd",
 ]
 __version__ = "0.1.0"
-

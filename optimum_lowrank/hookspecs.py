@@ -31,9 +31,9 @@ def lowrank_register_passes(register: PassRegistry) -> None:
     """Register compression passes.
 
     Call ``register(MyPass)`` once per pass, where ``MyPass`` subclasses
-    :class:`optimum_lowrank.passes.base.CompressionPass` and sets ``name`` (the
+    :class:`optimum_lowrank.api.CompressionPass` and sets ``name`` (the
     recipe's ``pass:`` id), ``config_class`` (a pydantic model deriving from
-    :class:`~optimum_lowrank.passes.base.PassConfig`) and ``target_types``.
+    :class:`~optimum_lowrank.api.PassConfig`) and ``target_types``.
 
     Parameters
     ----------

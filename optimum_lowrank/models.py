@@ -216,7 +216,7 @@ def _load_folder(folder: Path, source: str, tokenizer: PreTrainedTokenizerBase |
     return LoadedModel(_finish(model), tokenizer, model_kind(model), source)
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
     env = os.environ.get("OPTIMUM_LOWRANK_CACHE")
     if env:
         return Path(env).expanduser()
@@ -253,7 +253,7 @@ def gguf_cache_dir(gguf_path: str | os.PathLike) -> Path:
     stat = path.stat()
     key = f"{_GGUF_CACHE_FORMAT}\0{path}\0{stat.st_mtime_ns}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return _cache_root() / "gguf" / f"{path.stem}-{stat.st_size}-{digest}"
+    return cache_root() / "gguf" / f"{path.stem}-{stat.st_size}-{digest}"
 
 
 def _gguf_field(gguf: Path, key: str) -> object | None:

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from optimum_lowrank.api import PassContext, count_parameters
 from optimum_lowrank.errors import AccuracyError, ExportError, OutputExistsError
-from optimum_lowrank.passes.base import PassContext, count_parameters
 from optimum_lowrank.recipe import Recipe, load_recipe
 from optimum_lowrank.report import AccuracyReport, ExportReport, OptimizationReport, PassReport
 
@@ -365,7 +365,8 @@ def _export(
     say: _Progress,
 ) -> ExportReport:
     from optimum_lowrank.exporters.latency import measure_latency
-    from optimum_lowrank.exporters.onnx import check_parity, export_onnx, onnx_size_mb, onnx_task
+    from optimum_lowrank.exporters.onnx import export_onnx, onnx_size_mb, onnx_task
+    from optimum_lowrank.exporters.parity import check_parity
     from optimum_lowrank.exporters.quantize import calibration_feeds_from_ids, optimize_graph, quantize_onnx
 
     cfg = recipe.export

@@ -22,7 +22,7 @@ from optimum_lowrank import hookspecs
 from optimum_lowrank.errors import DuplicatePassError, LowRankError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from optimum_lowrank.passes.base import CompressionPass
+    from optimum_lowrank.api import CompressionPass
 
 __all__ = ["PassRegistry", "RegisteredPass", "get_plugin_manager", "get_registry"]
 
@@ -31,11 +31,11 @@ DISABLE_AUTOLOAD_ENV = "OPTIMUM_LOWRANK_DISABLE_AUTOLOAD"
 BLOCK_PLUGINS_ENV = "OPTIMUM_LOWRANK_BLOCK_PLUGINS"
 BUILTIN_PLUGINS = (
     "optimum_lowrank.passes.svd",
-    "optimum_lowrank.passes.activation_svd",
-    "optimum_lowrank.passes.softlm",
-    "optimum_lowrank.passes.autoencoder_embedding",
-    "optimum_lowrank.passes.tt_embedding",
-    "optimum_lowrank.passes.fourier_embedding",
+    "optimum_lowrank.passes.linear.activation_svd",
+    "optimum_lowrank.passes.linear.softlm",
+    "optimum_lowrank.passes.embedding.autoencoder",
+    "optimum_lowrank.passes.embedding.tt",
+    "optimum_lowrank.passes.embedding.fourier",
 )
 
 
@@ -58,7 +58,7 @@ class PassRegistry:
         self._current_plugin = "<direct>"
 
     def __call__(self, pass_class: type[CompressionPass]) -> type[CompressionPass]:
-        from optimum_lowrank.passes.base import CompressionPass
+        from optimum_lowrank.api import CompressionPass
 
         if not (isinstance(pass_class, type) and issubclass(pass_class, CompressionPass)):
             raise LowRankError(f"plugin {self._current_plugin!r} registered {pass_class!r}, which is not a CompressionPass subclass")

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from optimum_lowrank.api import PassConfig
 from optimum_lowrank.errors import RecipeError, UnknownPassError
-from optimum_lowrank.passes.base import PassConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from optimum_lowrank.plugins import PassRegistry

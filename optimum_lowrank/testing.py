@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from optimum_lowrank.passes.base import CompressionPass, PassContext, count_parameters
+from optimum_lowrank.api import CompressionPass, PassContext, count_parameters
 from optimum_lowrank.plugins import PassRegistry
 from optimum_lowrank.recipe import load_recipe
 
@@ -121,7 +121,8 @@ def check_pass_contract(
 
     max_abs_diff = None
     if tmp_path is not None:
-        from optimum_lowrank.exporters.onnx import check_parity, export_onnx, onnx_task
+        from optimum_lowrank.exporters.onnx import export_onnx, onnx_task
+        from optimum_lowrank.exporters.parity import check_parity
 
         path = export_onnx(compressed, Path(tmp_path) / pass_class.name, onnx_task(compressed))
         parity = check_parity(compressed, path, atol=atol, seq_lengths=(8, 24), vocab_size=model.config.vocab_size)

@@ -2,7 +2,7 @@
 
 The embedding passes weight rows by these counts (``row_weighting: frequency``)
 and keep the most frequent rows exact (``keep_top_k``); see
-:mod:`optimum_lowrank.passes.usage`. Counts are computed once per tokenizer and
+:mod:`optimum_lowrank.passes.embedding.usage`. Counts are computed once per tokenizer and
 text and cached on disk (``$OPTIMUM_LOWRANK_CACHE/token_counts``, default
 ``~/.cache/optimum_lowrank/token_counts``).
 """
@@ -97,9 +97,9 @@ def count_ids(ids: Tensor, vocab_size: int, source: str = "token ids") -> TokenC
 
 
 def _cache_dir() -> Path:
-    from optimum_lowrank.models import _cache_root
+    from optimum_lowrank.models import cache_root
 
-    return _cache_root() / "token_counts"
+    return cache_root() / "token_counts"
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:

@@ -12,21 +12,16 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
+from optimum_lowrank.api import PassContext, count_parameters
 from optimum_lowrank.errors import DataError, PassError, RecipeError
 from optimum_lowrank.finetune import finetune, lowrank_parameters
 from optimum_lowrank.layers import LowRankLinear
-from optimum_lowrank.passes.activation_svd import (
-    ActivationSVDConfig,
-    ActivationSVDPass,
-    InputTransform,
-    asvd_transform,
-    cholesky_transform,
-    whitened_svd,
-)
-from optimum_lowrank.passes.base import PassContext, count_parameters
-from optimum_lowrank.passes.budget import LayerSpectrum, allocate_ranks
-from optimum_lowrank.passes.calibration import InputStatistics, collect_input_statistics, collect_output_sensitivity
-from optimum_lowrank.passes.softlm import SoftLMConfig, SoftLMPass, SoftThresholdLinear
+from optimum_lowrank.linalg.budget import LayerSpectrum, allocate_ranks
+from optimum_lowrank.linalg.whitening import InputStatistics, InputTransform, asvd_transform, cholesky_transform, whitened_svd
+from optimum_lowrank.passes.linear.activation_svd import ActivationSVDConfig, ActivationSVDPass
+from optimum_lowrank.passes.linear.calibration import collect_input_statistics, collect_output_sensitivity
+from optimum_lowrank.passes.linear.soft_threshold import SoftThresholdLinear
+from optimum_lowrank.passes.linear.softlm import SoftLMConfig, SoftLMPass
 from optimum_lowrank.passes.svd import SVDConfig, SVDPass
 from optimum_lowrank.pipeline import apply_passes
 from optimum_lowrank.plugins import get_registry
@@ -410,7 +405,7 @@ ZONE_RANK, SAVING_RANK = 15, 14
 
 
 def test_factorizes_and_the_effective_break_even():
-    from optimum_lowrank.passes.budget import dense_rank, factorizes
+    from optimum_lowrank.linalg.budget import dense_rank, factorizes
 
     # the benchmark's layer-latency ranks: 5% fewer was slower than dense in ORT, 10% fewer faster
     assert not factorizes((576, 576), 273, 0.1) and factorizes((576, 576), 259, 0.1)

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from torch import nn
 from torch.testing import assert_close
 
+from optimum_lowrank.api import PassContext, count_parameters
 from optimum_lowrank.errors import PassError, RecipeError, TargetError
 from optimum_lowrank.layers import (
     AffineFactorHead,
@@ -19,23 +20,15 @@ from optimum_lowrank.layers import (
     MaterializedHead,
     TTEmbedding,
     TTMatrixEmbedding,
-    batched_tt_svd,
 )
 from optimum_lowrank.layers.fourier import fourier_mlp_params
-from optimum_lowrank.layers.tt import balanced_factors, tt_params, tt_ranks, vocab_factors
+from optimum_lowrank.linalg.tt import balanced_factors, batched_tt_svd, tt_params, tt_ranks, vocab_factors
+from optimum_lowrank.passes.embedding.autoencoder import AutoencoderEmbeddingConfig, AutoencoderEmbeddingPass
+from optimum_lowrank.passes.embedding.fourier import FourierEmbeddingConfig, FourierEmbeddingPass
+from optimum_lowrank.passes.embedding.install import reconstruction_metrics
+from optimum_lowrank.passes.embedding.training import COS_WEIGHT, POW_WEIGHT, TrainingOptions, alpha_at, direction_loss
+from optimum_lowrank.passes.embedding.tt import TTEmbeddingConfig, TTEmbeddingPass
 from optimum_lowrank.pipeline import apply_passes
-from optimum_lowrank.passes.autoencoder_embedding import AutoencoderEmbeddingConfig, AutoencoderEmbeddingPass
-from optimum_lowrank.passes.base import PassContext, count_parameters
-from optimum_lowrank.passes.embedding_training import (
-    COS_WEIGHT,
-    POW_WEIGHT,
-    TrainingOptions,
-    alpha_at,
-    direction_loss,
-    reconstruction_metrics,
-)
-from optimum_lowrank.passes.fourier_embedding import FourierEmbeddingConfig, FourierEmbeddingPass
-from optimum_lowrank.passes.tt_embedding import TTEmbeddingConfig, TTEmbeddingPass
 from optimum_lowrank.recipe import load_recipe
 
 QUIET = {"progress": False}
@@ -341,7 +334,8 @@ def test_pipeline_error_leaves_the_callers_model_untouched(tiny_bert):
 
 
 def _export_and_quantize(model, tmp_path):
-    from optimum_lowrank.exporters.onnx import check_parity, export_onnx, onnx_task
+    from optimum_lowrank.exporters.onnx import export_onnx, onnx_task
+    from optimum_lowrank.exporters.parity import check_parity
     from optimum_lowrank.exporters.quantize import quantize_onnx
 
     fp32 = export_onnx(model, tmp_path / "onnx", onnx_task(model))
@@ -358,7 +352,7 @@ def _op_types(path):
 
 
 def test_encoder_export_parity_and_int8(tiny_bert, tmp_path):
-    from optimum_lowrank.exporters.onnx import check_parity
+    from optimum_lowrank.exporters.parity import check_parity
 
     tt(tiny_bert, targets=["embeddings.word_embeddings"], mode="tt_matrix", max_rank=4, epochs=1)
     tt(tiny_bert, targets=["embeddings.position_embeddings"], max_rank=2, epochs=1)
@@ -384,7 +378,7 @@ def test_autoencoder_and_fourier_encoder_export(tiny_bert, tmp_path):
 def test_tied_decoder_export_parity_and_int8(tiny_llama, tmp_path, run, options):
     import onnx
 
-    from optimum_lowrank.exporters.onnx import check_parity
+    from optimum_lowrank.exporters.parity import check_parity
 
     run(tiny_llama, targets=["model.embed_tokens"], epochs=1, **options)
     fp32, quantized = _export_and_quantize(tiny_llama, tmp_path)

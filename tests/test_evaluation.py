@@ -13,28 +13,13 @@ import math
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from optimum_lowrank.data import (
-    default_text,
-    load_sts_pairs,
-    load_text,
-    shared_data_dir,
-    token_windows,
-)
+from optimum_lowrank.data import default_text, load_sts_pairs, load_text, shared_data_dir, token_windows
 from optimum_lowrank.errors import DataError, ExportError, LowRankError, RecipeError
-from optimum_lowrank.evaluation import (
-    METRICS,
-    CosineAgreementEvaluator,
-    Evaluator,
-    PerplexityEvaluator,
-    STSBEvaluator,
-    _spearman,
-    build_evaluator,
-)
+from optimum_lowrank.evaluation import METRICS, CosineAgreementEvaluator, Evaluator, PerplexityEvaluator, STSBEvaluator, build_evaluator
 from optimum_lowrank.models import LoadedModel
 
 VOCAB = 256

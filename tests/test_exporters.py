@@ -20,21 +20,10 @@ from torch import nn
 
 from optimum_lowrank.errors import DataError, ExportError
 from optimum_lowrank.exporters.latency import LatencyResult, measure_latency
-from optimum_lowrank.exporters.onnx import (
-    ParityResult,
-    build_dummy_feeds,
-    check_parity,
-    export_onnx,
-    make_session,
-    onnx_size_mb,
-    onnx_task,
-)
-from optimum_lowrank.exporters.quantize import (
-    QUANTIZATION_METHODS,
-    calibration_feeds_from_ids,
-    optimize_graph,
-    quantize_onnx,
-)
+from optimum_lowrank.exporters.onnx import export_onnx, onnx_size_mb, onnx_task
+from optimum_lowrank.exporters.parity import ParityResult, check_parity
+from optimum_lowrank.exporters.quantize import QUANTIZATION_METHODS, calibration_feeds_from_ids, optimize_graph, quantize_onnx
+from optimum_lowrank.exporters.runtime import build_dummy_feeds, make_session
 
 VOCAB = 100
 RANK = 8

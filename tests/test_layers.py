@@ -8,7 +8,8 @@ from torch import nn
 from torch.testing import assert_close
 
 from optimum_lowrank.errors import PassError
-from optimum_lowrank.layers import LowRankEmbedding, LowRankHead, LowRankLinear, truncated_svd
+from optimum_lowrank.layers import LowRankEmbedding, LowRankHead, LowRankLinear
+from optimum_lowrank.linalg.svd import truncated_svd
 
 
 def test_full_rank_svd_reconstructs_weight():
@@ -59,9 +60,10 @@ def test_tied_svd_head_stores_each_factor_once_in_onnx(tiny_llama, tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    from optimum_lowrank.exporters.onnx import check_parity, export_onnx, onnx_task
+    from optimum_lowrank.api import count_parameters
+    from optimum_lowrank.exporters.onnx import export_onnx, onnx_task
+    from optimum_lowrank.exporters.parity import check_parity
     from optimum_lowrank.exporters.quantize import quantize_onnx
-    from optimum_lowrank.passes.base import count_parameters
     from optimum_lowrank.passes.svd import SVDConfig, SVDPass
 
     torch.manual_seed(0)

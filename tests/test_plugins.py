@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from optimum_lowrank import hookimpl, hookspecs
+from optimum_lowrank.api import PassContext
 from optimum_lowrank.errors import DuplicatePassError
 from optimum_lowrank.layers import LowRankLinear
-from optimum_lowrank.pipeline import apply_passes
 from optimum_lowrank.passes.svd import SVDPass
-from optimum_lowrank.passes.base import PassContext
+from optimum_lowrank.pipeline import apply_passes
 from optimum_lowrank.plugins import BLOCK_PLUGINS_ENV, DISABLE_AUTOLOAD_ENV, PassRegistry, get_plugin_manager
 from optimum_lowrank.recipe import load_recipe
 

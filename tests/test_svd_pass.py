@@ -7,11 +7,11 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
+from optimum_lowrank.api import PassContext, count_parameters
 from optimum_lowrank.errors import PassError, TargetError
 from optimum_lowrank.layers import LowRankEmbedding, LowRankHead, LowRankLinear
-from optimum_lowrank.pipeline import apply_passes
-from optimum_lowrank.passes.base import PassContext, count_parameters
 from optimum_lowrank.passes.svd import SVDConfig, SVDPass, choose_rank
+from optimum_lowrank.pipeline import apply_passes
 from optimum_lowrank.recipe import load_recipe
 
 

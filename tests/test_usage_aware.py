@@ -8,16 +8,16 @@ import pytest
 import torch
 from torch import nn
 
+from optimum_lowrank.api import PassContext, count_parameters
 from optimum_lowrank.errors import DataError, PassError
-from optimum_lowrank.layers.embeddings import AffineFactorHead
+from optimum_lowrank.layers.autoencoder import AffineFactorHead
 from optimum_lowrank.layers.hybrid import HybridEmbedding, HybridHead, frequency_slots
-from optimum_lowrank.layers.lowrank import LowRankEmbedding, LowRankHead, split_factors
-from optimum_lowrank.passes.autoencoder_embedding import AutoencoderEmbeddingPass
-from optimum_lowrank.passes.base import PassContext, count_parameters
-from optimum_lowrank.passes.fourier_embedding import FourierEmbeddingPass
+from optimum_lowrank.layers.lowrank import LowRankEmbedding, LowRankHead
+from optimum_lowrank.linalg.svd import split_factors, weighted_factors, weighted_svd
+from optimum_lowrank.passes.embedding.autoencoder import AutoencoderEmbeddingPass
+from optimum_lowrank.passes.embedding.fourier import FourierEmbeddingPass
+from optimum_lowrank.passes.embedding.tt import TTEmbeddingPass
 from optimum_lowrank.passes.svd import SVDPass
-from optimum_lowrank.passes.tt_embedding import TTEmbeddingPass
-from optimum_lowrank.passes.usage import weighted_factors, weighted_svd
 from optimum_lowrank.plugins import PassRegistry
 from optimum_lowrank.recipe import load_recipe
 from optimum_lowrank.testing import check_pass_contract, tiny_context
@@ -222,7 +222,8 @@ def test_weighting_without_calibration_is_uniform_and_says_so(tiny_bert):
 
 
 def test_tied_decoder_hybrid_head_shares_parameters(tiny_llama, tmp_path):
-    from optimum_lowrank.exporters.onnx import check_parity, export_onnx, onnx_task
+    from optimum_lowrank.exporters.onnx import export_onnx, onnx_task
+    from optimum_lowrank.exporters.parity import check_parity
 
     ids = torch.randint(0, 128, (1, 12))
     with torch.no_grad():
@@ -358,7 +359,7 @@ def test_refinement_needs_two_windows(tiny_bert):
 def test_refinement_windows_are_cut_and_framed():
     from types import SimpleNamespace
 
-    from optimum_lowrank.passes.usage import RefineConfig, refinement_windows
+    from optimum_lowrank.passes.embedding.refine import RefineConfig, refinement_windows
 
     ids = torch.arange(2 * 12).reshape(2, 12) + 10
     bert = SimpleNamespace(cls_token_id=1, sep_token_id=2, bos_token_id=None)

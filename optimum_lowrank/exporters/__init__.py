@@ -4,8 +4,11 @@ Submodules
 ----------
 onnx
     :func:`export_onnx` (wraps Optimum's ``onnx_export_from_model`` on the
-    in-memory model), :func:`check_parity` (ONNX Runtime vs PyTorch),
-    :func:`onnx_size_mb`, :func:`onnx_task`, :func:`build_dummy_feeds`.
+    in-memory model), :func:`onnx_size_mb`, :func:`onnx_task`.
+runtime
+    :func:`make_session`, :func:`feeds_for_input_ids`, :func:`build_dummy_feeds`.
+parity
+    :func:`check_parity` (ONNX Runtime vs PyTorch).
 quantize
     :func:`quantize_onnx` (``none``, ``dynamic_int8``, ``static_int8``,
     ``weight_int8``, ``weight_int4``), :func:`calibration_feeds_from_ids`,
@@ -23,11 +26,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "ParityResult": "onnx",
-    "build_dummy_feeds": "onnx",
-    "check_parity": "onnx",
+    "ParityResult": "parity",
+    "build_dummy_feeds": "runtime",
+    "check_parity": "parity",
     "export_onnx": "onnx",
-    "feeds_for_input_ids": "onnx",
+    "feeds_for_input_ids": "runtime",
+    "make_session": "runtime",
     "onnx_size_mb": "onnx",
     "onnx_task": "onnx",
     "QUANTIZATION_METHODS": "quantize",
@@ -43,15 +47,8 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from optimum_lowrank.exporters.latency import LatencyResult, measure_latency
-    from optimum_lowrank.exporters.onnx import (
-        ParityResult,
-        build_dummy_feeds,
-        check_parity,
-        export_onnx,
-        feeds_for_input_ids,
-        onnx_size_mb,
-        onnx_task,
-    )
+    from optimum_lowrank.exporters.onnx import export_onnx, onnx_size_mb, onnx_task
+    from optimum_lowrank.exporters.parity import ParityResult, check_parity
     from optimum_lowrank.exporters.quantize import (
         OPTIMIZATION_LEVELS,
         QUANTIZATION_METHODS,
@@ -59,6 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
         optimize_graph,
         quantize_onnx,
     )
+    from optimum_lowrank.exporters.runtime import build_dummy_feeds, feeds_for_input_ids, make_session
 
 
 def __getattr__(name: str) -> Any:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from optimum_lowrank.errors import ExportError
-from optimum_lowrank.exporters.onnx import _first_line, build_dummy_feeds, infer_vocab_size, make_session
+from optimum_lowrank.exporters.runtime import build_dummy_feeds, first_line, infer_vocab_size, make_session
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def measure_latency(
             session.run(output_names, feeds)
             times.append((time.perf_counter() - start) * 1e3)
     except Exception as exc:
-        raise ExportError(f"ONNX Runtime failed to run {onnx_path}: {_first_line(exc)}") from exc
+        raise ExportError(f"ONNX Runtime failed to run {onnx_path}: {first_line(exc)}") from exc
     return LatencyResult(
         median_ms=float(np.median(times)),
         p90_ms=float(np.percentile(times, 90)),

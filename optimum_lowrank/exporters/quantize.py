@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from optimum_lowrank.errors import DataError, ExportError
-from optimum_lowrank.exporters.onnx import _first_line, feeds_for_input_ids, make_session, onnx_size_mb
+from optimum_lowrank.exporters.onnx import onnx_size_mb
+from optimum_lowrank.exporters.runtime import feeds_for_input_ids, first_line, make_session
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime as ort
@@ -217,7 +218,7 @@ def _static_int8(
             )
             source = prepared
         except Exception as exc:  # noqa: BLE001 - pre-processing is an optional help
-            logger.warning("quant_pre_process failed (%s); quantizing the graph as exported", _first_line(exc))
+            logger.warning("quant_pre_process failed (%s); quantizing the graph as exported", first_line(exc))
             source = onnx_path
         quantize_static(
             str(source),
@@ -337,7 +338,7 @@ def quantize_onnx(
     except Exception as exc:
         if onnx_path.resolve() != output_path.resolve():
             _remove_outputs(output_path)
-        raise ExportError(f"{method} quantization of {onnx_path} failed: {_first_line(exc)}") from exc
+        raise ExportError(f"{method} quantization of {onnx_path} failed: {first_line(exc)}") from exc
     if not output_path.is_file():
         raise ExportError(f"{method} quantization of {onnx_path} wrote no file at {output_path}")
     return output_path
@@ -404,5 +405,5 @@ def optimize_graph(onnx_path: Path, output_path: Path, level: int) -> Path:
     except Exception as exc:
         if onnx_path.resolve() != output_path.resolve():
             _remove_outputs(output_path)
-        raise ExportError(f"level-{level} optimization of {onnx_path} failed: {_first_line(exc)}") from exc
+        raise ExportError(f"level-{level} optimization of {onnx_path} failed: {first_line(exc)}") from exc
     return output_path

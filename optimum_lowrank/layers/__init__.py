@@ -1,27 +1,28 @@
-"""Plain ``nn.Module`` layers that replace dense ones; each exports to ONNX as Gather/MatMul."""
+"""Plain ``nn.Module`` layers that replace dense ones; each exports to ONNX as Gather/MatMul.
 
-from optimum_lowrank.layers.lowrank import (
-    FactorizedEmbedding,
-    LowRankEmbedding,
-    LowRankHead,
-    LowRankLinear,
-    linear_weight,
-    split_factors,
-    truncated_svd,
-)
+The factorizations they are built from live in :mod:`optimum_lowrank.linalg`.
+"""
 
-__all__ = ["FactorizedEmbedding", "LowRankEmbedding", "LowRankHead", "LowRankLinear", "linear_weight", "split_factors", "truncated_svd"]
+from optimum_lowrank.layers.autoencoder import AffineFactorHead, AutoencoderEmbedding
+from optimum_lowrank.layers.base import FactorizedEmbedding, MaterializedHead, runtime_zero
+from optimum_lowrank.layers.fourier import FourierEmbedding
+from optimum_lowrank.layers.hybrid import HybridEmbedding, HybridHead
+from optimum_lowrank.layers.lowrank import LowRankEmbedding, LowRankHead, LowRankLinear, linear_weight
+from optimum_lowrank.layers.tt import TTEmbedding, TTMatrixEmbedding
 
-from optimum_lowrank.layers.embeddings import AffineFactorHead, AutoencoderEmbedding, MaterializedHead  # noqa: E402
-from optimum_lowrank.layers.fourier import FourierEmbedding  # noqa: E402
-from optimum_lowrank.layers.tt import TTEmbedding, TTMatrixEmbedding, batched_tt_svd  # noqa: E402
-
-__all__ += [
+__all__ = [
     "AffineFactorHead",
     "AutoencoderEmbedding",
+    "FactorizedEmbedding",
     "FourierEmbedding",
+    "HybridEmbedding",
+    "HybridHead",
+    "LowRankEmbedding",
+    "LowRankHead",
+    "LowRankLinear",
     "MaterializedHead",
     "TTEmbedding",
     "TTMatrixEmbedding",
-    "batched_tt_svd",
+    "linear_weight",
+    "runtime_zero",
 ]

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from optimum_lowrank.errors import PassError
-from optimum_lowrank.layers.embeddings import runtime_zero
-from optimum_lowrank.layers.lowrank import FactorizedEmbedding
+from optimum_lowrank.layers.base import FactorizedEmbedding, runtime_zero
 
 __all__ = ["FourierEmbedding", "fourier_mlp_params"]
 
@@ -138,7 +137,7 @@ class FourierEmbedding(FactorizedEmbedding):
         """The table (V, d) for a head, computed at run time.
 
         ``like`` (any tensor of the forward pass, e.g. the hidden states) only anchors
-        the ids to run-time data (:func:`~optimum_lowrank.layers.embeddings.runtime_zero`):
+        the ids to run-time data (:func:`~optimum_lowrank.layers.autoencoder.runtime_zero`):
         a table computed from constants alone is constant-folded by the ONNX exporter
         into a (V, d) initializer (measured on SmolLM2: +226 MB in the int8 graph).
         """

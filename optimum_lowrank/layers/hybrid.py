@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from optimum_lowrank.errors import PassError
-from optimum_lowrank.layers.embeddings import runtime_zero
-from optimum_lowrank.layers.lowrank import FactorizedEmbedding
+from optimum_lowrank.layers.base import FactorizedEmbedding, runtime_zero
 
 __all__ = ["HybridEmbedding", "HybridHead", "frequency_slots"]
 
@@ -127,7 +126,7 @@ class HybridEmbedding(FactorizedEmbedding):
         return torch.cat([self.exact, self.rest.weight])[self.slot.long()]
 
     def materialize(self, like: Tensor) -> Tensor:
-        """:attr:`weight` computed at run time (see :func:`~optimum_lowrank.layers.embeddings.runtime_zero`)."""
+        """:attr:`weight` computed at run time (see :func:`~optimum_lowrank.layers.autoencoder.runtime_zero`)."""
         inner = getattr(self.rest, "materialize", None)
         rest = inner(like) if callable(inner) else self.rest.weight
         exact = self.exact + runtime_zero(like, self.exact.dtype)

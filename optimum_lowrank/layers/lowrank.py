@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from optimum_lowrank.errors import PassError
+from optimum_lowrank.layers.base import FactorizedEmbedding, runtime_zero
+from optimum_lowrank.linalg.svd import truncated_svd
 
 __all__ = [
     "FactorizedEmbedding",
@@ -20,7 +22,6 @@ __all__ = [
     "LowRankHead",
     "LowRankLinear",
     "linear_weight",
-    "split_factors",
     "truncated_svd",
 ]
 
@@ -50,66 +51,10 @@ def linear_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     raise PassError(f"expected nn.Linear or Conv1D, got {type(module).__name__}")
 
 
-def truncated_svd(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Factor ``weight`` as ``A @ B`` keeping the ``rank`` largest singular values.
-
-    The singular values are split evenly between the factors
-    (``A = U_r sqrt(S_r)``, ``B = sqrt(S_r) V_r^T``), so both factors have
-    similar dynamic range, which keeps per-channel int8 quantization accurate.
-
-    Parameters
-    ----------
-    weight : Tensor, shape (m, n)
-    rank : int, 1 <= rank <= min(m, n)
-
-    Returns
-    -------
-    A : Tensor, shape (m, rank)
-    B : Tensor, shape (rank, n)
-        ``||weight - A @ B||_F`` equals the norm of the dropped singular values
-        (Eckart-Young).
-
-    Raises
-    ------
-    PassError
-        If ``rank`` is out of range.
-
-    References
-    ----------
-    .. [1] Eckart, Young, "The approximation of one matrix by another of lower
-       rank", Psychometrika, 1936.
-    """
-    m, n = weight.shape
-    if not 1 <= rank <= min(m, n):
-        raise PassError(f"rank must be in [1, {min(m, n)}] for a {m}x{n} weight, got {rank}")
-    return split_factors(*torch.linalg.svd(weight.detach().float(), full_matrices=False), rank)
 
 
-def split_factors(u: Tensor, s: Tensor, vh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """``(U_r sqrt(S_r), sqrt(S_r) V_r^T)`` from a thin SVD ``u`` (m, k), ``s`` (k,), ``vh`` (k, n); 1 <= rank <= k."""
-    root = s[:rank].sqrt()
-    return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
-class FactorizedEmbedding(nn.Module):
-    """Base of the compressed token embeddings: subclasses set ``num_embeddings`` (V),
-    ``embedding_dim`` (d), ``padding_idx`` and define ``weight``, the reconstructed
-    (V, d) table, which :meth:`to_dense` turns back into an ``nn.Embedding``."""
-
-    num_embeddings: int
-    embedding_dim: int
-    padding_idx: int | None
-
-    @property
-    def weight(self) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def to_dense(self) -> nn.Embedding:
-        """The ``nn.Embedding`` this layer computes, shape (V, d)."""
-        dense = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx)
-        with torch.no_grad():
-            dense.weight.copy_(self.weight)
-        return dense
 
 
 class LowRankLinear(nn.Module):
@@ -226,7 +171,7 @@ class LowRankHead(nn.Module):
     that multiplied by ``A^T`` and by ``P`` while the embedding gathers from ``A``
     and multiplies by ``P^T`` would store a transposed copy of both factors
     (+5.6 MB fp32 on SmolLM2 at rank 28). Instead the head adds a run-time zero
-    (:func:`~optimum_lowrank.layers.embeddings.runtime_zero`) to ``A`` and to
+    (:func:`~optimum_lowrank.layers.autoencoder.runtime_zero`) to ``A`` and to
     ``P^T`` and transposes at run time: ``A`` stays the embedding's ``Gather``
     table, and ``P^T`` is the constant the embedding's ``Linear`` folds to (the
     exporter deduplicates equal constants). ORT's dynamic int8 then stores ``A``
@@ -253,7 +198,6 @@ class LowRankHead(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         # deferred: layers.embeddings imports this module
-        from optimum_lowrank.layers.embeddings import runtime_zero
 
         proj_t = self.embedding.proj.weight.t()  # (r, d): the embedding Linear's folded constant
         codes = torch.matmul(hidden, (proj_t + runtime_zero(hidden, proj_t.dtype)).t())  # h P, (..., r)

@@ -29,15 +29,23 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from optimum_lowrank.api import CompressionPass, PassContext
 from optimum_lowrank.errors import PassError
 from optimum_lowrank.hookspecs import hookimpl
-from optimum_lowrank.layers.lowrank import LowRankEmbedding, LowRankHead, LowRankLinear, linear_weight, split_factors
-from optimum_lowrank.passes.base import CompressionPass, PassContext
-from optimum_lowrank.passes.usage import EmbeddingJob, UsageAwareConfig, finish_embedding, prepare_embedding, weighted_factors, weighted_svd
-from optimum_lowrank.passes.budget import DEFAULT_MIN_LAYER_SAVING, budget_dense_note, factorizes, min_saving_note
+from optimum_lowrank.layers.lowrank import LowRankEmbedding, LowRankHead, LowRankLinear, linear_weight
+from optimum_lowrank.linalg.budget import (
+    DEFAULT_MIN_LAYER_SAVING,
+    LayerSpectrum,
+    allocate_ranks,
+    budget_dense_note,
+    factorizes,
+    min_saving_note,
+)
+from optimum_lowrank.linalg.svd import split_factors, weighted_factors, weighted_svd
+from optimum_lowrank.passes.embedding.usage import EmbeddingJob, UsageAwareConfig, finish_embedding, prepare_embedding
 from optimum_lowrank.report import LayerReport
 
-__all__ = ["SVDConfig", "SVDPass", "choose_rank", "tied_output_head"]
+__all__ = ["SVDConfig", "SVDPass", "choose_rank"]
 
 RANK_OPTIONS = ("rank", "rank_ratio", "compression_ratio", "energy", "target_params_ratio")
 
@@ -60,7 +68,7 @@ class SVDConfig(UsageAwareConfig):
         Global budget: the fraction of all targets' parameters that remain (0.7 = 30%
         fewer). Per-layer ranks are allocated greedily by the marginal squared singular
         value (relative to the layer's total) per parameter, see
-        :func:`optimum_lowrank.passes.budget.allocate_ranks`; layers the allocation
+        :func:`optimum_lowrank.linalg.budget.allocate_ranks`; layers the allocation
         leaves at or above break-even stay dense (skipped, with a report line).
     tied_head : {"shared", "untie"}
         For an input embedding tied to the output head: ``shared`` (default) makes the
@@ -72,14 +80,14 @@ class SVDConfig(UsageAwareConfig):
         line), also for an explicit ``rank``; the budget allocation treats that rank
         as the layer's break-even. Default 0.1: in ONNX Runtime a layer factorised at
         5% fewer parameters ran slower than the dense one, from 10% fewer every
-        measured shape was faster (see :mod:`optimum_lowrank.passes.budget`). 0 turns
+        measured shape was faster (see :mod:`optimum_lowrank.linalg.budget`). 0 turns
         it off.
 
     With ``rank_ratio``, ``compression_ratio`` or ``energy``, a layer whose rank would
     not reduce its parameters is skipped with a report line.
 
     Embedding targets also take the usage-aware options of
-    :class:`~optimum_lowrank.passes.usage.UsageAwareConfig`: ``row_weighting``
+    :class:`~optimum_lowrank.passes.embedding.usage.UsageAwareConfig`: ``row_weighting``
     (default ``frequency``: the weighted SVD ``min ||D (E - A B)||_F``,
     ``D = diag((count + 1)^(weight_exponent / 2))``), ``keep_top_k`` and ``refine``
     (not with ``target_params_ratio``). Linear targets ignore them.
@@ -97,13 +105,13 @@ class SVDConfig(UsageAwareConfig):
     def _exactly_one_rank_option(self) -> SVDConfig:
         given = [name for name in RANK_OPTIONS if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError(_exactly_one_message(given))
+            raise ValueError(exactly_one_message(given))
         if self.target_params_ratio is not None and (self.keep_top_k or self.refine is not None):
             raise ValueError("keep_top_k and refine apply to one embedding at a given rank; they cannot be combined with target_params_ratio")
         return self
 
 
-def _exactly_one_message(given: list[str]) -> str:
+def exactly_one_message(given: list[str]) -> str:
     """The error for zero or several rank options (per-layer options first, then the global budget)."""
     return f"set exactly one of {', '.join(RANK_OPTIONS[:-1])}; got {', '.join(given) or 'none'} (or the global budget {RANK_OPTIONS[-1]} alone)"
 
@@ -126,7 +134,7 @@ def choose_rank(config: SVDConfig, shape: tuple[int, int], singular_values: Tens
     ------
     PassError
         If ``rank`` exceeds ``min(m, n)``, or ``config`` sets ``target_params_ratio``
-        (a global budget: ranks come from :func:`~optimum_lowrank.passes.budget.allocate_ranks`).
+        (a global budget: ranks come from :func:`~optimum_lowrank.linalg.budget.allocate_ranks`).
     """
     m, n = shape
     if getattr(config, "target_params_ratio", None) is not None:
@@ -146,14 +154,6 @@ def choose_rank(config: SVDConfig, shape: tuple[int, int], singular_values: Tens
     return min(full, int(torch.searchsorted(kept, torch.tensor(config.energy, dtype=kept.dtype) - 1e-12).item()) + 1)
 
 
-def tied_output_head(model: nn.Module, embedding: nn.Module) -> tuple[str, nn.Module] | None:
-    """``(name, module)`` of the output head sharing ``embedding.weight``, or None if untied."""
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if head is None or getattr(head, "weight", None) is not embedding.weight:
-        return None
-    name = next(name for name, module in model.named_modules() if module is head)
-    return name, head
 
 
 class SVDPass(CompressionPass):
@@ -199,7 +199,6 @@ class SVDPass(CompressionPass):
 
     def _allocate(self, targets: dict[str, nn.Module]) -> dict[str, tuple[int, tuple[Tensor, Tensor, Tensor]]]:
         """SVD of every target and the ranks :func:`allocate_ranks` gives them under ``target_params_ratio``."""
-        from optimum_lowrank.passes.budget import LayerSpectrum, allocate_ranks
 
         svds, spectra = {}, []
         for name, module in targets.items():

@@ -13,11 +13,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from optimum_lowrank import hookimpl
-from optimum_lowrank.errors import PassError
-from optimum_lowrank.layers import LowRankLinear
-from optimum_lowrank.passes import CompressionPass, PassConfig, PassContext
-from optimum_lowrank.report import LayerReport
+from optimum_lowrank import CompressionPass, LayerReport, LowRankLinear, PassConfig, PassContext, PassError, hookimpl
 
 
 class RandomizedSVDConfig(PassConfig):

@@ -25,66 +25,17 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from optimum_lowrank.errors import DataError, PassError
+from optimum_lowrank.linalg.whitening import InputStatistics
 
 __all__ = ["InputStatistics", "collect_input_statistics", "collect_output_sensitivity", "run_calibration"]
 
 
-@dataclass(eq=False)
-class InputStatistics:
-    """Sums over the calibration tokens that reached one layer's input.
-
-    Attributes
-    ----------
-    in_features : int
-    count : int
-        Number of token vectors accumulated (batch x sequence positions).
-    abs_sum : Tensor of shape (in_features,), float64, or None
-        ``sum_t |x_t|`` per input channel.
-    gram : Tensor of shape (in_features, in_features), float64, or None
-        ``sum_t x_t x_t^T`` (``X^T X`` with tokens as the rows of ``X``).
-    shared_with : list of str
-        Names of the other modules whose input was the same tensor (they hold this object too).
-    """
-
-    in_features: int
-    count: int = 0
-    abs_sum: Tensor | None = None
-    gram: Tensor | None = None
-    shared_with: list[str] = field(default_factory=list)
-
-    def update(self, x: Tensor, *, gram: bool, abs_mean: bool) -> None:
-        """Add the token vectors of ``x`` (..., in_features) to the sums."""
-        rows = x.detach().reshape(-1, self.in_features).float()
-        if abs_mean:
-            part = rows.abs().sum(0, dtype=torch.float64)
-            self.abs_sum = part if self.abs_sum is None else self.abs_sum.add_(part)
-        if gram:
-            # the batch's X^T X in float32 (one batch: sums of at most batch*seq_len products),
-            # accumulated over batches in float64
-            part = (rows.t() @ rows).double()
-            self.gram = part if self.gram is None else self.gram.add_(part)
-        self.count += rows.shape[0]
-
-    @property
-    def abs_mean(self) -> Tensor:
-        """``mean_t |x_t|`` per channel, shape (in_features,), float64."""
-        if self.abs_sum is None or self.count == 0:
-            raise PassError("no mean |x| was collected for this layer")
-        return self.abs_sum / self.count
-
-    @property
-    def second_moment(self) -> Tensor:
-        """``G / count``, shape (in_features, in_features), float64."""
-        if self.gram is None or self.count == 0:
-            raise PassError("no Gram matrix was collected for this layer")
-        return self.gram / self.count
 
 
 def _in_features(module: nn.Module) -> int:

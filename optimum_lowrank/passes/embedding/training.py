@@ -25,7 +25,6 @@ References
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -38,7 +37,8 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from optimum_lowrank.errors import PassError
-from optimum_lowrank.passes.usage import UsageAwareConfig
+from optimum_lowrank.passes.embedding.install import reconstruction_metrics
+from optimum_lowrank.passes.embedding.usage import UsageAwareConfig
 
 __all__ = [
     "EmbeddingTrainingConfig",
@@ -46,7 +46,6 @@ __all__ = [
     "TrainingOptions",
     "TrainingResult",
     "alpha_at",
-    "check_embedding_table",
     "direction_loss",
     "fit_rows",
     "reconstruction_metrics",
@@ -94,7 +93,7 @@ class EmbeddingTrainingConfig(UsageAwareConfig):
         Show a tqdm bar (on stderr) per trained layer.
 
     The usage-aware options (``row_weighting``, ``weight_exponent``, ``keep_top_k``,
-    ``refine``) are those of :class:`~optimum_lowrank.passes.usage.UsageAwareConfig`.
+    ``refine``) are those of :class:`~optimum_lowrank.passes.embedding.usage.UsageAwareConfig`.
     """
 
     epochs: int | None = Field(None, ge=0)
@@ -198,55 +197,8 @@ def direction_loss(
     return (per_row if weights is None else per_row * weights).mean()
 
 
-def check_embedding_table(name: str, weight: Tensor) -> None:
-    """Refuse tables the embedding passes cannot compress.
-
-    Raises
-    ------
-    PassError
-        If ``weight`` is not 2-D, has fewer than 2 rows (a one-token vocabulary)
-        or contains NaN/inf.
-    """
-    if weight.dim() != 2:
-        raise PassError(f"{name}: expected a 2-D embedding table, got shape {tuple(weight.shape)}")
-    if weight.shape[0] < 2:
-        raise PassError(f"{name}: a vocabulary of {weight.shape[0]} token(s) cannot be compressed (need at least 2)")
-    if not torch.isfinite(weight).all():
-        raise PassError(f"{name}: weight contains NaN or inf; cannot compress")
 
 
-@torch.no_grad()
-def reconstruction_metrics(rows: Callable[[Tensor], Tensor], target: Tensor, chunk: int = 8192) -> dict[str, float]:
-    """How well ``rows(index)`` reproduces ``target[index]`` over the whole table.
-
-    Parameters
-    ----------
-    rows : callable, LongTensor (M,) -> Tensor (M, d)
-    target : Tensor, shape (V, d)
-    chunk : int
-        Rows per call (memory).
-
-    Returns
-    -------
-    dict with ``relative_error`` (``||E_hat - E||_F / ||E||_F``, >= 0),
-    ``mean_cosine`` and ``min_cosine`` (row-wise cosine in [-1, 1]).
-    """
-    err = ref = cos_sum = 0.0
-    cos_min = 1.0
-    for start in range(0, target.shape[0], chunk):
-        index = torch.arange(start, min(start + chunk, target.shape[0]))
-        x = target[index].float()
-        x_hat = rows(index).float()
-        err += float((x_hat - x).double().square().sum())
-        ref += float(x.double().square().sum())
-        cos = F.cosine_similarity(x_hat, x, dim=-1)
-        cos_sum += float(cos.double().sum())
-        cos_min = min(cos_min, float(cos.min()))
-    return {
-        "relative_error": math.sqrt(err / max(ref, 1e-30)),
-        "mean_cosine": cos_sum / target.shape[0],
-        "min_cosine": cos_min,
-    }
 
 
 @dataclass
@@ -413,67 +365,3 @@ def _progress(total: int, desc: str, enabled: bool):
 # --------------------------------------------------------------------------- installing a compressed embedding
 
 
-def install_embedding(
-    model: nn.Module,
-    name: str,
-    original: nn.Embedding,
-    layer: nn.Module,
-    tied_head: str,
-    head_factory: Callable[[nn.Module, Tensor | None], nn.Module],
-    head_description: str,
-) -> tuple[int, str]:
-    """Put ``layer`` at ``name`` in place of ``original`` and deal with an output head tied to it.
-
-    Parameters
-    ----------
-    model : nn.Module
-        Modified in place.
-    name : str
-        Qualified name of ``original``.
-    original : nn.Embedding
-    layer : nn.Module
-        The compressed replacement.
-    tied_head : str
-        ``"untie"`` gives the head a dense copy of the original table (saves
-        nothing on the head side); anything else installs ``head_factory(layer, bias)``,
-        which shares ``layer``'s parameters.
-    head_factory : callable (layer, bias or None) -> nn.Module
-    head_description : str
-        How the shared head computes logits, for the report note.
-
-    Returns
-    -------
-    params_after : int
-        Distinct parameters of the replacement, plus what the head adds (its own
-        bias, or the whole dense table when untied).
-    note : str
-        What happened to the tied head ("" if there is none).
-    """
-    from optimum_lowrank.passes.base import count_parameters
-    from optimum_lowrank.passes.svd import tied_output_head
-
-    head = tied_output_head(model, original)
-    after = count_parameters(layer)
-    note = ""
-    if head is not None:
-        head_name, head_module = head
-        bias = getattr(head_module, "bias", None)
-        vocab, dim = original.weight.shape
-        if tied_head == "untie":
-            dense = nn.Linear(dim, vocab, bias=bias is not None)
-            with torch.no_grad():
-                dense.weight.copy_(original.weight)
-                if bias is not None:
-                    dense.bias.copy_(bias)
-            model.set_submodule(head_name, dense.to(original.weight.dtype))
-            after += count_parameters(dense)
-            note = f"tied output head {head_name!r} untied and kept dense ({vocab * dim:,} parameters stay)"
-        else:
-            new_head = head_factory(layer, bias)
-            model.set_submodule(head_name, new_head)
-            after += 0 if bias is None else bias.numel()
-            note = f"tied output head {head_name!r} shares the compressed parameters ({head_description})"
-        if getattr(model, "config", None) is not None:
-            model.config.tie_word_embeddings = False
-    model.set_submodule(name, layer)
-    return after, note

@@ -2,8 +2,8 @@
 
 A linear autoencoder (encoder ``Linear(d, k)``, decoder ``Linear(k, d)``, both
 with bias) is trained on the rows of the embedding table ``E`` (V x d) with the
-direction-aware loss of :mod:`optimum_lowrank.passes.embedding_training`. The
-deployed layer is :class:`~optimum_lowrank.layers.embeddings.AutoencoderEmbedding`:
+direction-aware loss of :mod:`optimum_lowrank.passes.embedding.training`. The
+deployed layer is :class:`~optimum_lowrank.layers.autoencoder.AutoencoderEmbedding`:
 the latents ``encoder(E)`` (computed once) as ``nn.Embedding(V, k)`` followed by
 the decoder; the encoder is dropped. No task data and no language-model training
 are involved.
@@ -27,7 +27,7 @@ Decisions not fixed by the paper (measured in ``docs/embeddings.md``):
 Tied output head
 ----------------
 ``tied_head: shared`` (default) replaces the head with
-:class:`~optimum_lowrank.layers.embeddings.AffineFactorHead`,
+:class:`~optimum_lowrank.layers.autoencoder.AffineFactorHead`,
 ``logits = (h P) A^T + (h . b)``, which reuses the latents ``A``, decoder weight
 ``P`` and bias ``b``: the savings are real for both the input and the output side.
 ``tied_head: untie`` keeps a dense copy of the original head (the head saves nothing).
@@ -56,12 +56,13 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from optimum_lowrank.api import CompressionPass, PassContext
 from optimum_lowrank.errors import PassError
 from optimum_lowrank.hookspecs import hookimpl
-from optimum_lowrank.layers.embeddings import AffineFactorHead, AutoencoderEmbedding
-from optimum_lowrank.passes.base import CompressionPass, PassContext
-from optimum_lowrank.passes.embedding_training import EmbeddingTrainingConfig, fit_rows
-from optimum_lowrank.passes.usage import EmbeddingJob, finish_embedding, prepare_embedding, weighted_svd
+from optimum_lowrank.layers.autoencoder import AffineFactorHead, AutoencoderEmbedding
+from optimum_lowrank.linalg.svd import weighted_svd
+from optimum_lowrank.passes.embedding.training import EmbeddingTrainingConfig, fit_rows
+from optimum_lowrank.passes.embedding.usage import EmbeddingJob, finish_embedding, prepare_embedding
 from optimum_lowrank.report import LayerReport
 
 __all__ = ["AutoencoderEmbeddingConfig", "AutoencoderEmbeddingPass", "latent_dim_for_ratio"]
@@ -83,7 +84,7 @@ class AutoencoderEmbeddingConfig(EmbeddingTrainingConfig):
         See the module docstring.
 
     The training options (``epochs``, ``batch_size``, ``learning_rate``, loss weights, ``seed`` ...)
-    are those of :class:`~optimum_lowrank.passes.embedding_training.EmbeddingTrainingConfig`;
+    are those of :class:`~optimum_lowrank.passes.embedding.training.EmbeddingTrainingConfig`;
     defaults here: 30 epochs, alpha annealed over 20, batch 256, lr 1e-3, StepLR(4, 0.5).
     """
 
@@ -109,12 +110,12 @@ class AutoencoderEmbeddingPass(CompressionPass):
     """Linear autoencoder on the embedding rows, trained with the direction-aware loss (Balazy et al., arXiv 2106.08181).
 
     Replaces each target ``nn.Embedding`` by an
-    :class:`~optimum_lowrank.layers.embeddings.AutoencoderEmbedding` (inside a
+    :class:`~optimum_lowrank.layers.autoencoder.AutoencoderEmbedding` (inside a
     :class:`~optimum_lowrank.layers.hybrid.HybridEmbedding` with ``keep_top_k``).
     Per layer the report gives ``relative_error``, ``mean_cosine`` and ``min_cosine``
     of the deployed table against the original one, the initialisation's figures on
     the fitted rows (``init_*``), the training time and the vocabulary report
-    (:mod:`optimum_lowrank.passes.usage`). See the module docstring for the recipe
+    (:mod:`optimum_lowrank.passes.embedding.usage`). See the module docstring for the recipe
     syntax, decisions and tied-head handling.
     """
 

@@ -19,7 +19,7 @@ the rows of ``X`` (N x in_features). Each factors ``W T`` for an input transform
     ``||(W - W_r) X^T||_F^2 = ||(W - W_r) L||_F^2 = sum_{i > r} s_i^2``: the
     truncation is optimal for the output error and the dropped whitened singular
     values say exactly what is lost. The Gram matrix is accumulated per layer in
-    float64 (see :mod:`optimum_lowrank.passes.calibration`). If it is not
+    float64 (see :mod:`optimum_lowrank.passes.linear.calibration`). If it is not
     positive definite (fewer calibration tokens than input channels, dead
     channels), ``damping * mean(diag(G))`` is added to its diagonal and the
     Cholesky retried with 10x the damping, up to 6 times; the layer's report says
@@ -31,7 +31,7 @@ pass over the calibration windows), not from the partly compressed one.
 Ranks: the same options as ``svd`` (``rank``, ``rank_ratio``,
 ``compression_ratio``, ``energy`` of the whitened/scaled spectrum) or the global
 budget ``target_params_ratio``, allocated over all targets by the marginal
-whitened singular-value energy per parameter (:mod:`optimum_lowrank.passes.budget`).
+whitened singular-value energy per parameter (:mod:`optimum_lowrank.linalg.budget`).
 
 Recipe
 ------
@@ -54,20 +54,26 @@ References
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from pydantic import Field, model_validator
-from torch import Tensor, nn
+from torch import nn
 
+from optimum_lowrank.api import CompressionPass, PassConfig, PassContext
 from optimum_lowrank.errors import DataError, PassError
 from optimum_lowrank.hookspecs import hookimpl
-from optimum_lowrank.layers.lowrank import LowRankLinear, linear_weight, split_factors
-from optimum_lowrank.passes.base import CompressionPass, PassConfig, PassContext
-from optimum_lowrank.passes.budget import DEFAULT_MIN_LAYER_SAVING, budget_dense_note, factorizes, min_saving_note
-from optimum_lowrank.passes.calibration import InputStatistics, collect_input_statistics, collect_output_sensitivity
-from optimum_lowrank.passes.svd import RANK_OPTIONS, _exactly_one_message, choose_rank
+from optimum_lowrank.layers.lowrank import LowRankLinear, linear_weight
+from optimum_lowrank.linalg.budget import (
+    DEFAULT_MIN_LAYER_SAVING,
+    LayerSpectrum,
+    allocate_ranks,
+    budget_dense_note,
+    factorizes,
+    min_saving_note,
+)
+from optimum_lowrank.linalg.whitening import InputStatistics, InputTransform, WhitenedSVD, asvd_transform, cholesky_transform, whitened_svd
+from optimum_lowrank.passes.linear.calibration import collect_input_statistics, collect_output_sensitivity
+from optimum_lowrank.passes.svd import RANK_OPTIONS, choose_rank, exactly_one_message
 from optimum_lowrank.report import LayerReport
 
 __all__ = [
@@ -81,155 +87,16 @@ __all__ = [
     "whitened_svd",
 ]
 
-ASVD_SCALE_FLOOR = 1e-6
-DAMPING_TRIES = 6
 
 
-@dataclass
-class InputTransform:
-    """An invertible input transform ``T`` (in x in) applied as ``W T``; undone as ``B T^{-1}``.
-
-    Attributes
-    ----------
-    kind : {"identity", "scale", "cholesky"}
-    scale : Tensor of shape (in,), float64, for ``scale`` (T = diag(scale))
-    lower : Tensor of shape (in, in), float64, lower triangular, for ``cholesky``
-    damping : float
-        Relative ridge added to the Gram diagonal before the Cholesky (0 if none was needed).
-    """
-
-    kind: Literal["identity", "scale", "cholesky"]
-    scale: Tensor | None = None
-    lower: Tensor | None = None
-    damping: float = 0.0
-
-    def right(self, weight: Tensor) -> Tensor:
-        """``W T`` for ``W`` of shape (out, in), float64."""
-        if self.kind == "scale":
-            return weight * self.scale
-        if self.kind == "cholesky":
-            return weight @ self.lower
-        return weight
-
-    def undo(self, rows: Tensor) -> Tensor:
-        """``B T^{-1}`` for ``B`` of shape (r, in), float64."""
-        if self.kind == "scale":
-            return rows / self.scale
-        if self.kind == "cholesky":
-            return torch.linalg.solve_triangular(self.lower, rows, upper=False, left=False)
-        return rows
 
 
-def asvd_transform(stats: InputStatistics, alpha: float) -> InputTransform:
-    """ASVD's channel scaling ``T = diag(mean |x|)^alpha``, floored at ``1e-6`` of the largest scale.
-
-    Parameters
-    ----------
-    stats : InputStatistics
-        With ``abs_sum`` collected.
-    alpha : float, > 0
-
-    Returns
-    -------
-    InputTransform of kind ``scale``.
-    """
-    scale = stats.abs_mean.clamp_min(0).pow(alpha)
-    top = float(scale.max())
-    if top <= 0 or not torch.isfinite(scale).all():
-        return InputTransform("identity")
-    return InputTransform("scale", scale=scale.clamp_min(ASVD_SCALE_FLOOR * top))
 
 
-def cholesky_transform(stats: InputStatistics, damping: float = 1e-6) -> InputTransform:
-    """SVD-LLM's whitening: the lower Cholesky factor ``L`` of ``G = X^T X / N`` (float64).
-
-    Parameters
-    ----------
-    stats : InputStatistics
-        With ``gram`` collected.
-    damping : float, > 0
-        First relative ridge tried when ``G`` is not positive definite: ``G + damping *
-        mean(diag G) * I``; multiplied by 10 on each further failure (6 tries).
-
-    Returns
-    -------
-    InputTransform of kind ``cholesky`` (``damping`` says what was added, 0 if nothing);
-    ``identity`` if ``G`` is zero (a layer that only ever saw zeros).
-
-    Raises
-    ------
-    PassError
-        If ``G`` holds NaN/inf, or no damping up to ``damping * 10^5`` makes it positive definite.
-    """
-    gram = stats.second_moment
-    if not torch.isfinite(gram).all():
-        raise PassError("the Gram matrix of the calibration activations holds NaN or inf")
-    lower, info = torch.linalg.cholesky_ex(gram)
-    if int(info) == 0:
-        return InputTransform("cholesky", lower=lower)
-    level = float(gram.diagonal().mean())
-    if level <= 0:
-        return InputTransform("identity")
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-    eps = damping
-    for _ in range(DAMPING_TRIES):
-        lower, info = torch.linalg.cholesky_ex(gram + eps * level * eye)
-        if int(info) == 0:
-            return InputTransform("cholesky", lower=lower, damping=eps)
-        eps *= 10
-    raise PassError(f"the Gram matrix is not positive definite even with damping {eps / 10:g} * mean(diag)")
 
 
-@dataclass
-class WhitenedSVD:
-    """``W = U diag(s) V`` where ``U, s`` are the SVD of ``W T`` and ``V = V_T^T T^{-1}``.
-
-    Attributes
-    ----------
-    u : Tensor, shape (out, k), float32
-    s : Tensor, shape (k,), float64, descending: singular values of ``W T``
-    v : Tensor, shape (k, in), float32: rows of ``V^T T^{-1}`` (not orthonormal unless T = I)
-    transform : InputTransform
-    """
-
-    u: Tensor
-    s: Tensor
-    v: Tensor
-    transform: InputTransform
-
-    def factors(self, rank: int) -> tuple[Tensor, Tensor]:
-        """``A`` (out, rank) and ``B`` (rank, in) with ``A B = U_r diag(s_r) V_r``; see :func:`split_factors`."""
-        return split_factors(self.u, self.s.float(), self.v, rank)
-
-    def relative_error(self, rank: int) -> float:
-        """``sqrt(sum_{i > rank} s_i^2 / sum s_i^2)``: the relative output error on the calibration data (svd_llm)."""
-        energy = self.s.square()
-        total = float(energy.sum())
-        return float((energy[rank:].sum() / total).sqrt()) if total > 0 else 0.0
 
 
-def whitened_svd(weight: Tensor, transform: InputTransform) -> WhitenedSVD:
-    """Thin SVD of ``W T`` (float64) with ``T^{-1}`` folded into the right singular vectors.
-
-    Parameters
-    ----------
-    weight : Tensor, shape (out, in)
-    transform : InputTransform
-
-    Returns
-    -------
-    WhitenedSVD
-        At full rank, ``u @ diag(s) @ v`` reconstructs ``weight`` (up to float error).
-
-    Raises
-    ------
-    PassError
-        If ``weight`` contains NaN or inf.
-    """
-    if not torch.isfinite(weight).all():
-        raise PassError("weight contains NaN or inf; cannot factorize")
-    u, s, vh = torch.linalg.svd(transform.right(weight.detach().double()), full_matrices=False)
-    return WhitenedSVD(u.float(), s, transform.undo(vh).float(), transform)
 
 
 def budget_ranks(
@@ -241,7 +108,7 @@ def budget_ranks(
     min_rank: int = 1,
     min_layer_saving: float = 0.0,
 ) -> dict[str, int]:
-    """Ranks under a global budget from whitened spectra: :func:`~optimum_lowrank.passes.budget.allocate_ranks`.
+    """Ranks under a global budget from whitened spectra: :func:`~optimum_lowrank.linalg.budget.allocate_ranks`.
 
     Parameters
     ----------
@@ -258,7 +125,7 @@ def budget_ranks(
     min_layer_saving : float in [0, 1)
         A layer is factorised only if its factors keep at most ``1 - min_layer_saving`` of
         its weights; the allocation treats that rank as its break-even
-        (:func:`~optimum_lowrank.passes.budget.factorizes`).
+        (:func:`~optimum_lowrank.linalg.budget.factorizes`).
 
     Returns
     -------
@@ -269,7 +136,6 @@ def budget_ranks(
     PassError
         ``fisher`` without sensitivities, or an infeasible budget.
     """
-    from optimum_lowrank.passes.budget import LayerSpectrum, allocate_ranks
 
     if allocation == "fisher" and sensitivity is None:
         raise PassError("allocation 'fisher' needs per-layer sensitivities (collect_output_sensitivity)")
@@ -300,10 +166,10 @@ class ActivationSVDConfig(PassConfig):
         Global budget over all targets (0.7 = 30% fewer parameters); ranks allocated by
         the marginal whitened energy per parameter.
     allocation : {"fisher", "relative", "absolute"}
-        How the budget compares layers (see :mod:`optimum_lowrank.passes.budget`):
+        How the budget compares layers (see :mod:`optimum_lowrank.linalg.budget`):
         ``fisher`` (default) weighs each layer's whitened energy by its sensitivity, the
         mean squared loss gradient w.r.t. its output on ``sensitivity_samples`` calibration
-        windows (:func:`~optimum_lowrank.passes.calibration.collect_output_sensitivity`),
+        windows (:func:`~optimum_lowrank.passes.linear.calibration.collect_output_sensitivity`),
         so the greedy step keeps the direction with the largest estimated loss increase
         per parameter; ``relative``: whitened energy relative to the layer's total;
         ``absolute``: raw whitened energy.
@@ -327,7 +193,7 @@ class ActivationSVDConfig(PassConfig):
         stays dense (skipped, with a report line), also for an explicit ``rank``; the
         budget allocation treats that rank as the layer's break-even. Default 0.1
         (measured: in ONNX Runtime a layer factorised at 5% fewer parameters was slower
-        than the dense one, see :mod:`optimum_lowrank.passes.budget`); 0 turns it off.
+        than the dense one, see :mod:`optimum_lowrank.linalg.budget`); 0 turns it off.
     """
 
     method: Literal["svd_llm", "asvd"] = "svd_llm"
@@ -350,7 +216,7 @@ class ActivationSVDConfig(PassConfig):
     def _check(self) -> ActivationSVDConfig:
         given = [name for name in RANK_OPTIONS if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError(_exactly_one_message(given))
+            raise ValueError(exactly_one_message(given))
         if self.method == "svd_llm" and self.alpha is not None:
             raise ValueError("alpha applies to method 'asvd' only")
         if self.method == "asvd" and self.damping is not None:

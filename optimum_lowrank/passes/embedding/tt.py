@@ -17,7 +17,7 @@ Layer: :class:`~optimum_lowrank.layers.tt.TTMatrixEmbedding`.
 
 TT-SVD is only the initialisation: the cores are then trained on the
 reconstruction of the original rows with the direction-aware loss of Balazy et
-al. (:mod:`~optimum_lowrank.passes.embedding_training`; no task data), and the
+al. (:mod:`~optimum_lowrank.passes.embedding.training`; no task data), and the
 report gives the errors before (``init_*``) and after training.
 
 Decisions (measured in ``docs/embeddings.md``):
@@ -50,7 +50,7 @@ Decisions (measured in ``docs/embeddings.md``):
 Tied output head
 ----------------
 ``tied_head: materialize`` (default) replaces the head with
-:class:`~optimum_lowrank.layers.embeddings.MaterializedHead`: the (V, d) table is
+:class:`~optimum_lowrank.layers.autoencoder.MaterializedHead`: the (V, d) table is
 contracted from the cores in every forward and ``logits = h @ table^T``. It
 stores nothing twice (the savings are real) but adds the contraction to every
 call (in ONNX too). ``tied_head: untie`` keeps a dense copy of the original head.
@@ -84,22 +84,14 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
+from optimum_lowrank.api import CompressionPass, PassContext
 from optimum_lowrank.errors import PassError
 from optimum_lowrank.hookspecs import hookimpl
-from optimum_lowrank.layers.embeddings import MaterializedHead
-from optimum_lowrank.layers.tt import (
-    TTEmbedding,
-    TTMatrixEmbedding,
-    _prime_factors,
-    balanced_factors,
-    batched_tt_svd,
-    tt_params,
-    tt_ranks,
-    vocab_factors,
-)
-from optimum_lowrank.passes.base import CompressionPass, PassContext
-from optimum_lowrank.passes.embedding_training import EmbeddingTrainingConfig, fit_rows
-from optimum_lowrank.passes.usage import EmbeddingJob, finish_embedding, prepare_embedding
+from optimum_lowrank.layers.base import MaterializedHead
+from optimum_lowrank.layers.tt import TTEmbedding, TTMatrixEmbedding
+from optimum_lowrank.linalg.tt import balanced_factors, batched_tt_svd, prime_factors, tt_params, tt_ranks, vocab_factors
+from optimum_lowrank.passes.embedding.training import EmbeddingTrainingConfig, fit_rows
+from optimum_lowrank.passes.embedding.usage import EmbeddingJob, finish_embedding, prepare_embedding
 from optimum_lowrank.report import LayerReport
 
 __all__ = ["TTEmbeddingConfig", "TTEmbeddingPass", "choose_tt_layout"]
@@ -135,7 +127,7 @@ class TTEmbeddingConfig(EmbeddingTrainingConfig):
         See the module docstring.
 
     Training options are those of
-    :class:`~optimum_lowrank.passes.embedding_training.EmbeddingTrainingConfig`, with
+    :class:`~optimum_lowrank.passes.embedding.training.EmbeddingTrainingConfig`, with
     per-mode defaults (module docstring); ``epochs: 0`` keeps the TT-SVD.
     """
 
@@ -222,7 +214,7 @@ def choose_tt_layout(config: TTEmbeddingConfig, weight: Tensor, name: str = "emb
     if fixed_cores is not None or matrix:
         candidates = [shapes(fixed_cores or 3)]
     else:
-        candidates = [shapes(n) for n in SEARCH_CORES if n <= len(_prime_factors(dim))]
+        candidates = [shapes(n) for n in SEARCH_CORES if n <= len(prime_factors(dim))]
     feasible = []
     for shape, vshape in candidates:
         rank, previous = 0, None

@@ -28,7 +28,7 @@ Decisions:
 Tied output head
 ----------------
 ``tied_head: materialize`` (default) replaces the head with
-:class:`~optimum_lowrank.layers.embeddings.MaterializedHead`: the MLP is evaluated
+:class:`~optimum_lowrank.layers.autoencoder.MaterializedHead`: the MLP is evaluated
 for every id in every forward (V x d table, ``logits = h @ table^T``). Nothing
 is stored twice, but each call costs ``V`` MLP evaluations (for SmolLM2 at
 hidden 300: about 0.1 s per call on 2 CPU cores, more at larger widths).
@@ -57,13 +57,13 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from optimum_lowrank.api import CompressionPass, PassContext
 from optimum_lowrank.errors import PassError
 from optimum_lowrank.hookspecs import hookimpl
-from optimum_lowrank.layers.embeddings import MaterializedHead
+from optimum_lowrank.layers.base import MaterializedHead
 from optimum_lowrank.layers.fourier import FourierEmbedding, fourier_mlp_params
-from optimum_lowrank.passes.base import CompressionPass, PassContext
-from optimum_lowrank.passes.embedding_training import EmbeddingTrainingConfig, fit_rows
-from optimum_lowrank.passes.usage import EmbeddingJob, finish_embedding, prepare_embedding
+from optimum_lowrank.passes.embedding.training import EmbeddingTrainingConfig, fit_rows
+from optimum_lowrank.passes.embedding.usage import EmbeddingJob, finish_embedding, prepare_embedding
 from optimum_lowrank.report import LayerReport
 
 __all__ = ["FourierEmbeddingConfig", "FourierEmbeddingPass", "hidden_dim_for_ratio"]
@@ -87,7 +87,7 @@ class FourierEmbeddingConfig(EmbeddingTrainingConfig):
         Default ``none`` here (the other embedding passes default to ``frequency``):
         on MiniLM frequency weighting lowered STS-B at every ratio measured.
 
-    Training options: :class:`~optimum_lowrank.passes.embedding_training.EmbeddingTrainingConfig`
+    Training options: :class:`~optimum_lowrank.passes.embedding.training.EmbeddingTrainingConfig`
     (defaults here: 10 epochs, alpha annealed over 7, batch 1024, lr 1e-2, StepLR(2, 0.5)).
     """
 

@@ -21,7 +21,7 @@ layer keeps the singular directions with ``s_i > tau``: the layer becomes a
 soft-threshold layer computed at the end of training. A layer whose surviving
 rank would not reduce its parameters, or would keep more than ``1 -
 min_layer_saving`` of its weights (default 0.1: such factors ran slower than the
-dense layer in ONNX Runtime, see :mod:`optimum_lowrank.passes.budget`), stays a
+dense layer in ONNX Runtime, see :mod:`optimum_lowrank.linalg.budget`), stays a
 dense ``nn.Linear`` holding the trained ``W(tau)`` (the report says so); the hard
 parameter count and the projection below treat that rank as the layer's break-even. If the hard count still exceeds the
 budget after training, the smallest surviving directions per parameter (relative
@@ -39,7 +39,7 @@ Choices the paper leaves open, and what is done here (each is an option)
     right directions; ``asvd`` uses ASVD's channel scaling. All three are offered.
 ``tau_init`` (default ``budget``)
     ``budget``: each ``tau_l`` starts at the first singular value the greedy
-    whitened-energy allocation (:mod:`optimum_lowrank.passes.budget`) drops for the
+    whitened-energy allocation (:mod:`optimum_lowrank.linalg.budget`) drops for the
     target, and the kept singular values are shifted up by ``tau_l`` so that the
     start equals that truncated factorization (no shrinkage) and meets the budget;
     training then moves ranks between layers. ``zero``: ``tau = 0`` (the dense model);
@@ -90,156 +90,31 @@ References
 from __future__ import annotations
 
 import copy
-import math
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from optimum_lowrank.api import CompressionPass, PassConfig, PassContext
 from optimum_lowrank.errors import DataError, PassError
+from optimum_lowrank.finetune import make_loss
 from optimum_lowrank.hookspecs import hookimpl
 from optimum_lowrank.layers.lowrank import LowRankLinear, linear_weight
-from optimum_lowrank.passes.base import CompressionPass, PassConfig, PassContext
-from optimum_lowrank.passes.budget import DEFAULT_MIN_LAYER_SAVING, dense_rank, factorizes, layer_cost, min_saving_note
+from optimum_lowrank.linalg.budget import DEFAULT_MIN_LAYER_SAVING, dense_rank, factorizes, layer_cost, min_saving_note
+from optimum_lowrank.linalg.whitening import InputTransform, asvd_transform, cholesky_transform, whitened_svd
+from optimum_lowrank.passes.linear.activation_svd import budget_ranks
+from optimum_lowrank.passes.linear.calibration import collect_input_statistics, collect_output_sensitivity
+from optimum_lowrank.passes.linear.soft_threshold import SoftLMState, SoftThresholdLinear
 from optimum_lowrank.report import LayerReport
 
 __all__ = ["SoftLMConfig", "SoftLMPass", "SoftLMState", "SoftThresholdLinear"]
 
 
-class SoftThresholdLinear(nn.Module):
-    """``y = x V^T diag(ReLU(s - tau)) U^T + bias`` with a learnable threshold ``tau``.
-
-    ``s`` and ``tau`` are stored divided by ``scale``, the median of the positive singular
-    values at construction (robust to the few outlier directions whitened spectra have),
-    so that learning rates and the temperature are relative to the layer's typical value.
-
-    Parameters
-    ----------
-    u : Tensor, shape (out_features, k)
-    s : Tensor, shape (k,), >= 0
-    v : Tensor, shape (k, in_features)
-        ``u @ diag(s) @ v`` is the dense weight (e.g. a thin SVD, possibly whitened).
-    bias : Tensor of shape (out_features,), or None
-    tau : float, >= 0
-        Initial threshold, in the units of ``s``.
-    train_factors : bool
-        Make ``u``, ``v`` (and the bias) trainable too.
-
-    Shapes
-    ------
-    input (..., in_features) -> output (..., out_features). Only the directions with
-    ``s_i > tau`` are computed (the others contribute exactly zero), so the cost per
-    token is ``rank * (in + out)``.
-    """
-
-    def __init__(self, u: Tensor, s: Tensor, v: Tensor, bias: Tensor | None = None, *, tau: float = 0.0, train_factors: bool = False):
-        super().__init__()
-        k = s.numel()
-        if u.shape[1] != k or v.shape[0] != k:
-            raise PassError(f"inconsistent factors: u {tuple(u.shape)}, s {tuple(s.shape)}, v {tuple(v.shape)}")
-        self.out_features, self.in_features = u.shape[0], v.shape[1]
-        positive = s[s > 0]
-        typical = float(positive.median()) if positive.numel() else 0.0
-        self.scale = typical if typical > 0 and math.isfinite(typical) else 1.0
-        self.u = nn.Parameter(u.detach().float().clone(), requires_grad=train_factors)
-        self.v = nn.Parameter(v.detach().float().clone(), requires_grad=train_factors)
-        self.s = nn.Parameter(s.detach().float() / self.scale)
-        self.tau = nn.Parameter(torch.tensor(float(tau) / self.scale))
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=train_factors)
-
-    def singular_values(self) -> Tensor:
-        """``ReLU(s - tau)``, shape (k,), in the original units."""
-        return F.relu(self.s - self.tau) * self.scale
-
-    def hard_rank(self) -> int:
-        """Number of directions with ``s_i > tau``."""
-        return int((self.s > self.tau).sum())
-
-    def soft_rank(self, temperature: float) -> Tensor:
-        """``sum_i sigmoid((s_i - tau) / temperature)`` (temperature relative to ``scale``); differentiable."""
-        return torch.sigmoid((self.s - self.tau) / temperature).sum()
-
-    def weight(self) -> Tensor:
-        """The dense weight ``U diag(ReLU(s - tau)) V``, shape (out_features, in_features)."""
-        return (self.u * self.singular_values()) @ self.v
-
-    def forward(self, x: Tensor) -> Tensor:
-        keep = (self.s > self.tau).nonzero().flatten()
-        values = (self.s[keep] - self.tau) * self.scale
-        y = ((x @ self.v[keep].t()) * values) @ self.u[:, keep].t()
-        return y if self.bias is None else y + self.bias
-
-    def to_lowrank(self, min_saving: float = 0.0) -> nn.Module:
-        """The layer with only the surviving directions: ``LowRankLinear`` (rank >= 1), or ``nn.Linear`` with the
-        thresholded weight where the surviving rank does not :func:`~optimum_lowrank.passes.budget.factorizes`
-        (at/above break-even, or saving less than ``min_saving`` of the weights)."""
-        m, n = self.out_features, self.in_features
-        with torch.no_grad():
-            values = self.singular_values()
-            keep = (self.s > self.tau).nonzero().flatten()
-            if keep.numel() == 0:  # nothing survives: the weight is zero; keep one direction with value 0
-                keep = self.s.argmax().reshape(1)
-            r = keep.numel()
-            bias = None if self.bias is None else self.bias.detach()
-            if not factorizes((m, n), r, min_saving):
-                dense = nn.Linear(n, m, bias=bias is not None)
-                dense.weight.copy_(self.weight())
-                if bias is not None:
-                    dense.bias.copy_(bias)
-                return dense
-            root = values[keep].sqrt()
-            layer = LowRankLinear(n, m, r, bias=bias is not None)
-            return layer.load_factors(self.u[:, keep] * root, root[:, None] * self.v[keep], bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, k={self.s.numel()}, rank={self.hard_rank()}"
 
 
-@dataclass
-class SoftLMState:
-    """The soft-threshold layers of a :meth:`SoftLMPass.train_soft` run and what happened in training.
-
-    Attributes
-    ----------
-    soft : dict name -> SoftThresholdLinear
-        In ``model`` after training, until :meth:`SoftLMPass.truncate`.
-    originals : dict name -> nn.Module
-        The replaced layers.
-    shapes : dict name -> (out_features, in_features)
-    extras : dict name -> int
-        Bias parameters.
-    initial_ranks : dict name -> int
-        Ranks of the starting point.
-    projected : dict name -> int
-        Directions removed after training to meet the budget.
-    log : dict
-        ``loss_first``, ``loss_last`` (task loss), ``ratio_last`` (soft parameter ratio), ``seconds``.
-    """
-
-    loss: str
-    steps: int
-    target_params_ratio: float
-    initial_ranks: dict[str, int]
-    soft: dict[str, SoftThresholdLinear] = field(default_factory=dict)
-    originals: dict[str, nn.Module] = field(default_factory=dict)
-    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
-    extras: dict[str, int] = field(default_factory=dict)
-    projected: dict[str, int] = field(default_factory=dict)
-    log: dict[str, float] = field(default_factory=dict)
-
-    def summary(self) -> str:
-        """One line for the report's notes."""
-        nan = float("nan")
-        return (
-            f"softlm: {self.steps} steps, {self.loss} loss {self.log.get('loss_first', nan):.4f} -> {self.log.get('loss_last', nan):.4f}, "
-            f"soft parameter ratio {self.log.get('ratio_last', nan):.4f} (target {self.target_params_ratio}); "
-            f"{sum(self.projected.values())} direction(s) removed after training to meet the budget"
-        )
 
 
 class SoftLMConfig(PassConfig):
@@ -280,7 +155,7 @@ class SoftLMConfig(PassConfig):
         weights is kept dense (the trained weight); the initial allocation, the hard count
         and the projection treat that rank as its break-even. Default 0.1 (measured: a
         layer factorised at 5% fewer parameters ran slower than the dense one in ONNX
-        Runtime, see :mod:`optimum_lowrank.passes.budget`); 0 turns it off.
+        Runtime, see :mod:`optimum_lowrank.linalg.budget`); 0 turns it off.
     """
 
     target_params_ratio: float = Field(gt=0, lt=1)
@@ -338,8 +213,6 @@ class SoftLMPass(CompressionPass):
         return ids
 
     def _decompose(self, model: nn.Module, targets: dict[str, nn.Module], ids: Tensor, kind: str) -> dict:
-        from optimum_lowrank.passes.activation_svd import InputTransform, asvd_transform, cholesky_transform, whitened_svd
-        from optimum_lowrank.passes.calibration import collect_input_statistics
 
         stats = {}
         if self.config.basis != "svd":
@@ -372,8 +245,6 @@ class SoftLMPass(CompressionPass):
         self, model: nn.Module, targets: dict[str, nn.Module], decomps: dict, ids: Tensor, context: PassContext, sensitivity: dict[str, float] | None
     ) -> dict[str, int]:
         """Ranks of the starting point: the greedy allocation (``budget``) or full (``zero``)."""
-        from optimum_lowrank.passes.activation_svd import budget_ranks
-        from optimum_lowrank.passes.calibration import collect_output_sensitivity
 
         if self.config.tau_init == "zero":
             return {name: d.s.numel() for name, d in decomps.items()}
@@ -424,7 +295,6 @@ class SoftLMPass(CompressionPass):
         DataError
             ``num_samples`` exceeds the calibration windows.
         """
-        from optimum_lowrank.finetune import make_loss
 
         cfg = self.config
         ids = self._calibration(context)

@@ -21,32 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from optimum_lowrank.errors import PassError
-from optimum_lowrank.layers.lowrank import FactorizedEmbedding
+from optimum_lowrank.layers.base import FactorizedEmbedding, runtime_zero
 
-__all__ = ["AffineFactorHead", "AutoencoderEmbedding", "MaterializedHead", "runtime_zero"]
+__all__ = ["AffineFactorHead", "AutoencoderEmbedding", "runtime_zero"]
 
 
-def runtime_zero(like: Tensor, dtype: torch.dtype) -> Tensor:
-    """A zero of shape (1,) computed from ``like`` (a tensor of the forward pass).
-
-    The ONNX exporter constant-folds every expression of parameters alone: a
-    transposed or reshaped copy of a table that a tied head reuses, or a whole
-    rebuilt (V, d) table, would become a new initializer and store the compressed
-    parameters twice (measured: Fourier head on SmolLM2 +226 MB in the int8 graph;
-    per-token TT head: every core twice). Adding this zero to the parameters
-    first makes those expressions run-time values, so the graph keeps one copy.
-
-    Parameters
-    ----------
-    like : Tensor
-        Any tensor of the forward pass (e.g. the hidden states); only its shape is used.
-    dtype : torch.dtype
-
-    Returns
-    -------
-    Tensor of shape (1,), all zeros.
-    """
-    return torch.zeros_like(like.reshape(-1)[:1], dtype=dtype)
 
 
 class AutoencoderEmbedding(FactorizedEmbedding):
@@ -145,34 +124,3 @@ class AffineFactorHead(nn.Module):
         return F.linear(codes, latents, self.bias) + offset
 
 
-class MaterializedHead(nn.Module):
-    """Output head tied to a compressed embedding: rebuilds the table each call, ``logits = h @ table^T``.
-
-    For embeddings without a cheap factored head (tensor-train, TT-matrix,
-    Fourier). The table ``embedding.weight`` (V, d) is computed from the compressed
-    parameters in every forward, so nothing is stored twice; the price is the
-    reconstruction time per call (also in the ONNX graph).
-
-    Parameters
-    ----------
-    embedding : nn.Module
-        Has ``weight`` (property, shape (V, d)), ``embedding_dim`` and ``num_embeddings``;
-        when it has ``materialize(hidden)``, that is used instead of ``weight`` (to keep
-        the ONNX exporter from constant-folding the table, see :func:`runtime_zero`).
-    bias : Tensor of shape (V,), or None
-
-    Shapes
-    ------
-    input (..., d) -> logits (..., V).
-    """
-
-    def __init__(self, embedding: nn.Module, bias: Tensor | None = None):
-        super().__init__()
-        self.embedding = embedding
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
-        self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        materialize = getattr(self.embedding, "materialize", None)
-        table = materialize(hidden) if callable(materialize) else self.embedding.weight
-        return F.linear(hidden, table, self.bias)

@@ -1,0 +1,1 @@
+"""Passes on linear layers that use calibration data: activation-aware SVD (ASVD, SVD-LLM) and SoftLMs."""

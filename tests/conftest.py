@@ -47,3 +47,17 @@ def data_dir() -> Path:
     if not DATA_DIR.is_dir():
         pytest.fail(f"real data folder {DATA_DIR} is missing (shared/data must sit beside the checkout)")
     return DATA_DIR
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread avoids OpenMP oversubscription on a shared CPU (10x slower with 2)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def llama_ids() -> torch.Tensor:
+    return torch.randint(0, 128, (6, 24), generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,64 @@
+"""ASVD scaling and SVD-LLM whitening: the transforms and the whitened SVD.
+
+Tiny random models and random calibration ids (seconds, no real data).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from optimum_lowrank.linalg.whitening import InputStatistics, InputTransform, asvd_transform, cholesky_transform, whitened_svd
+from optimum_lowrank.passes.linear.activation_svd import ActivationSVDConfig, ActivationSVDPass
+from tests.helpers import correlated_inputs, decoder_context
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _layer_and_stats():
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(16, 24, generator=g)
+    x = correlated_inputs()
+    stats = InputStatistics(24)
+    for chunk in x.split(500):  # streamed in 4 batches
+        stats.update(chunk, gram=True, abs_mean=True)
+    return weight, x, stats
+
+
+def _output_error(weight: torch.Tensor, approx: torch.Tensor, x: torch.Tensor) -> float:
+    return float(((weight - approx).double() @ x.double().t()).norm())
+
+
+@pytest.mark.parametrize("rank", [2, 6, 10])
+def test_whitening_reduces_the_activation_weighted_error(rank):
+    weight, x, stats = _layer_and_stats()
+    plain = whitened_svd(weight, InputTransform("identity"))
+    white = whitened_svd(weight, cholesky_transform(stats))
+    asvd = whitened_svd(weight, asvd_transform(stats, 0.5))
+    errors = {}
+    for label, d in (("plain", plain), ("svd_llm", white), ("asvd", asvd)):
+        a, b = d.factors(rank)
+        errors[label] = _output_error(weight, a @ b, x)
+    assert errors["svd_llm"] < 0.8 * errors["plain"]
+    assert errors["asvd"] < errors["plain"]
+    assert errors["svd_llm"] <= errors["asvd"] * (1 + 1e-6)  # SVD-LLM's truncation is optimal for this error
+    # the dropped whitened singular values give that error exactly, relative to ||W X^T||
+    reference = float((weight.double() @ x.double().t()).norm())
+    assert white.relative_error(rank) == pytest.approx(errors["svd_llm"] / reference, rel=1e-3)
+
+
+def test_full_rank_whitened_factors_reconstruct_the_weight():
+    weight, _, stats = _layer_and_stats()
+    for transform in (cholesky_transform(stats), asvd_transform(stats, 0.5)):
+        d = whitened_svd(weight, transform)
+        a, b = d.factors(16)
+        assert_close(a @ b, weight, atol=1e-4, rtol=1e-4)
+
+
+def test_singular_gram_matrix_gets_damping_and_reports_it(tiny_llama):
+    ids = torch.randint(0, 128, (1, 8))  # 8 tokens < 64 input channels of down_proj: singular Gram matrix
+    config = ActivationSVDConfig(targets=["model.layers.0.mlp.down_proj"], rank=4)
+    reports = ActivationSVDPass(config).run(tiny_llama, decoder_context(ids))
+    assert reports[0].action == "factorized" and reports[0].metrics["damping"] > 0
+    assert "not positive definite: added damping" in reports[0].note

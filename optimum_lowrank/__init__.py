@@ -9,7 +9,9 @@ original model and exports ONNX (optionally int8)::
 
 This namespace is also the whole plugin API: a third-party pass imports
 ``hookimpl``, ``CompressionPass``, ``PassConfig``, ``PassContext``,
-``LayerReport``, the errors and the layer helpers from here and nowhere else
+``LayerReport``, the errors and the layer helpers from here and nowhere else; a
+third-party accuracy metric imports ``Evaluator``, ``AccuracyConfig``, ``LoadedModel`` and the
+ONNX Runtime helpers ``open_session`` / ``onnx_feed`` / ``torch_forward``
 (see ``docs/plugins.md``).
 """
 
@@ -19,6 +21,7 @@ from optimum_lowrank.api import CompressionPass, PassConfig, PassContext, count_
 from optimum_lowrank.errors import (
     AccuracyError,
     DataError,
+    DuplicateMetricError,
     DuplicatePassError,
     ExportError,
     LowRankError,
@@ -27,22 +30,32 @@ from optimum_lowrank.errors import (
     PassError,
     RecipeError,
     TargetError,
+    UnknownMetricError,
     UnknownPassError,
 )
+from optimum_lowrank.evaluation.base import Evaluator, onnx_feed, open_session, torch_forward
+from optimum_lowrank.exporters.quantizers import QuantizationRequest, Quantizer
 from optimum_lowrank.hookspecs import hookimpl
 from optimum_lowrank.layers.lowrank import LowRankEmbedding, LowRankLinear, linear_weight
 from optimum_lowrank.linalg.svd import split_factors, truncated_svd
+from optimum_lowrank.models import LoadedModel
 from optimum_lowrank.pipeline import optimize
-from optimum_lowrank.recipe import Recipe, load_recipe
+from optimum_lowrank.recipe import AccuracyConfig, Recipe, load_recipe
 from optimum_lowrank.report import LayerReport, OptimizationReport
 
 __all__ = [
+    "QuantizationRequest",
+    "Quantizer",
+    "AccuracyConfig",
     "AccuracyError",
     "CompressionPass",
     "DataError",
+    "DuplicateMetricError",
     "DuplicatePassError",
+    "Evaluator",
     "ExportError",
     "LayerReport",
+    "LoadedModel",
     "LowRankEmbedding",
     "LowRankError",
     "LowRankLinear",
@@ -55,14 +68,18 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "TargetError",
+    "UnknownMetricError",
     "UnknownPassError",
     "count_parameters",
     "hookimpl",
     "linear_weight",
     "load_recipe",
+    "onnx_feed",
+    "open_session",
     "optimize",
     "resolve_targets",
     "split_factors",
+    "torch_forward",
     "truncated_svd",
 ]
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar, Literal
@@ -34,7 +34,7 @@ from torch import nn
 from optimum_lowrank.errors import TargetError
 from optimum_lowrank.report import LayerReport
 
-__all__ = ["CompressionPass", "PassConfig", "PassContext", "count_parameters", "resolve_targets"]
+__all__ = ["CompressionPass", "PassConfig", "PassContext", "count_parameters", "match_names", "resolve_targets"]
 
 
 class PassConfig(BaseModel):
@@ -154,6 +154,14 @@ def _is_instance(module: nn.Module, types: tuple[type | str, ...]) -> bool:
     return any(type(module).__name__ == t if isinstance(t, str) else isinstance(module, t) for t in types)
 
 
+def match_names(pattern: str, names: Iterable[str]) -> list[str]:
+    """The ``names`` that ``pattern`` matches, in order: an ``fnmatch`` glob, or a regex prefixed ``re:`` (``re.fullmatch``)."""
+    if pattern.startswith("re:"):
+        regex = re.compile(pattern[3:])
+        return [name for name in names if regex.fullmatch(name)]
+    return [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+
+
 def resolve_targets(model: nn.Module, patterns: tuple[str, ...], types: tuple[type | str, ...]) -> dict[str, nn.Module]:
     """Modules of ``model`` whose qualified names match any of ``patterns`` and whose type is in ``types``.
 
@@ -179,11 +187,7 @@ def resolve_targets(model: nn.Module, patterns: tuple[str, ...], types: tuple[ty
     modules.pop("", None)
     selected: dict[str, nn.Module] = {}
     for pattern in patterns:
-        if pattern.startswith("re:"):
-            regex = re.compile(pattern[3:])
-            matched = [name for name in modules if regex.fullmatch(name)]
-        else:
-            matched = [name for name in modules if fnmatch.fnmatchcase(name, pattern)]
+        matched = match_names(pattern, modules)
         if not matched:
             candidates = [name for name, mod in modules.items() if _is_instance(mod, types)]
             shown = ", ".join(candidates[:8]) + (", ..." if len(candidates) > 8 else "")

@@ -1,7 +1,10 @@
 """``optimum-lowrank`` command line: ``optimize``, ``passes``, ``plugins``, ``validate``.
 
+``optimize`` without ``--recipe`` (``--max-drop`` / ``--max-increase`` / ``--size-mb``), or with a
+recipe holding a ``search:`` section, runs :func:`optimum_lowrank.search.search`.
+
 Errors print one line (``error: ...``) and exit with status 2 (bad input) or 1
-(accuracy gate failed, export failed). Heavy imports happen inside the commands.
+(accuracy gate failed, objective not met, export failed). Heavy imports happen inside the commands.
 """
 
 from __future__ import annotations
@@ -10,18 +13,44 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from optimum_lowrank.errors import AccuracyError, LowRankError
+from optimum_lowrank.errors import AccuracyError, LowRankError, ObjectiveNotMetError, RecipeError
 
 __all__ = ["main"]
 
 
+_SEARCH_FLAGS = ("max_drop", "max_increase", "size_mb", "metric", "data", "search_data", "seed")
+
+
 def _optimize(args: argparse.Namespace) -> int:
     from optimum_lowrank.pipeline import optimize
+    from optimum_lowrank.recipe import load_recipe
 
+    flags = {name: getattr(args, name) for name in _SEARCH_FLAGS if getattr(args, name) is not None}
+    if args.recipe is None:
+        if not flags:
+            raise RecipeError("give --recipe, or an objective (--max-drop, --max-increase or --size-mb) to search")
+        return _search(args, flags)
+    if flags:
+        raise RecipeError(f"--{', --'.join(k.replace('_', '-') for k in flags)} apply without --recipe (a recipe's 'search:' section holds them)")
+    recipe = load_recipe(args.recipe)
+    if recipe.search is not None:
+        return _search(args, recipe)
     try:
-        report = optimize(args.model, args.recipe, args.output, overwrite=args.overwrite, progress=not args.quiet)
+        report = optimize(args.model, recipe, args.output, overwrite=args.overwrite, progress=not args.quiet)
     except AccuracyError as err:
         print(err.report.table(), file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(report.table())
+    return 0
+
+
+def _search(args: argparse.Namespace, config) -> int:
+    from optimum_lowrank.search import search
+
+    try:
+        report = search(args.model, config, args.output, overwrite=args.overwrite, progress=not args.quiet)
+    except ObjectiveNotMetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(report.table())
@@ -42,17 +71,31 @@ def _passes(args: argparse.Namespace) -> int:
             field = fields[field_name]
             default = "required" if field.is_required() else f"default {field.default!r}"
             print(f"    {field_name}: {_annotation(field.annotation)} ({default})")
+    _metrics_and_quantizers()
     return 0
 
 
+def _metrics_and_quantizers() -> None:
+    from optimum_lowrank.plugins import get_metric_registry, get_quantizer_registry
+
+    print("\naccuracy metrics (accuracy: {metric: ...}):")
+    for name, entry in get_metric_registry().entries():
+        cls = entry.evaluator_class
+        print(f"  {name}  (plugin: {entry.plugin}; models: {', '.join(cls.model_kinds)}; threshold: {cls.config_class.threshold_field})")
+    print("\nquantizers (export: {quantize: ...}):")
+    for name, entry in get_quantizer_registry().entries():
+        cls = entry.quantizer_class
+        print(f"  {name}  (plugin: {entry.plugin}){': ' + cls.summary if cls.summary else ''}")
+
+
 def _plugins(args: argparse.Namespace) -> int:
-    from optimum_lowrank.plugins import PassRegistry, get_plugin_manager
+    from optimum_lowrank.plugins import MetricRegistry, PassRegistry, QuantizerRegistry, get_plugin_manager
 
     pm = get_plugin_manager()
-    registry = PassRegistry().collect(pm)
     by_plugin: dict[str, list[str]] = {}
-    for name, entry in registry.entries():
-        by_plugin.setdefault(entry.plugin, []).append(name)
+    for registry in (PassRegistry(), MetricRegistry(), QuantizerRegistry()):
+        for plugin, names in registry.collect(pm).by_plugin().items():
+            by_plugin.setdefault(plugin, []).extend(f"{name} ({registry.kind})" for name in names)
     versions = {pm.get_name(plugin): f"{dist.project_name} {dist.version}" for plugin, dist in pm.list_plugin_distinfo()}
     for plugin_name in sorted(by_plugin):
         print(f"{plugin_name}  ({versions.get(plugin_name, 'built-in')}): {', '.join(by_plugin[plugin_name])}")
@@ -75,15 +118,23 @@ def _annotation(annotation: object) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optimum-lowrank", description="Low-rank compression of transformers, exported as quantizable ONNX.")
     sub = parser.add_subparsers(dest="command", required=True)
-    opt = sub.add_parser("optimize", help="apply a recipe, check accuracy, export ONNX (+ int8)")
+    opt = sub.add_parser("optimize", help="apply a recipe (or search for one), check accuracy, export ONNX (+ int8)")
     opt.add_argument("--model", required=True, help="alias (minilm, smollm2), model folder, .gguf file or hub id")
-    opt.add_argument("--recipe", required=True, help="recipe YAML file")
-    opt.add_argument("--output", required=True, help="output folder (onnx/, report.json)")
+    opt.add_argument("--recipe", help="recipe YAML file; without it, search for the smallest model within an objective")
+    opt.add_argument("--output", required=True, help="output folder (onnx/, report.json; a search: recipe.yaml, search.json, plots)")
+    found = opt.add_argument_group("search (no --recipe): exactly one objective; see optimum_lowrank.search")
+    found.add_argument("--max-drop", type=float, help="smallest model losing at most this many metric points (STS-B Spearman x100)")
+    found.add_argument("--max-increase", type=float, help="smallest model within this relative perplexity increase (0.05 = +5%%)")
+    found.add_argument("--size-mb", type=float, help="best accuracy within this many MB")
+    found.add_argument("--metric", help="stsb_spearman (encoders) or perplexity (decoders); default: the model kind's")
+    found.add_argument("--data", help="gate data (default: STS-B dev / WikiText-2 raw test)")
+    found.add_argument("--search-data", help="data the candidates are scored on (default: STS-B train / WikiText-2 valid)")
+    found.add_argument("--seed", type=int, help="seed of the passes (default 0)")
     opt.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     opt.add_argument("--quiet", action="store_true", help="no progress lines")
     opt.set_defaults(func=_optimize)
-    sub.add_parser("passes", help="list every registered pass with its plugin and options").set_defaults(func=_passes)
-    sub.add_parser("plugins", help="list plugins, their versions and the passes they add").set_defaults(func=_plugins)
+    sub.add_parser("passes", help="list every registered pass (with its options), metric and quantizer").set_defaults(func=_passes)
+    sub.add_parser("plugins", help="list plugins, their versions and the passes, metrics and quantizers they add").set_defaults(func=_plugins)
     val = sub.add_parser("validate", help="validate a recipe and print it normalised")
     val.add_argument("recipe")
     val.set_defaults(func=_validate)

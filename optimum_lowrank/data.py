@@ -2,7 +2,9 @@
 
 - :func:`load_text` reads calibration or evaluation text: a text file, a
   Hugging Face data set (``datasets:NAME[:CONFIG][:SPLIT]``, optional dependency) or,
-  by default, :func:`default_text`, English prose shipped with Python itself.
+  by default, :func:`default_text`, English prose shipped with Python itself. It
+  keeps the last few texts it read (:func:`clear_text_cache` empties it), so a run
+  that asks for the calibration text three times reads it once.
 - :func:`load_sts_pairs` reads STS Benchmark sentence pairs with gold scores.
 - :func:`token_windows` tokenizes a text once and cuts fixed-length windows.
 - :func:`shared_data_dir` locates the real data sets used by tests and benchmarks.
@@ -14,6 +16,9 @@ from __future__ import annotations
 
 import math
 import os
+import stat
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +29,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
+    "TEXT_CACHE_SIZE",
+    "clear_text_cache",
     "default_text",
     "load_sts_pairs",
     "load_text",
@@ -33,6 +40,11 @@ __all__ = [
 
 _DATASETS_PREFIX = "datasets:"
 _TSV_PREFIX = "tsv:"
+
+#: How many texts :func:`load_text` keeps (least recently used goes first).
+TEXT_CACHE_SIZE = 4
+_text_cache: OrderedDict[tuple, tuple[str, str]] = OrderedDict()
+_text_cache_lock = threading.Lock()
 
 
 def default_text() -> tuple[str, str]:
@@ -91,7 +103,69 @@ def load_text(source: str | os.PathLike | None) -> tuple[str, str]:
     DataError
         If the file does not exist, is not a file, cannot be decoded, or holds only
         whitespace; if ``datasets`` is not installed or the data set cannot be loaded.
+
+    Notes
+    -----
+    The last :data:`TEXT_CACHE_SIZE` results are kept in memory, keyed by the
+    source string and, for a file (also the file of a ``tsv:`` source), by its
+    resolved path, modification time (ns) and size: a second call for the same
+    source returns the same strings without reading again, and a file that was
+    modified since is read again. A data set is keyed by its name only (it is not
+    re-fetched within a process). Errors are not cached. :func:`clear_text_cache`
+    empties the cache.
     """
+    key = _cache_key(source)
+    if key is not None:
+        with _text_cache_lock:
+            if key in _text_cache:
+                _text_cache.move_to_end(key)
+                return _text_cache[key]
+    result = _load_text_uncached(source)
+    if key is not None:
+        with _text_cache_lock:
+            _text_cache[key] = result
+            while len(_text_cache) > TEXT_CACHE_SIZE:
+                _text_cache.popitem(last=False)
+    return result
+
+
+def clear_text_cache() -> None:
+    """Forget every text :func:`load_text` keeps."""
+    with _text_cache_lock:
+        _text_cache.clear()
+
+
+def _cache_key(source: str | os.PathLike | None) -> tuple | None:
+    """Cache key of ``source``: a file's stamp (plus the spec for ``tsv:``); None where no regular file is found (not cached)."""
+    if source is None:
+        return (None,)
+    text_source = os.fspath(source)
+    if text_source.startswith(_DATASETS_PREFIX):
+        return (text_source,)
+    if text_source.startswith(_TSV_PREFIX):
+        stamp = _file_stamp(_split_tsv(text_source[len(_TSV_PREFIX):])[0])
+        return None if stamp is None else (text_source, *stamp)
+    stamp = _file_stamp(text_source)
+    return None if stamp is None else ("file", *stamp)
+
+
+def _file_stamp(file: str) -> tuple[str, int, int] | None:
+    """(resolved path, mtime in ns, size in bytes) of a regular file, or None."""
+    try:
+        path = Path(file).expanduser().resolve()
+        info = path.stat()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        return None
+    return str(path), info.st_mtime_ns, info.st_size
+
+
+def _read_file(path: Path) -> str:
+    return path.read_text(encoding="utf-8")
+
+
+def _load_text_uncached(source: str | os.PathLike | None) -> tuple[str, str]:
     if source is None:
         return default_text()
     text_source = os.fspath(source)
@@ -105,7 +179,7 @@ def load_text(source: str | os.PathLike | None) -> tuple[str, str]:
     if not path.is_file():
         raise DataError(f"text source {str(path)!r} is not a file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_file(path)
     except UnicodeDecodeError as exc:
         raise DataError(f"text file {str(path)!r} is not UTF-8: {exc}") from exc
     if not text.strip():
@@ -113,21 +187,26 @@ def load_text(source: str | os.PathLike | None) -> tuple[str, str]:
     return text, f"{path.name} ({len(text):,} characters, {path.resolve()})"
 
 
-def _load_tsv_text(spec: str) -> tuple[str, str]:
+def _split_tsv(spec: str) -> tuple[str, str, bool]:
+    """``PATH:COLUMNS[:header]`` -> (PATH, COLUMNS, header); PATH may hold colons."""
     parts = spec.split(":")
     header = len(parts) > 2 and parts[-1] == "header"
     if header:
         parts = parts[:-1]
     if len(parts) < 2:
         raise DataError(f"expected tsv:PATH:COLUMNS[:header], got {_TSV_PREFIX}{spec!r}")
-    path_text, columns_text = ":".join(parts[:-1]), parts[-1]
+    return ":".join(parts[:-1]), parts[-1], header
+
+
+def _load_tsv_text(spec: str) -> tuple[str, str]:
+    path_text, columns_text, header = _split_tsv(spec)
     try:
         columns = [int(c) for c in columns_text.split(",")]
     except ValueError:
         raise DataError(f"tsv columns must be 0-based integers separated by commas, got {columns_text!r}") from None
     if not columns or min(columns) < 0:
         raise DataError(f"tsv columns must be 0-based integers separated by commas, got {columns_text!r}")
-    table, _ = load_text(path_text)
+    table, _ = _load_text_uncached(path_text)  # the extracted text is what load_text keeps
     lines = table.splitlines()[1 if header else 0 :]
     fields = [row[c].strip() for row in (line.split("\t") for line in lines) if len(row) > max(columns) for c in columns]
     text = "\n".join(f for f in fields if f)

@@ -29,6 +29,18 @@ class DuplicatePassError(LowRankError):
     """Two plugins register a pass under the same id."""
 
 
+class UnknownMetricError(RecipeError):
+    """A recipe names an accuracy metric that no registered plugin provides."""
+
+
+class DuplicateMetricError(LowRankError):
+    """Two plugins register an accuracy metric under the same id."""
+
+
+class DuplicateQuantizerError(LowRankError):
+    """Two plugins register a quantizer under the same id."""
+
+
 class TargetError(RecipeError):
     """A pass target matches no module, or only modules of a type the pass cannot handle."""
 
@@ -65,3 +77,21 @@ class AccuracyError(LowRankError):
     def __init__(self, message: str, report: OptimizationReport):
         super().__init__(message)
         self.report = report
+
+
+class ObjectiveNotMetError(LowRankError):
+    """A search found no configuration that meets its objective (see :mod:`optimum_lowrank.search`).
+
+    Attributes
+    ----------
+    best : dict
+        The best point found, with its figures (size in MB, metric on the search split and its
+        damage; gate figures when it was gated). Nothing was written.
+    candidates : list of dict
+        Every configuration exported, quantized and scored with ONNX Runtime.
+    """
+
+    def __init__(self, message: str, best: dict | None = None, candidates: list | None = None):
+        super().__init__(message)
+        self.best = best or {}
+        self.candidates = candidates or []

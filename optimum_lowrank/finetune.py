@@ -29,7 +29,6 @@ the fine-tune and raises :class:`~optimum_lowrank.errors.PassError`.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from optimum_lowrank.errors import DataError, PassError
+from optimum_lowrank.progress import bar
 
 __all__ = ["LOSSES", "finetune", "fresh_windows", "load_values", "lowrank_parameters", "make_loss"]
 
@@ -213,7 +213,7 @@ def finetune(
     seed : int
         Order of the windows.
     progress : bool
-        A line on stderr every 10% of the steps.
+        A tqdm bar on stderr over the steps, with the running loss.
     batch_size : int, >= 1
     train : {"lowrank", "all"}
         Only the low-rank factors (default) or every parameter.
@@ -273,6 +273,7 @@ def finetune(
     warmup = int(warmup_ratio * steps)
     t0 = time.perf_counter()
     order: list[int] = []
+    steps_bar = bar(total=steps, desc="finetune", unit="step", enabled=progress)
     try:
         before = _mean_loss(loss_fn, eval_batches)
         for step in range(steps):
@@ -288,8 +289,9 @@ def finetune(
             value.backward()
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
-            if progress and (step + 1) % max(1, steps // 10) == 0:
-                print(f"[optimum-lowrank] finetune step {step + 1}/{steps}: loss {float(value):.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+            if not steps_bar.disable:
+                steps_bar.set_postfix(loss=f"{float(value.detach()):.4f}", refresh=False)
+            steps_bar.update(1)
         after = _mean_loss(loss_fn, eval_batches)
         if not math.isfinite(after):
             raise PassError(f"fine-tune loss after training is {after}; parameters restored")
@@ -297,6 +299,7 @@ def finetune(
         load_values(params, snapshot)
         raise
     finally:
+        steps_bar.close()
         optimizer.zero_grad(set_to_none=True)
         for p in model.parameters():
             p.requires_grad_(flags.get(id(p), True))

@@ -8,7 +8,7 @@ plugins are found through the ``optimum_lowrank`` entry-point group::
     [project.entry-points.optimum_lowrank]
     mypass = "optimum_lowrank_mypass"
 
-The built-in passes are registered through these same hooks.
+The built-in passes and accuracy metrics are registered through these same hooks.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
-    from optimum_lowrank.plugins import PassRegistry
+    from optimum_lowrank.plugins import MetricRegistry, PassRegistry, QuantizerRegistry
 
 PROJECT_NAME = "optimum_lowrank"
 
@@ -44,4 +44,61 @@ def lowrank_register_passes(register: PassRegistry) -> None:
     ------
     DuplicatePassError
         If another plugin already registered a pass with the same ``name``.
+    """
+
+
+@hookspec
+def lowrank_register_metrics(register: MetricRegistry) -> None:
+    """Register accuracy metrics for the recipe's ``accuracy:`` gate.
+
+    Call ``register(MyEvaluator)`` once per metric, where ``MyEvaluator``
+    subclasses :class:`optimum_lowrank.Evaluator` and sets
+
+    - ``name``: the recipe's ``metric:`` id (an identifier);
+    - ``config_class``: a pydantic model deriving from
+      :class:`optimum_lowrank.AccuracyConfig` with the metric's own options and
+      exactly one threshold field, named by its ``threshold_field`` class
+      variable, and an ``acceptable(original, value) -> bool`` method;
+    - ``model_kinds``: the model kinds it suits, a non-empty tuple of
+      ``"encoder"`` / ``"decoder"``;
+    - ``higher_is_better``: True or False;
+
+    and implements the classmethod ``from_config(config, loaded, reference_model)``
+    and ``evaluate_torch(model)`` / ``evaluate_onnx(path)``. A recipe's
+    ``accuracy:`` section is validated by the registered metric's ``config_class``,
+    so its options are checked like a pass's.
+
+    Parameters
+    ----------
+    register : MetricRegistry
+        Callable; ``register(evaluator_class)``.
+
+    Raises
+    ------
+    DuplicateMetricError
+        If another plugin already registered a metric with the same ``name``.
+    LowRankError
+        If the class lacks one of the declarations above.
+    """
+
+
+@hookspec
+def lowrank_register_quantizers(register: QuantizerRegistry) -> None:
+    """Register ``export.quantize`` methods.
+
+    Call ``register(MyQuantizer)`` once per method, where ``MyQuantizer`` subclasses
+    :class:`optimum_lowrank.Quantizer`, sets ``name`` (the recipe's ``quantize:`` id),
+    ``summary`` and ``needs_calibration``, and implements
+    ``quantize(onnx_path, output_path, request) -> dict`` (write the graph, return
+    report details). A recipe's ``export.quantize`` is validated against the registry.
+
+    Parameters
+    ----------
+    register : QuantizerRegistry
+        Callable; ``register(quantizer_class)``.
+
+    Raises
+    ------
+    DuplicateQuantizerError
+        If another plugin already registered a quantizer with the same ``name``.
     """

@@ -363,7 +363,10 @@ def load_model(
           ``is_decoder``, or a decoder-only ``model_type``), else ``AutoModel``;
         - a local ``.gguf`` file: dequantised to float32 once (about 24 s for
           SmolLM2-135M) and cached as safetensors in :func:`gguf_cache_dir`; later
-          loads read the cache (about 1 s);
+          loads read the cache (about 1 s). Loading one calls
+          ``torch.set_flush_denormal(True)`` for the process (its dequantised weights
+          give denormal activations); :func:`~optimum_lowrank.optimize` sets the mode
+          back when it ends, a direct call leaves it on;
         - an alias from :data:`ALIASES` (``"minilm"``, ``"smollm2"``);
         - a Hugging Face Hub id (needs the network or a warm hub cache).
     tokenizer : PreTrainedTokenizerBase, optional

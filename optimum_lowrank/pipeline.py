@@ -1,8 +1,9 @@
 """The pipeline: load -> passes -> accuracy gate -> ONNX export -> quantization -> report.
 
 Nothing the caller owns is modified: passes run on a deep copy of the model,
-and files are written to a temporary folder next to ``output`` that is renamed
-into place only when every check has passed.
+files are written to a temporary folder next to ``output`` that is renamed
+into place only when every check has passed, and the process-wide torch
+settings a run changes are given back when it ends.
 """
 
 from __future__ import annotations
@@ -10,18 +11,18 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from optimum_lowrank.api import PassContext, count_parameters
-from optimum_lowrank.errors import AccuracyError, ExportError, OutputExistsError
+from optimum_lowrank.errors import AccuracyError, ExportError, OutputExistsError, RecipeError
+from optimum_lowrank.progress import Progress, silenced
 from optimum_lowrank.recipe import Recipe, load_recipe
 from optimum_lowrank.report import AccuracyReport, ExportReport, OptimizationReport, PassReport
 
@@ -65,7 +66,8 @@ def optimize(
     registry : PassRegistry, optional
         Where pass ids are looked up; defaults to every installed plugin.
     progress : bool
-        Print step progress to stderr.
+        Print step lines to stderr; False also turns off every progress bar
+        (passes, fine-tuning, evaluation) for the run.
 
     Returns
     -------
@@ -84,12 +86,40 @@ def optimize(
         The gate failed; carries the report. Nothing is written.
     ExportError
         Export, ONNX checking, ORT parity or quantization failed.
+
+    Notes
+    -----
+    For a decoder the run calls ``torch.set_flush_denormal(True)`` (CPU matmuls over
+    denormal activations, common with dequantised weights, are about 3x slower).
+    When ``optimize`` returns or raises, the flush-denormal mode and the state of
+    torch's global CPU random number generator are as they were before the call.
+    Torch has no getter for flush-denormal: the mode is read on entry by a probe
+    and set back at exit; where the probe cannot tell, it is set back to False
+    (torch's default).
     """
+    with _restored_torch_state(), silenced(not progress):
+        return _optimize(model, recipe, output, tokenizer=tokenizer, overwrite=overwrite, registry=registry, progress=progress)
+
+
+def _optimize(
+    model: str | os.PathLike | PreTrainedModel,
+    recipe: Recipe | dict | str | os.PathLike,
+    output: str | os.PathLike | None,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None,
+    overwrite: bool,
+    registry: PassRegistry | None,
+    progress: bool,
+) -> OptimizationReport:
+    """:func:`optimize` without the restoring of global state."""
     from optimum_lowrank.models import load_model
 
     started = time.perf_counter()
-    say = _Progress(progress)
+    say = Progress(progress)
     recipe = load_recipe(recipe, registry)
+    if recipe.search is not None:
+        raise RecipeError("this recipe has a 'search:' section: run it with optimum_lowrank.search.search() or "
+                          "`optimum-lowrank optimize --recipe`; the search writes a search-free recipe.yaml that optimize() runs")
     out_dir = _check_output(output, overwrite)
     with say.step("loading model"):
         loaded = load_model(model, tokenizer)
@@ -172,7 +202,7 @@ def apply_passes(
     recipe: Recipe,
     context: PassContext,
     registry: PassRegistry | None = None,
-    progress: _Progress | None = None,
+    progress: Progress | None = None,
 ) -> tuple[torch.nn.Module, list[PassReport]]:
     """Run the recipe's passes on a deep copy of ``model``.
 
@@ -190,7 +220,7 @@ def apply_passes(
     from optimum_lowrank.plugins import get_registry
 
     registry = registry or get_registry()
-    progress = progress or _Progress(False)
+    progress = progress or Progress(False)
     compressed = copy.deepcopy(model)
     reports = []
     for index, step in enumerate(recipe.passes):
@@ -208,20 +238,29 @@ def apply_passes(
 # --------------------------------------------------------------------------- helpers
 
 
-class _Progress:
-    """Step-by-step progress lines on stderr (the long steps: loading, passes, export, evaluation)."""
+@contextmanager
+def _restored_torch_state() -> Iterator[None]:
+    """Give back, at exit, the process-wide torch settings a run changes.
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    @contextmanager
-    def step(self, what: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        if self.enabled:
-            print(f"[optimum-lowrank] {what} ...", file=sys.stderr, flush=True)
+    - flush-denormal (``torch.set_flush_denormal``): torch has no getter, so the mode
+      is read by a probe (a float32 denormal times one is zero only when denormals
+      are flushed) and set back to what it was; where the probe cannot see it (a CPU
+      without the setting) it is set back to False, torch's default;
+    - the state of the global CPU random number generator: module constructors
+      (``nn.Linear`` initialisation) draw from it; passes that need randomness use
+      their own ``torch.Generator``.
+    """
+    flush = _flush_denormal_enabled()
+    rng = torch.get_rng_state()
+    try:
         yield
-        if self.enabled:
-            print(f"[optimum-lowrank] {what}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    finally:
+        torch.set_flush_denormal(flush)
+        torch.set_rng_state(rng)
+
+
+def _flush_denormal_enabled() -> bool:
+    return torch.tensor([1e-39], dtype=torch.float32).mul(1.0).item() == 0.0
 
 
 def _check_output(output: str | os.PathLike | None, overwrite: bool) -> Path | None:
@@ -302,17 +341,10 @@ def _context(recipe: Recipe, loaded: LoadedModel) -> PassContext:
 
 
 def _build_evaluator(recipe: Recipe, loaded: LoadedModel) -> Evaluator:
-    from optimum_lowrank.evaluation import build_evaluator
+    """The evaluator of the recipe's metric, from its validated config (the registered metric's ``config_class``)."""
+    from optimum_lowrank.evaluation import evaluator_from_config
 
-    acc = recipe.accuracy
-    options: dict[str, Any]
-    if acc.metric == "perplexity":
-        options = {"seq_len": acc.seq_len, "stride": acc.stride or acc.seq_len, "max_windows": acc.max_windows}
-    elif acc.metric == "stsb_spearman":
-        options = {"max_pairs": acc.max_pairs}
-    else:
-        options = {"num_samples": acc.num_samples, "seq_len": min(acc.seq_len, 128)}
-    return build_evaluator(acc.metric, loaded, data=acc.data, reference_model=loaded.model, **options)
+    return evaluator_from_config(recipe.accuracy, loaded, reference_model=loaded.model)
 
 
 def _accuracy_report(recipe: Recipe, evaluator: Evaluator) -> AccuracyReport:
@@ -327,11 +359,13 @@ def _accuracy_report(recipe: Recipe, evaluator: Evaluator) -> AccuracyReport:
 
 
 def _acceptable(acc: AccuracyReport, value: float) -> bool:
-    if acc.threshold_name == "max_increase":
-        return value <= acc.original * (1 + acc.threshold)
-    if acc.threshold_name == "max_drop":
-        return value >= acc.original - acc.threshold
-    return value >= acc.threshold
+    """The metric's own rule, ``config_class.acceptable``, for the threshold the report carries."""
+    from optimum_lowrank.plugins import get_metric_registry
+
+    config_class = get_metric_registry().get(acc.metric).config_class
+    # acceptable() reads only the threshold; the recipe's config was validated when it was loaded.
+    config = config_class.model_construct(metric=acc.metric, **{acc.threshold_name: acc.threshold})
+    return config.acceptable(acc.original, value)
 
 
 def _gate(report: OptimizationReport, enforce: bool, fail_fast: bool) -> None:
@@ -362,7 +396,7 @@ def _export(
     evaluator: Evaluator | None,
     report: OptimizationReport,
     staging: Path,
-    say: _Progress,
+    say: Progress,
 ) -> ExportReport:
     from optimum_lowrank.exporters.latency import measure_latency
     from optimum_lowrank.exporters.onnx import export_onnx, onnx_size_mb, onnx_task
@@ -393,13 +427,15 @@ def _export(
         raise ExportError(
             f"ONNX Runtime output differs from PyTorch: max |diff| {parity.max_abs_diff:.3g} > atol {cfg.parity_atol:g} "
             f"+ rtol {cfg.parity_rtol:g} x max|output| {parity.reference_max_abs:.3g} "
-            f"({parity.per_shape}); nothing was written"
+            f"({parity.describe()}; {parity.per_shape}); nothing was written"
         )
 
     graphs = {"output fp32": fp32}
     if cfg.quantize != "none":
         feeds = None
-        if cfg.quantize == "static_int8":
+        from optimum_lowrank.plugins import get_quantizer_registry
+
+        if get_quantizer_registry().get(cfg.quantize).needs_calibration:
             feeds = calibration_feeds_from_ids(fp32, [ids.unsqueeze(0).numpy() for ids in context.calibration_ids])
         t0 = time.perf_counter()
         with say.step(f"quantizing ({cfg.quantize})"):
@@ -411,6 +447,8 @@ def _export(
                 reduce_range=cfg.reduce_range,
                 calibration_feeds=feeds,
                 block_size=cfg.block_size,
+                weight_only=cfg.weight_only_spec() if cfg.quantize.startswith("weight_") else None,
+                details=result.quantization_details,
             )
         result.seconds["quantize"] = time.perf_counter() - t0
         result.files["onnx_quantized"] = str(quantized)

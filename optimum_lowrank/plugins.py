@@ -1,4 +1,4 @@
-"""The plugin manager and the pass registry.
+"""The plugin manager and the registries it fills: passes and accuracy metrics.
 
 Environment variables
 ---------------------
@@ -14,17 +14,32 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pluggy
 
 from optimum_lowrank import hookspecs
-from optimum_lowrank.errors import DuplicatePassError, LowRankError
+from optimum_lowrank.errors import DuplicateMetricError, DuplicatePassError, DuplicateQuantizerError, LowRankError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from optimum_lowrank.api import CompressionPass
+    from typing_extensions import Self
 
-__all__ = ["PassRegistry", "RegisteredPass", "get_plugin_manager", "get_registry"]
+    from optimum_lowrank.api import CompressionPass
+    from optimum_lowrank.evaluation.base import Evaluator
+
+__all__ = [
+    "MetricRegistry",
+    "PassRegistry",
+    "RegisteredMetric",
+    "RegisteredPass",
+    "QuantizerRegistry",
+    "RegisteredQuantizer",
+    "Registry",
+    "get_metric_registry",
+    "get_plugin_manager",
+    "get_quantizer_registry",
+    "get_registry",
+]
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 DISABLE_AUTOLOAD_ENV = "OPTIMUM_LOWRANK_DISABLE_AUTOLOAD"
@@ -36,6 +51,8 @@ BUILTIN_PLUGINS = (
     "optimum_lowrank.passes.embedding.autoencoder",
     "optimum_lowrank.passes.embedding.tt",
     "optimum_lowrank.passes.embedding.fourier",
+    "optimum_lowrank.evaluation",
+    "optimum_lowrank.exporters.quantizers",
 )
 
 
@@ -47,52 +64,176 @@ class RegisteredPass:
     plugin: str
 
 
-class PassRegistry:
-    """Pass id -> pass class, filled by the ``lowrank_register_passes`` hook.
+@dataclass(frozen=True)
+class RegisteredMetric:
+    """An evaluator class (one accuracy metric) and the plugin that registered it."""
 
-    Calling the registry registers a pass: ``register(MyPass)``.
+    evaluator_class: type[Evaluator]
+    plugin: str
+
+
+class Registry:
+    """Name -> class, filled by one ``lowrank_register_*`` hook; records which plugin registered what.
+
+    Calling the registry registers a class: ``register(MyClass)``. Subclasses say
+    what they hold (:attr:`kind`, :attr:`hook`, :attr:`duplicate_error`) and check
+    each class in :meth:`check`.
+
+    Raises
+    ------
+    LowRankError
+        On registration, if the class fails :meth:`check` or its ``name`` is not an identifier.
+    DuplicatePassError, DuplicateMetricError (``duplicate_error``)
+        On registration, if another plugin already registered the same name; the
+        message names both plugins and both classes.
     """
 
+    #: What the registry holds, for messages ("pass", "metric").
+    kind: ClassVar[str]
+    #: The hook :meth:`collect` calls.
+    hook: ClassVar[str]
+    duplicate_error: ClassVar[type[LowRankError]]
+    entry_class: ClassVar[type]
+
     def __init__(self) -> None:
-        self._passes: dict[str, RegisteredPass] = {}
+        self._classes: dict[str, tuple[type, str]] = {}
         self._current_plugin = "<direct>"
 
-    def __call__(self, pass_class: type[CompressionPass]) -> type[CompressionPass]:
-        from optimum_lowrank.api import CompressionPass
+    def check(self, cls: type) -> None:
+        """Raise :class:`LowRankError` if ``cls`` cannot be registered here (subclasses extend)."""
 
-        if not (isinstance(pass_class, type) and issubclass(pass_class, CompressionPass)):
-            raise LowRankError(f"plugin {self._current_plugin!r} registered {pass_class!r}, which is not a CompressionPass subclass")
-        name = getattr(pass_class, "name", None)
+    def __call__(self, cls: type) -> type:
+        self.check(cls)
+        name = getattr(cls, "name", None)
         if not isinstance(name, str) or not name.isidentifier():
-            raise LowRankError(f"plugin {self._current_plugin!r}: pass {pass_class.__name__} needs a `name` that is an identifier, got {name!r}")
-        if name in self._passes:
-            other = self._passes[name]
-            raise DuplicatePassError(
-                f"pass {name!r} registered twice: by plugin {other.plugin!r} ({other.pass_class.__qualname__}) "
-                f"and by plugin {self._current_plugin!r} ({pass_class.__qualname__})"
+            raise LowRankError(f"plugin {self._current_plugin!r}: {self.kind} {cls.__name__} needs a `name` that is an identifier, got {name!r}")
+        if name in self._classes:
+            other, plugin = self._classes[name]
+            raise self.duplicate_error(
+                f"{self.kind} {name!r} registered twice: by plugin {plugin!r} ({other.__qualname__}) "
+                f"and by plugin {self._current_plugin!r} ({cls.__qualname__})"
             )
-        self._passes[name] = RegisteredPass(pass_class, self._current_plugin)
-        return pass_class
+        self._classes[name] = (cls, self._current_plugin)
+        return cls
 
-    def get(self, name: str) -> type[CompressionPass] | None:
-        entry = self._passes.get(name)
-        return None if entry is None else entry.pass_class
+    def get(self, name: str) -> type | None:
+        """The class registered as ``name``, or None."""
+        entry = self._classes.get(name) if isinstance(name, str) else None
+        return None if entry is None else entry[0]
 
     def names(self) -> list[str]:
-        return sorted(self._passes)
+        """Registered names, sorted."""
+        return sorted(self._classes)
 
-    def entries(self) -> list[tuple[str, RegisteredPass]]:
-        return sorted(self._passes.items())
+    def entries(self) -> list[tuple[str, Any]]:
+        """``(name, entry)`` pairs sorted by name; ``entry`` has the class and ``plugin``."""
+        return [(name, self.entry_class(cls, plugin)) for name, (cls, plugin) in sorted(self._classes.items())]
 
-    def collect(self, pm: pluggy.PluginManager) -> PassRegistry:
-        """Call every plugin's ``lowrank_register_passes``, recording which plugin registered what."""
-        for impl in pm.hook.lowrank_register_passes.get_hookimpls():
+    def by_plugin(self) -> dict[str, list[str]]:
+        """Plugin name -> the names it registered, both in registration order (built-ins first)."""
+        out: dict[str, list[str]] = {}
+        for name, (_, plugin) in self._classes.items():
+            out.setdefault(plugin, []).append(name)
+        return out
+
+    def collect(self, pm: pluggy.PluginManager) -> Self:
+        """Call every plugin's :attr:`hook`, recording which plugin registered what."""
+        for impl in getattr(pm.hook, self.hook).get_hookimpls():
             self._current_plugin = impl.plugin_name
             try:
                 impl.function(register=self)
             finally:
                 self._current_plugin = "<direct>"
         return self
+
+
+class PassRegistry(Registry):
+    """Pass id -> pass class, filled by the ``lowrank_register_passes`` hook.
+
+    Calling the registry registers a pass: ``register(MyPass)``.
+    """
+
+    kind = "pass"
+    hook = "lowrank_register_passes"
+    duplicate_error = DuplicatePassError
+    entry_class = RegisteredPass
+
+    def check(self, cls: type) -> None:
+        from optimum_lowrank.api import CompressionPass
+
+        if not (isinstance(cls, type) and issubclass(cls, CompressionPass)):
+            raise LowRankError(f"plugin {self._current_plugin!r} registered {cls!r}, which is not a CompressionPass subclass")
+
+    def get(self, name: str) -> type[CompressionPass] | None:
+        return super().get(name)
+
+
+class MetricRegistry(Registry):
+    """Metric id -> evaluator class, filled by the ``lowrank_register_metrics`` hook.
+
+    Calling the registry registers a metric: ``register(MyEvaluator)``, an
+    :class:`~optimum_lowrank.evaluation.Evaluator` subclass that declares ``name``,
+    ``config_class`` (deriving from :class:`~optimum_lowrank.recipe.AccuracyConfig`
+    and naming its one threshold field in ``threshold_field``), ``model_kinds``
+    (a non-empty subset of ``("encoder", "decoder")``) and ``higher_is_better``.
+    """
+
+    kind = "metric"
+    hook = "lowrank_register_metrics"
+    duplicate_error = DuplicateMetricError
+    entry_class = RegisteredMetric
+
+    def check(self, cls: type) -> None:
+        from optimum_lowrank.evaluation.base import MODEL_KINDS, Evaluator
+
+        who = f"plugin {self._current_plugin!r}"
+        if not (isinstance(cls, type) and issubclass(cls, Evaluator)):
+            raise LowRankError(f"{who} registered {cls!r}, which is not an Evaluator subclass")
+        config = getattr(cls, "config_class", None)
+        # AccuracyConfig lives in recipe.py, which imports this module: check what it guarantees instead.
+        threshold = getattr(config, "threshold_field", None)
+        if not (isinstance(config, type) and threshold in getattr(config, "model_fields", {}) and callable(getattr(config, "acceptable", None))):
+            raise LowRankError(
+                f"{who}: metric {cls.__name__} needs a `config_class` deriving from AccuracyConfig whose "
+                f"`threshold_field` names one of its fields, got {config!r}"
+            )
+        kinds = getattr(cls, "model_kinds", None)
+        if not (isinstance(kinds, tuple) and kinds and set(kinds) <= set(MODEL_KINDS)):
+            raise LowRankError(f"{who}: metric {cls.__name__} needs `model_kinds`, a non-empty tuple of {MODEL_KINDS}, got {kinds!r}")
+        if not isinstance(getattr(cls, "higher_is_better", None), bool):
+            raise LowRankError(f"{who}: metric {cls.__name__} needs `higher_is_better`, True or False")
+
+    def get(self, name: str) -> type[Evaluator] | None:
+        return super().get(name)
+
+
+@dataclass(frozen=True)
+class RegisteredQuantizer:
+    """A quantizer class (one ``export.quantize`` method) and the plugin that registered it."""
+
+    quantizer_class: type
+    plugin: str
+
+
+class QuantizerRegistry(Registry):
+    """Quantizer id -> :class:`~optimum_lowrank.exporters.quantizers.Quantizer` subclass, filled by
+    the ``lowrank_register_quantizers`` hook: ``register(MyQuantizer)``."""
+
+    kind = "quantizer"
+    hook = "lowrank_register_quantizers"
+    duplicate_error = DuplicateQuantizerError
+    entry_class = RegisteredQuantizer
+
+    def check(self, cls: type) -> None:
+        from optimum_lowrank.exporters.quantizers import Quantizer
+
+        if not (isinstance(cls, type) and issubclass(cls, Quantizer)):
+            raise LowRankError(f"plugin {self._current_plugin!r} registered {cls!r}, which is not a Quantizer subclass")
+
+
+def plugin_label(plugin: str) -> str:
+    """How messages name a plugin: ``built in`` for :data:`BUILTIN_PLUGINS`, else ``plugin 'NAME'``."""
+    return "built in" if plugin in BUILTIN_PLUGINS else f"plugin {plugin!r}"
 
 
 def _blocked() -> set[str]:
@@ -140,3 +281,25 @@ def get_registry() -> PassRegistry:
     """The registry of every pass from the default plugin manager (cached per environment settings)."""
     autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "") in ("", "0")
     return _default_registry(autoload, frozenset(_blocked()))
+
+
+@lru_cache(maxsize=1)
+def _default_metric_registry(autoload: bool, blocked: frozenset[str]) -> MetricRegistry:
+    return MetricRegistry().collect(get_plugin_manager(autoload))
+
+
+def get_metric_registry() -> MetricRegistry:
+    """The registry of every accuracy metric from the default plugin manager (cached per environment settings)."""
+    autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "") in ("", "0")
+    return _default_metric_registry(autoload, frozenset(_blocked()))
+
+
+@lru_cache(maxsize=1)
+def _default_quantizer_registry(autoload: bool, blocked: frozenset[str]) -> QuantizerRegistry:
+    return QuantizerRegistry().collect(get_plugin_manager(autoload))
+
+
+def get_quantizer_registry() -> QuantizerRegistry:
+    """The registry of every quantizer from the default plugin manager (cached per environment settings)."""
+    autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "") in ("", "0")
+    return _default_quantizer_registry(autoload, frozenset(_blocked()))

@@ -19,18 +19,21 @@ Example
 from __future__ import annotations
 
 import os
+from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, model_validator
 
 from optimum_lowrank.api import PassConfig
-from optimum_lowrank.errors import RecipeError, UnknownPassError
+from optimum_lowrank.errors import RecipeError, UnknownMetricError, UnknownPassError
+from optimum_lowrank.export_config import ExportConfig, LatencyConfig, Strict, WeightOnlyConfig, WeightOnlyOverride
+from optimum_lowrank.search.config import SearchConfig
 
 if TYPE_CHECKING:  # pragma: no cover
-    from optimum_lowrank.plugins import PassRegistry
+    from optimum_lowrank.plugins import MetricRegistry, PassRegistry
 
 __all__ = [
     "AccuracyConfig",
@@ -40,17 +43,16 @@ __all__ = [
     "LatencyConfig",
     "PassStep",
     "Recipe",
+    "WeightOnlyConfig",
+    "WeightOnlyOverride",
     "format_validation_error",
     "load_recipe",
 ]
 
 SUPPORTED_VERSIONS = (1,)
-QUANTIZATION_METHODS = ("none", "dynamic_int8", "static_int8", "weight_int8", "weight_int4")
-METRICS = ("perplexity", "stsb_spearman", "cosine_agreement")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Strict = Strict
 
 
 class CalibrationConfig(_Strict):
@@ -91,85 +93,85 @@ class FinetuneConfig(_Strict):
 
 
 class AccuracyConfig(_Strict):
-    """The accuracy gate: the compressed model is evaluated next to the original.
+    """Base of every metric's accuracy-gate config: the recipe's ``accuracy:`` section.
 
-    Exactly one threshold that fits ``metric`` is set:
+    Each registered metric (``lowrank_register_metrics`` hook) has its own subclass,
+    its ``config_class``, with the metric's options and exactly one threshold field,
+    named by :attr:`threshold_field`; it validates the recipe's ``accuracy:`` section,
+    so an unknown key is an error naming the metric's allowed keys. The built-in
+    metrics' configs are in :mod:`optimum_lowrank.evaluation`.
 
-    - ``perplexity`` (causal LMs): ``max_increase``, the allowed relative
-      increase (0.05 = +5%), in [0, 100].
-    - ``stsb_spearman`` (encoders): ``max_drop``, allowed drop of Spearman x 100, in [0, 100].
-    - ``cosine_agreement`` (encoders, data-free): ``min_cosine`` in (0, 1], the
-      mean cosine between the original's and the compressed model's pooled outputs.
+    Attributes
+    ----------
+    metric : str
+        The registered metric's ``name``.
+    data : str or None
+        What the metric reads (each metric documents it); None: the metric's default.
+    enforce : bool
+        False measures and reports without failing (for benchmarks).
+    threshold_field : ClassVar[str]
+        Set by each subclass: the name of its threshold field. Declare that field as
+        ``float | None`` with default None and its range: a recipe must set it (the
+        error says so), while :func:`~optimum_lowrank.evaluation.build_evaluator`,
+        which only measures, validates with ``context={"measure_only": True}`` and
+        may leave it unset.
 
-    ``enforce: false`` measures and reports without failing (for benchmarks).
+    Raises
+    ------
+    pydantic.ValidationError
+        If the threshold is missing (outside ``measure_only``) or a value is out of
+        range; :meth:`Recipe.from_dict` turns it into a :class:`RecipeError`.
     """
 
-    metric: Literal["perplexity", "stsb_spearman", "cosine_agreement"]
+    metric: str
     data: str | None = None
-    max_increase: float | None = Field(None, ge=0, le=100)
-    max_drop: float | None = Field(None, ge=0, le=100)
-    min_cosine: float | None = Field(None, gt=0, le=1)
-    seq_len: int = Field(512, ge=8, le=8192)
-    stride: int | None = Field(None, ge=1)
-    max_windows: int = Field(20, ge=1)
-    max_pairs: int | None = Field(None, ge=1)
-    num_samples: int = Field(64, ge=1)
     enforce: bool = True
 
+    threshold_field: ClassVar[str]
+
     @model_validator(mode="after")
-    def _threshold_fits_metric(self) -> AccuracyConfig:
-        wanted = {"perplexity": "max_increase", "stsb_spearman": "max_drop", "cosine_agreement": "min_cosine"}
-        field = wanted[self.metric]
-        others = [name for name in wanted.values() if name != field and getattr(self, name) is not None]
-        if others:
-            raise ValueError(f"metric {self.metric!r} takes the threshold {field!r}, not {', '.join(others)}")
-        if getattr(self, field) is None:
-            raise ValueError(f"metric {self.metric!r} needs the threshold {field!r}")
-        if self.metric == "stsb_spearman" and self.data is None:
-            raise ValueError("metric 'stsb_spearman' needs 'data': a STS-B TSV of sentence pairs")
+    def _complete(self, info: ValidationInfo) -> AccuracyConfig:
+        if not (info.context or {}).get("measure_only"):
+            self.check_complete()
         return self
+
+    def check_complete(self) -> None:
+        """Raise ValueError if the gate cannot run as given: here, a missing threshold.
+
+        Subclasses extend it (``stsb_spearman`` also needs ``data``); it is skipped
+        when validating with ``context={"measure_only": True}``.
+        """
+        if getattr(self, self.threshold_field) is None:
+            raise ValueError(f"metric {self.metric!r} needs the threshold {self.threshold_field!r}")
 
     @property
     def threshold(self) -> tuple[str, float]:
-        """``(name, value)`` of the threshold set for this metric."""
-        for name in ("max_increase", "max_drop", "min_cosine"):
-            if getattr(self, name) is not None:
-                return name, float(getattr(self, name))
-        raise AssertionError("validated config has a threshold")  # pragma: no cover
+        """``(name, value)`` of this metric's threshold, e.g. ``("max_increase", 0.05)``.
 
+        Raises
+        ------
+        ValueError
+            If the threshold is not set (a config validated for measuring only).
+        """
+        value = getattr(self, self.threshold_field)
+        if value is None:
+            raise ValueError(f"metric {self.metric!r}: no threshold {self.threshold_field!r} set")
+        return self.threshold_field, float(value)
 
-class LatencyConfig(_Strict):
-    """ONNX Runtime CPU latency measurement: median of ``repeats`` forward passes."""
+    @abstractmethod
+    def acceptable(self, original: float, value: float) -> bool:
+        """Whether ``value``, measured on a compressed model, passes the gate.
 
-    batch_size: int = Field(1, ge=1, le=1024)
-    seq_len: int = Field(128, ge=1, le=8192)
-    repeats: int = Field(20, ge=1, le=10_000)
-    threads: int = Field(2, ge=1, le=256)
+        Reads only the threshold field: the pipeline rebuilds the config from the
+        report's threshold to judge each figure.
 
-
-class ExportConfig(_Strict):
-    """ONNX export through Optimum's exporter, parity check, and ORT quantization.
-
-    ``quantize``: ``none``; ``dynamic_int8`` (weights int8 per channel,
-    activations quantized at run time; good for encoders, measured to break
-    small Llama decoders); ``static_int8`` (QDQ, activations calibrated on the
-    recipe's calibration data); ``weight_int8`` / ``weight_int4`` (weight-only
-    ``MatMulNBits``, the safe choice for decoders). ``optimization_level`` 1 or 2
-    runs Optimum's ``ORTOptimizer`` on the fp32 graph before parity and
-    quantization (measured here: no speed-up on low-rank BERT graphs; 0 is the default).
-    """
-
-    format: Literal["onnx"] = "onnx"
-    opset: int | None = Field(None, ge=14, le=23)
-    optimization_level: Literal[0, 1, 2] = 0
-    quantize: Literal["none", "dynamic_int8", "static_int8", "weight_int8", "weight_int4"] = "none"
-    per_channel: bool = True
-    reduce_range: bool = True
-    block_size: int = Field(32, ge=16, le=4096)
-    parity_atol: float = Field(1e-3, gt=0)
-    parity_rtol: float = Field(1e-4, ge=0, lt=1)
-    latency: LatencyConfig | None = LatencyConfig()
-    baseline_latency: bool = True
+        Parameters
+        ----------
+        original : float
+            The metric on the original model, in the metric's unit.
+        value : float
+            The metric on the compressed model (PyTorch or an ONNX graph).
+        """
 
 
 @dataclass(frozen=True)
@@ -191,22 +193,37 @@ class Recipe(_Strict):
     version: int
     passes: tuple[PassStep, ...] = ()
     finetune: FinetuneConfig | None = None
-    accuracy: AccuracyConfig | None = None
+    accuracy: SerializeAsAny[AccuracyConfig] | None = None
     export: ExportConfig | None = None
     calibration: CalibrationConfig = CalibrationConfig()
     seed: int = 0
+    search: SearchConfig | None = None
+
+    @model_validator(mode="after")
+    def _search_alone(self) -> Recipe:
+        """A ``search:`` recipe is run by :func:`optimum_lowrank.search.search`; it writes the passes and export itself."""
+        if self.search is not None:
+            extra = [k for k in ("passes", "finetune", "accuracy", "export") if getattr(self, k)]
+            extra += [k for k in ("calibration", "seed") if getattr(self, k) != type(self).model_fields[k].default]
+            if extra:
+                raise ValueError(f"a recipe with 'search:' holds only version and search (set search.calibration / search.seed there); "
+                                 f"also given: {', '.join(extra)}")
+        return self
 
     @classmethod
-    def from_dict(cls, data: Any, registry: PassRegistry | None = None) -> Recipe:
+    def from_dict(cls, data: Any, registry: PassRegistry | None = None, metrics: MetricRegistry | None = None) -> Recipe:
         """Validate a recipe given as a mapping (e.g. parsed YAML).
 
         Parameters
         ----------
         data : dict
             Keys ``version`` (required, one of 1), ``passes``, ``finetune``,
-            ``accuracy``, ``export``, ``calibration``, ``seed``.
+            ``accuracy``, ``export``, ``calibration``, ``seed``; or ``version`` and ``search``
+            (:class:`~optimum_lowrank.search.config.SearchConfig`, run by :func:`optimum_lowrank.search.search`).
         registry : PassRegistry, optional
             Where pass ids are looked up; the default plugin manager's registry.
+        metrics : MetricRegistry, optional
+            Where the ``accuracy:`` metric is looked up; the default plugin manager's.
 
         Raises
         ------
@@ -214,6 +231,9 @@ class Recipe(_Strict):
             Unknown key, unknown version, bad value; the message names the field.
         UnknownPassError
             A ``pass:`` id no plugin registers; the message lists the known ids.
+        UnknownMetricError
+            An ``accuracy: {metric: ...}`` no plugin registers; the message lists the
+            registered metrics by plugin.
         """
         if not isinstance(data, dict):
             raise RecipeError(f"a recipe is a mapping with keys version, passes, ...; got {type(data).__name__}")
@@ -231,15 +251,25 @@ class Recipe(_Strict):
 
             registry = get_registry()
         steps = tuple(_parse_step(i, raw, registry) for i, raw in enumerate(raw_passes))
+        fields: dict[str, Any] = {**data, "passes": steps}
+        if data.get("accuracy") is not None:
+            if metrics is None:
+                from optimum_lowrank.plugins import get_metric_registry
+
+                metrics = get_metric_registry()
+            fields["accuracy"] = _parse_accuracy(data["accuracy"], metrics)
         try:
-            return cls.model_validate({**data, "passes": steps})
+            recipe = cls.model_validate(fields)
         except ValidationError as err:
             raise RecipeError(format_validation_error(err, "recipe", cls)) from None
+        if recipe.export is not None:
+            _check_quantizer(recipe.export.quantize)
+        return recipe
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data, ready for ``yaml.safe_dump`` (round-trips through :meth:`from_dict`)."""
         out: dict[str, Any] = {"version": self.version, "passes": [step.to_dict() for step in self.passes]}
-        for key in ("finetune", "accuracy", "export"):
+        for key in ("finetune", "accuracy", "export", "search"):
             section = getattr(self, key)
             if section is not None:
                 out[key] = section.model_dump(mode="json", exclude_defaults=True)
@@ -252,6 +282,14 @@ class Recipe(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check_quantizer(name: str) -> None:
+    from optimum_lowrank.plugins import get_quantizer_registry
+
+    quantizers = get_quantizer_registry()
+    if quantizers.get(name) is None:
+        raise RecipeError(f"recipe: export.quantize: unknown quantizer {name!r}; registered: {', '.join(quantizers.names())}")
 
 
 def _parse_step(index: int, raw: Any, registry: PassRegistry) -> PassStep:
@@ -268,6 +306,39 @@ def _parse_step(index: int, raw: Any, registry: PassRegistry) -> PassStep:
     except ValidationError as err:
         raise RecipeError(format_validation_error(err, f"{where} ({pass_id})", pass_cls.config_class)) from None
     return PassStep(pass_id, config)
+
+
+def _parse_accuracy(raw: Any, metrics: MetricRegistry) -> AccuracyConfig:
+    """Validate ``accuracy:`` with the ``config_class`` of the metric it names."""
+    if not isinstance(raw, dict) or "metric" not in raw:
+        raise RecipeError(f"accuracy: a mapping with a 'metric' id and its threshold; got {raw!r}; metrics: {_metric_choices(metrics)}")
+    metric = raw["metric"]
+    evaluator_class = metrics.get(metric)
+    if evaluator_class is None:
+        raise UnknownMetricError(f"accuracy: metric: Input should be {_metric_choices(metrics)}, got {metric!r}")
+    config_class = evaluator_class.config_class
+    wanted = config_class.threshold_field
+    thresholds = {entry.evaluator_class.config_class.threshold_field for _, entry in metrics.entries()}
+    others = sorted(key for key in raw if key in thresholds and key not in config_class.model_fields)
+    if others:
+        raise RecipeError(f"accuracy ({metric}): metric {metric!r} takes the threshold {wanted!r}, not {', '.join(others)}")
+    try:
+        return config_class.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(format_validation_error(err, f"accuracy ({metric})", config_class)) from None
+
+
+def _metric_choices(metrics: MetricRegistry) -> str:
+    """The registered metrics grouped by plugin, built-ins first:
+    ``'perplexity', 'stsb_spearman' or 'cosine_agreement' (built in), or 'x' (plugin 'p')``."""
+    from optimum_lowrank.plugins import plugin_label
+
+    groups = []
+    for plugin, names in metrics.by_plugin().items():
+        quoted = [repr(name) for name in names]
+        listed = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+        groups.append(f"{listed} ({plugin_label(plugin)})")
+    return ", or ".join(groups) or "(no metric registered)"
 
 
 def fields_most_specific_first(model: type[BaseModel]) -> list[str]:
@@ -309,7 +380,11 @@ def _owner_model(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return model
 
 
-def load_recipe(source: Recipe | dict | str | os.PathLike, registry: PassRegistry | None = None) -> Recipe:
+def load_recipe(
+    source: Recipe | dict | str | os.PathLike,
+    registry: PassRegistry | None = None,
+    metrics: MetricRegistry | None = None,
+) -> Recipe:
     """Load and validate a recipe.
 
     Parameters
@@ -318,6 +393,9 @@ def load_recipe(source: Recipe | dict | str | os.PathLike, registry: PassRegistr
         A string naming an existing file or ending in ``.yaml``/``.yml`` is a
         path; any other string is parsed as YAML text.
     registry : PassRegistry, optional
+        Where pass ids are looked up (default: every installed plugin's passes).
+    metrics : MetricRegistry, optional
+        Where the accuracy metric is looked up (default: every installed plugin's metrics).
 
     Raises
     ------
@@ -327,7 +405,7 @@ def load_recipe(source: Recipe | dict | str | os.PathLike, registry: PassRegistr
     if isinstance(source, Recipe):
         return source
     if isinstance(source, dict):
-        return Recipe.from_dict(source, registry)
+        return Recipe.from_dict(source, registry, metrics)
     text = str(source)
     if isinstance(source, os.PathLike) or text.endswith((".yaml", ".yml")) or Path(text).is_file():
         path = Path(source)
@@ -340,4 +418,4 @@ def load_recipe(source: Recipe | dict | str | os.PathLike, registry: PassRegistr
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise RecipeError(f"malformed YAML in {where}: {err}") from None
-    return Recipe.from_dict(data, registry)
+    return Recipe.from_dict(data, registry, metrics)

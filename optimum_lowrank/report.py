@@ -5,37 +5,57 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-__all__ = ["AccuracyReport", "ExportReport", "LayerReport", "OptimizationReport", "PassReport", "format_table"]
+__all__ = ["ACTIONS", "AccuracyReport", "ExportReport", "LayerAction", "LayerReport", "OptimizationReport", "PassReport", "format_table"]
+
+#: What a pass did to a layer: factorized into factors, replaced by another module, or left as it was.
+LayerAction = Literal["factorized", "replaced", "skipped"]
+ACTIONS: tuple[str, ...] = get_args(LayerAction)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LayerReport:
-    """What a pass did to one module.
+    """What a pass did to one module. Built with keywords only::
+
+        LayerReport(name="encoder.layer.0.output.dense", module_type="Linear", action="factorized",
+                    params_before=12_288, params_after=4_096, rank=32)
 
     Attributes
     ----------
     name : str
         Qualified module name.
     module_type : str
-    action : str
-        ``factorized``, ``replaced`` or ``skipped``.
+    action : {"factorized", "replaced", "skipped"}
+        ``factorized``: the module became a factorized layer; ``replaced``: another
+        module took its place (e.g. a dense layer holding trained weights);
+        ``skipped``: left as it was (``note`` says why).
     params_before, params_after : int
         Parameters of the module (after = before when skipped).
     rank : int or None
     note : str
         Why a layer was skipped, tied-head handling, errors measured, ...
+    metrics : dict of str -> float
+        Figures the pass measured (errors, seconds, ...).
+
+    Raises
+    ------
+    ValueError
+        If ``action`` is not one of :data:`ACTIONS`.
     """
 
     name: str
     module_type: str
-    action: str
+    action: LayerAction
     params_before: int
     params_after: int
     rank: int | None = None
     note: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise ValueError(f"{self.name}: unknown LayerReport action {self.action!r}; allowed: {', '.join(ACTIONS)}")
 
 
 @dataclass
@@ -84,6 +104,9 @@ class ExportReport:
     parity: dict[str, Any] = field(default_factory=dict)
     latency: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    #: What the quantizer reported; weight-only: ``bits`` and ``relative_error`` (Frobenius,
+    #: dequantized vs fp32) per weight, ``shared_tables``, ``large_initializers`` (>= 100 KB).
+    quantization_details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

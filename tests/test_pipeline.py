@@ -13,6 +13,7 @@ from optimum_lowrank import optimize
 from optimum_lowrank.cli import main
 from optimum_lowrank.errors import AccuracyError, DataError, ModelLoadError, OutputExistsError, TargetError
 from optimum_lowrank.models import load_model
+from tests.helpers import LLAMA_TARGETS, WordTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +196,44 @@ def test_usage_aware_embedding_recipe_end_to_end(small_bert, minilm, tmp_path):
     [layer] = report.passes[0].layers
     assert layer.metrics["exact_rows"] == 8 and layer.metrics["exact_token_share"] > 0.5
     assert "exact rows cover" in layer.note and report.export.parity["passed"] is True
+
+
+def _flush_denormal() -> bool:
+    """Torch has no getter: a float32 denormal times one is zero only when denormals are flushed."""
+    return torch.tensor([1e-39], dtype=torch.float32).mul(1.0).item() == 0.0
+
+
+@pytest.mark.parametrize("flush", [False, True])
+def test_optimize_gives_back_flush_denormal_and_the_global_rng(tiny_llama, tmp_path, monkeypatch, flush):
+    import optimum_lowrank.finetune as finetune_module
+
+    text = tmp_path / "cal.txt"
+    text.write_text(" ".join(f"w{i}" for i in range(64)))
+    recipe = {
+        "version": 1,
+        "passes": [{"pass": "svd", "targets": LLAMA_TARGETS, "rank": 4}],
+        "calibration": {"data": str(text), "num_samples": 4, "seq_len": 8},
+        "finetune": {"steps": 2, "lr": 1e-3},
+    }
+    during = []
+    real = finetune_module.finetune
+
+    def spy(*args, **kwargs):
+        during.append(_flush_denormal())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "finetune", spy)
+    try:
+        if not torch.set_flush_denormal(flush):
+            pytest.skip("this CPU cannot flush denormals")
+        rng = torch.get_rng_state()
+        optimize(tiny_llama, recipe, tokenizer=WordTokenizer(), progress=False)
+        assert during == [True], "a decoder run flushes denormals"
+        assert _flush_denormal() is flush
+        assert torch.equal(torch.get_rng_state(), rng), "module constructors drew from the global generator"
+        bad = {**recipe, "passes": [{"pass": "svd", "targets": ["nothing.*"], "rank": 4}]}
+        with pytest.raises(TargetError):
+            optimize(tiny_llama, bad, tokenizer=WordTokenizer(), progress=False)
+        assert _flush_denormal() is flush and torch.equal(torch.get_rng_state(), rng), "given back after an error too"
+    finally:
+        torch.set_flush_denormal(False)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from optimum_lowrank.errors import RecipeError, UnknownPassError
-from optimum_lowrank.recipe import Recipe, load_recipe
+from optimum_lowrank.errors import RecipeError, UnknownMetricError, UnknownPassError
+from optimum_lowrank.recipe import AccuracyConfig, Recipe, load_recipe
 
 SMALLEST = """
 version: 1
@@ -66,7 +66,7 @@ def test_recipe_file_and_missing_file(tmp_path):
         ("version: 1\naccuracy: {metric: bleu, max_drop: 1}", "metric: Input should be 'perplexity', 'stsb_spearman' or 'cosine_agreement'"),
         ("version: 1\naccuracy: {metric: stsb_spearman, max_drop: 1}", "needs 'data'"),
         ("version: 1\naccuracy: {metric: cosine_agreement, min_cosine: 1.5}", "min_cosine: Input should be less than or equal to 1"),
-        ("version: 1\nexport: {quantize: int3}", "quantize: Input should be 'none', 'dynamic_int8', 'static_int8', 'weight_int8' or 'weight_int4'"),
+        ("version: 1\nexport: {quantize: int3}", "export.quantize: unknown quantizer 'int3'; registered: dynamic_int8, .*none, static_int8, weight_int4, weight_int8, weight_only"),
         ("version: 1\nexport: {qantize: none}", "export: unknown key 'qantize'; allowed keys: format, opset"),
         ("version: 1\nexport: {opset: 9}", "opset: Input should be greater than or equal to 14"),
         ("version: 1\nexport: {latency: {batch: 2}}", "export.latency: unknown key 'batch'; allowed keys: batch_size"),
@@ -95,3 +95,51 @@ def test_shipped_recipes_validate(path):
     recipe = load_recipe(path)
     assert recipe.passes or recipe.export is not None  # a recipe without passes is an export (baseline, int8 only)
     assert load_recipe(recipe.to_yaml()) == recipe  # round-trips
+
+
+def test_unknown_metric_lists_the_registered_ones_by_plugin():
+    with pytest.raises(
+        UnknownMetricError,
+        match="accuracy: metric: Input should be 'perplexity', 'stsb_spearman' or 'cosine_agreement' \\(built in\\), "
+        "or 'top1_agreement' \\(plugin 'rsvd'\\), got 'bleu'",
+    ):
+        load_recipe("version: 1\naccuracy: {metric: bleu, max_drop: 1}")
+
+
+@pytest.mark.parametrize(
+    ("accuracy", "expected"),
+    [
+        ("{metric: cosine_agreement, min_cosine: 0.9, max_windows: 3}", "accuracy \\(cosine_agreement\\): unknown key 'max_windows'; allowed keys: min_cosine, num_samples, seq_len, metric, data, enforce"),
+        ("{metric: perplexity, max_increase: 0.1, num_samples: 3}", "accuracy \\(perplexity\\): unknown key 'num_samples'; allowed keys: max_increase, seq_len, stride, max_windows"),
+        ("{metric: stsb_spearman, data: x.tsv, max_drop: 1, seq_len: 64}", "accuracy \\(stsb_spearman\\): unknown key 'seq_len'; allowed keys: max_drop, max_pairs"),
+        ("{metric: cosine_agreement, min_cosine: 0.9, seq_len: 4}", "seq_len: Input should be greater than or equal to 8"),
+        ("{metric: [perplexity], max_increase: 0.1}", "metric: Input should be 'perplexity'"),
+        ("[perplexity]", "accuracy: a mapping with a 'metric' id"),
+    ],
+)
+def test_each_metric_takes_only_its_own_options(accuracy, expected):
+    with pytest.raises(RecipeError, match=expected):
+        load_recipe(f"version: 1\naccuracy: {accuracy}")
+
+
+@pytest.mark.parametrize(
+    ("accuracy", "threshold", "original", "passing", "failing"),
+    [
+        ({"metric": "perplexity", "max_increase": 0.1, "seq_len": 256, "stride": 128, "max_windows": 4}, ("max_increase", 0.1), 20.0, 22.0, 22.1),
+        ({"metric": "stsb_spearman", "data": "sts-dev.tsv", "max_drop": 2.0, "max_pairs": 300}, ("max_drop", 2.0), 80.0, 78.0, 77.9),
+        ({"metric": "cosine_agreement", "min_cosine": 0.95, "num_samples": 8, "seq_len": 256, "enforce": False}, ("min_cosine", 0.95), 1.0, 0.95, 0.949),
+    ],
+)
+def test_accuracy_config_is_the_metrics_own_model(accuracy, threshold, original, passing, failing):
+    recipe = load_recipe({"version": 1, "accuracy": accuracy})
+    assert isinstance(recipe.accuracy, AccuracyConfig)
+    assert recipe.to_dict()["accuracy"] == accuracy, "round-trips with only what was set"
+    assert load_recipe(recipe.to_yaml()) == recipe
+    assert recipe.accuracy.threshold == threshold
+    assert recipe.accuracy.acceptable(original, passing) and not recipe.accuracy.acceptable(original, failing)
+
+
+def test_cosine_agreement_seq_len_defaults_to_128():
+    recipe = load_recipe("version: 1\naccuracy: {metric: cosine_agreement, min_cosine: 0.9}")
+    assert (recipe.accuracy.seq_len, recipe.accuracy.num_samples) == (128, 64)
+    assert recipe.to_dict()["accuracy"] == {"metric": "cosine_agreement", "min_cosine": 0.9}

@@ -2,30 +2,34 @@
 
 Every evaluator measures one number on a fixed, deterministic sample of data, so the
 original model, the compressed PyTorch model, its fp32 ONNX graph and its int8 ONNX
-graph are compared on exactly the same inputs:
+graph are compared on exactly the same inputs. The built-in metrics, registered
+through the ``lowrank_register_metrics`` hook like any plugin's:
 
-- ``perplexity`` (:class:`PerplexityEvaluator`): causal decoders, lower is better;
-- ``stsb_spearman`` (:class:`STSBEvaluator`): encoders, higher is better (x100);
-- ``cosine_agreement`` (:class:`CosineAgreementEvaluator`): encoders, data-free,
-  higher is better (1.0 for the original model).
+- ``perplexity`` (:class:`PerplexityEvaluator`, :class:`PerplexityConfig`): causal
+  decoders, lower is better;
+- ``stsb_spearman`` (:class:`STSBEvaluator`, :class:`STSBConfig`): encoders, higher
+  is better (x100);
+- ``cosine_agreement`` (:class:`CosineAgreementEvaluator`, :class:`CosineAgreementConfig`):
+  encoders, data-free, higher is better (1.0 for the original model).
 
-ONNX graphs are run with ONNX Runtime's ``CPUExecutionProvider`` (so graphs holding
-``com.microsoft`` operators such as ``MatMulNBits`` work), feeding only the inputs
-the graph declares. :func:`build_evaluator` is what the pipeline calls.
+The pipeline calls :func:`evaluator_from_config` with the recipe's validated
+``accuracy:`` section; :func:`build_evaluator` builds one from keyword options.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from optimum_lowrank.data import load_sts_pairs, load_text
-from optimum_lowrank.errors import DataError, RecipeError
-from optimum_lowrank.evaluation.base import METRICS, Evaluator
-from optimum_lowrank.evaluation.perplexity import PerplexityEvaluator
-from optimum_lowrank.evaluation.sentence import CosineAgreementEvaluator, STSBEvaluator
+from pydantic import ValidationError
+
+from optimum_lowrank.errors import RecipeError, UnknownMetricError
+from optimum_lowrank.evaluation.base import Evaluator
+from optimum_lowrank.evaluation.perplexity import PerplexityConfig, PerplexityEvaluator
+from optimum_lowrank.evaluation.sentence import CosineAgreementConfig, CosineAgreementEvaluator, STSBConfig, STSBEvaluator
+from optimum_lowrank.hookspecs import hookimpl
+from optimum_lowrank.plugins import MetricRegistry, get_metric_registry, plugin_label
+from optimum_lowrank.recipe import AccuracyConfig, format_validation_error
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
@@ -34,55 +38,70 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "METRICS",
+    "CosineAgreementConfig",
     "CosineAgreementEvaluator",
     "Evaluator",
+    "PerplexityConfig",
     "PerplexityEvaluator",
+    "STSBConfig",
     "STSBEvaluator",
     "build_evaluator",
+    "evaluator_from_config",
 ]
 
-_CLASSES: dict[str, type[Evaluator]] = {
-    "perplexity": PerplexityEvaluator,
-    "stsb_spearman": STSBEvaluator,
-    "cosine_agreement": CosineAgreementEvaluator,
-}
-_KIND = {"perplexity": "decoder", "stsb_spearman": "encoder", "cosine_agreement": "encoder"}
+_BUILTIN: tuple[type[Evaluator], ...] = (PerplexityEvaluator, STSBEvaluator, CosineAgreementEvaluator)
+
+#: Names of the built-in metrics; plugins add more (see :func:`~optimum_lowrank.plugins.get_metric_registry`).
+METRICS: tuple[str, ...] = tuple(cls.name for cls in _BUILTIN)
 
 
-def _check_options(metric: str, options: dict[str, Any]) -> None:
-    params = inspect.signature(_CLASSES[metric].__init__).parameters
-    allowed = sorted(name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and not name.endswith("_description"))
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise RecipeError(f"unknown option(s) {unknown} for metric {metric!r}; allowed: {allowed}")
+@hookimpl
+def lowrank_register_metrics(register: MetricRegistry) -> None:
+    for evaluator_class in _BUILTIN:
+        register(evaluator_class)
 
 
-def build_evaluator(
-    metric: str,
+def _lookup(metric: str, loaded: LoadedModel, registry: MetricRegistry | None) -> type[Evaluator]:
+    """The evaluator class of ``metric``, checked against ``loaded``'s kind."""
+    registry = registry or get_metric_registry()
+    evaluator_class = registry.get(metric)
+    if evaluator_class is None:
+        listed = "; ".join(
+            f"{', '.join(names)} ({plugin_label(plugin)})"
+            for plugin, names in registry.by_plugin().items()
+        )
+        raise UnknownMetricError(f"unknown accuracy metric {metric!r}; registered metrics: {listed or '(none)'}")
+    if loaded.kind not in evaluator_class.model_kinds:
+        article = {"encoder": "an", "decoder": "a"}
+        needed = " or ".join(f"{article[kind]} {kind}" for kind in evaluator_class.model_kinds)
+        suited = [name for name, entry in registry.entries() if loaded.kind in entry.evaluator_class.model_kinds]
+        raise RecipeError(
+            f"metric {metric!r} needs {needed} model but {loaded.source} is {article[loaded.kind]} {loaded.kind}; "
+            f"metrics for {loaded.kind}s: {', '.join(suited) or '(none registered)'}"
+        )
+    return evaluator_class
+
+
+def evaluator_from_config(
+    config: AccuracyConfig,
     loaded: LoadedModel,
-    *,
-    data: str | os.PathLike | None,
     reference_model: PreTrainedModel | None = None,
-    **options: Any,
+    registry: MetricRegistry | None = None,
 ) -> Evaluator:
-    """Build the evaluator for ``metric`` on ``loaded``'s tokenizer and data.
+    """Build the evaluator of ``config.metric`` for ``loaded`` (what the pipeline calls).
 
     Parameters
     ----------
-    metric : {"perplexity", "stsb_spearman", "cosine_agreement"}
+    config : AccuracyConfig
+        A validated ``accuracy:`` section (an instance of the metric's ``config_class``),
+        e.g. ``Recipe.accuracy``.
     loaded : LoadedModel
         The model being compressed; its tokenizer and kind are used.
-    data : str, PathLike or None
-        ``perplexity`` and ``cosine_agreement``: a text source for
-        :func:`optimum_lowrank.data.load_text` (None: Python's own documentation,
-        see :func:`~optimum_lowrank.data.default_text`). ``stsb_spearman``: a
-        required STS-B TSV, see :func:`~optimum_lowrank.data.load_sts_pairs`.
     reference_model : PreTrainedModel, optional
-        The original model; required by ``cosine_agreement``, whose reference
-        embeddings are computed here, at construction.
-    **options
-        Keyword options of the evaluator class (e.g. ``seq_len``, ``max_windows``,
-        ``max_pairs``, ``num_samples``).
+        The original model; required by metrics that compare against it
+        (``cosine_agreement``), which use it at construction.
+    registry : MetricRegistry, optional
+        Where the metric is looked up; every installed plugin's metrics by default.
 
     Returns
     -------
@@ -90,38 +109,68 @@ def build_evaluator(
 
     Raises
     ------
+    UnknownMetricError
+        If no plugin registers ``config.metric``; the message lists the registered ones.
     RecipeError
-        If the metric is unknown, does not suit the model kind (perplexity needs a
-        decoder, the embedding metrics an encoder), an option is unknown, or
-        ``cosine_agreement`` lacks ``reference_model``.
+        If the metric does not suit the model's kind (the message lists those that
+        do), or an option does not fit the model.
+    DataError
+        If the data is missing, empty or malformed.
+    """
+    evaluator_class = _lookup(config.metric, loaded, registry)
+    return evaluator_class.from_config(config, loaded, reference_model)
+
+
+def build_evaluator(
+    metric: str,
+    loaded: LoadedModel,
+    *,
+    data: str | os.PathLike | None = None,
+    reference_model: PreTrainedModel | None = None,
+    registry: MetricRegistry | None = None,
+    **options: Any,
+) -> Evaluator:
+    """Build the evaluator for ``metric`` from keyword options, to measure without a gate.
+
+    Parameters
+    ----------
+    metric : str
+        A registered metric: ``perplexity``, ``stsb_spearman``, ``cosine_agreement``
+        or one a plugin adds.
+    loaded : LoadedModel
+        The model being compressed; its tokenizer and kind are used.
+    data : str, PathLike or None
+        The metric's ``data`` option: ``perplexity`` and ``cosine_agreement``: a text
+        source for :func:`optimum_lowrank.data.load_text` (None: Python's own
+        documentation); ``stsb_spearman``: a required STS-B TSV.
+    reference_model : PreTrainedModel, optional
+        The original model; required by ``cosine_agreement``.
+    registry : MetricRegistry, optional
+        Where the metric is looked up; every installed plugin's metrics by default.
+    **options
+        The metric's own options, validated by its ``config_class`` (e.g. ``seq_len``,
+        ``max_windows``, ``max_pairs``, ``num_samples``); the threshold may be left out.
+
+    Returns
+    -------
+    Evaluator
+
+    Raises
+    ------
+    UnknownMetricError
+        If the metric is not registered; the message lists the registered ones.
+    RecipeError
+        If the metric does not suit the model kind (perplexity needs a decoder, the
+        embedding metrics an encoder), an option is unknown (the message lists the
+        allowed ones) or out of range, or ``cosine_agreement`` lacks ``reference_model``.
     DataError
         If the data is missing, empty or malformed (``stsb_spearman`` without data).
     """
-    if metric not in _CLASSES:
-        raise RecipeError(f"unknown accuracy metric {metric!r}; allowed: {', '.join(METRICS)}")
-    needed = _KIND[metric]
-    if loaded.kind != needed:
-        hint = (
-            "use stsb_spearman (with an STS-B TSV) or cosine_agreement for encoders"
-            if needed == "decoder"
-            else "use perplexity for decoders"
-        )
-        article = {"encoder": "an", "decoder": "a"}
-        raise RecipeError(
-            f"metric {metric!r} needs {article[needed]} {needed} model but {loaded.source} is {article[loaded.kind]} {loaded.kind}; {hint}"
-        )
-    _check_options(metric, options)
-    tokenizer = loaded.tokenizer
-
-    if metric == "stsb_spearman":
-        if data is None:
-            raise DataError("metric 'stsb_spearman' needs data: the path of an STS-B TSV file (e.g. sts-dev.tsv)")
-        pairs = load_sts_pairs(data)
-        return STSBEvaluator(tokenizer, pairs, pairs_description=Path(data).name, **options)
-
-    text, text_description = load_text(data)
-    if metric == "perplexity":
-        return PerplexityEvaluator(tokenizer, text, text_description=text_description, **options)
-    if reference_model is None:
-        raise RecipeError("metric 'cosine_agreement' needs reference_model (the original model)")
-    return CosineAgreementEvaluator(tokenizer, text, reference_model, text_description=text_description, **options)
+    evaluator_class = _lookup(metric, loaded, registry)
+    config_class = evaluator_class.config_class
+    values = {**options, "metric": metric, "data": None if data is None else os.fspath(data)}
+    try:
+        config = config_class.model_validate(values, context={"measure_only": True})
+    except ValidationError as err:
+        raise RecipeError(format_validation_error(err, f"metric {metric!r}", config_class)) from None
+    return evaluator_class.from_config(config, loaded, reference_model)

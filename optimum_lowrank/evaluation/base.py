@@ -1,17 +1,11 @@
-"""Accuracy evaluators for the accuracy gate: the same metric on PyTorch and ONNX models.
+"""The :class:`Evaluator` base class of every accuracy metric, and the helpers the
+evaluators share (ONNX Runtime sessions and feeds, forward calls, pooling).
 
-Every evaluator measures one number on a fixed, deterministic sample of data, so the
-original model, the compressed PyTorch model, its fp32 ONNX graph and its int8 ONNX
-graph are compared on exactly the same inputs:
-
-- ``perplexity`` (:class:`PerplexityEvaluator`): causal decoders, lower is better;
-- ``stsb_spearman`` (:class:`STSBEvaluator`): encoders, higher is better (x100);
-- ``cosine_agreement`` (:class:`CosineAgreementEvaluator`): encoders, data-free,
-  higher is better (1.0 for the original model).
-
+A metric plugs in by subclassing :class:`Evaluator` and registering the class
+through the ``lowrank_register_metrics`` hook (see :mod:`optimum_lowrank.hookspecs`).
 ONNX graphs are run with ONNX Runtime's ``CPUExecutionProvider`` (so graphs holding
 ``com.microsoft`` operators such as ``MatMulNBits`` work), feeding only the inputs
-the graph declares. :func:`build_evaluator` is what the pipeline calls.
+the graph declares.
 """
 
 from __future__ import annotations
@@ -19,9 +13,9 @@ from __future__ import annotations
 import abc
 import inspect
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from optimum_lowrank.errors import ExportError
 
@@ -31,28 +25,72 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from transformers import PreTrainedModel
 
+    from optimum_lowrank.models import LoadedModel
+    from optimum_lowrank.recipe import AccuracyConfig
 
-__all__ = ["METRICS", "Evaluator"]
 
-#: Metric names accepted by :func:`build_evaluator`.
-METRICS: tuple[str, ...] = ("perplexity", "stsb_spearman", "cosine_agreement")
+__all__ = ["MODEL_KINDS", "Evaluator"]
+
+#: The model kinds an evaluator may declare in ``model_kinds``.
+MODEL_KINDS: tuple[str, ...] = ("encoder", "decoder")
 
 
 class Evaluator(abc.ABC):
     """One accuracy metric, measurable on a PyTorch model and on an ONNX graph.
 
+    A metric is registered through the ``lowrank_register_metrics`` hook by its
+    class, which declares what the recipe and the pipeline need:
+
     Attributes
     ----------
-    metric : str
-        Metric name, one of :data:`METRICS` for the built-in evaluators.
-    higher_is_better : bool
+    name : ClassVar[str]
+        The recipe's ``metric:`` id (an identifier).
+    config_class : ClassVar[type[AccuracyConfig]]
+        The pydantic model that validates the recipe's ``accuracy:`` section for this
+        metric: the metric's own options and its one threshold.
+    model_kinds : ClassVar[tuple[str, ...]]
+        The model kinds it suits, a non-empty subset of :data:`MODEL_KINDS`.
+    higher_is_better : ClassVar[bool]
     description : str
-        Human description of the data and protocol (shown in reports).
+        Human description of the data and protocol (shown in reports), set by each instance.
     """
 
-    metric: str
-    higher_is_better: bool
+    name: ClassVar[str]
+    config_class: ClassVar[type[AccuracyConfig]]
+    model_kinds: ClassVar[tuple[str, ...]]
+    higher_is_better: ClassVar[bool]
     description: str
+
+    @property
+    def metric(self) -> str:
+        """The metric's id, :attr:`name` (what reports show)."""
+        return self.name
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, config: AccuracyConfig, loaded: LoadedModel, reference_model: PreTrainedModel | None) -> Evaluator:
+        """Build the evaluator for ``loaded`` from its validated config.
+
+        Parameters
+        ----------
+        config : AccuracyConfig
+            An instance of :attr:`config_class` (its threshold may be unset: building
+            only measures).
+        loaded : LoadedModel
+            The model being compressed: its tokenizer, kind and source. Its kind is
+            one of :attr:`model_kinds` (checked before this is called).
+        reference_model : PreTrainedModel or None
+            The original model, for metrics that compare against it at construction
+            (e.g. ``cosine_agreement``); it may be compressed in place afterwards.
+
+        Raises
+        ------
+        DataError
+            If the data is missing, empty or malformed.
+        RecipeError
+            If an option does not fit the model (e.g. ``seq_len`` over its positions)
+            or a needed ``reference_model`` is None.
+        """
 
     @abc.abstractmethod
     def evaluate_torch(self, model: PreTrainedModel) -> float:
@@ -122,12 +160,6 @@ def onnx_hidden(session: onnxruntime.InferenceSession, arrays: dict[str, np.ndar
     names = [o.name for o in session.get_outputs()]
     output = "last_hidden_state" if "last_hidden_state" in names else names[0]
     return session.run([output], onnx_feed(session, arrays))[0]
-
-
-def progress(iterable: Sequence, desc: str) -> Iterator:
-    from tqdm.auto import tqdm
-
-    return iter(tqdm(iterable, desc=desc, leave=False, disable=None))
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:

@@ -5,17 +5,52 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from pydantic import Field
 
-from optimum_lowrank.data import token_windows
-from optimum_lowrank.evaluation.base import Evaluator, onnx_feed, open_session, progress, torch_forward
+from optimum_lowrank.data import load_text, token_windows
+from optimum_lowrank.evaluation.base import Evaluator, onnx_feed, open_session, torch_forward
+from optimum_lowrank.progress import bar
+from optimum_lowrank.recipe import AccuracyConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from optimum_lowrank.models import LoadedModel
+
 # --------------------------------------------------------------------------- perplexity
+
+
+class PerplexityConfig(AccuracyConfig):
+    """``accuracy: {metric: perplexity, max_increase: 0.05}``: the gate for causal LMs.
+
+    Attributes
+    ----------
+    max_increase : float, 0 <= max_increase <= 100
+        The threshold: allowed relative increase of perplexity (0.05 = +5%); the
+        compressed value passes when ``value <= original * (1 + max_increase)``.
+    data : str or None
+        A text source for :func:`optimum_lowrank.data.load_text`; None: Python's own
+        documentation (:func:`~optimum_lowrank.data.default_text`).
+    seq_len : int, 8 <= seq_len <= 8192
+        Tokens per window.
+    stride : int >= 1, or None
+        Tokens between window starts; None: ``seq_len`` (windows do not overlap).
+    max_windows : int, >= 1
+        At most this many windows.
+    """
+
+    threshold_field: ClassVar[str] = "max_increase"
+
+    max_increase: float | None = Field(None, ge=0, le=100)
+    seq_len: int = Field(512, ge=8, le=8192)
+    stride: int | None = Field(None, ge=1)
+    max_windows: int = Field(20, ge=1)
+
+    def acceptable(self, original: float, value: float) -> bool:
+        return value <= original * (1 + self.threshold[1])
 
 
 class PerplexityEvaluator(Evaluator):
@@ -64,7 +99,9 @@ class PerplexityEvaluator(Evaluator):
     35.065 (PyTorch and ONNX fp32).
     """
 
-    metric = "perplexity"
+    name = "perplexity"
+    config_class = PerplexityConfig
+    model_kinds = ("decoder",)
     higher_is_better = False
 
     def __init__(
@@ -96,6 +133,25 @@ class PerplexityEvaluator(Evaluator):
         self.description = (
             f"perplexity on {n} windows of {seq_len} tokens, stride {stride} "
             f"({self.num_tokens:,} predicted tokens) of {where}" + (f", after BOS token {bos}" if bos is not None else "")
+        )
+
+    @classmethod
+    def from_config(cls, config: PerplexityConfig, loaded: LoadedModel, reference_model: PreTrainedModel | None = None) -> PerplexityEvaluator:
+        """Windows of ``config.data`` (see :class:`PerplexityConfig`) cut with ``loaded``'s tokenizer.
+
+        Raises
+        ------
+        DataError
+            If the text cannot be read or is shorter than one window.
+        """
+        text, text_description = load_text(config.data)
+        return cls(
+            loaded.tokenizer,
+            text,
+            seq_len=config.seq_len,
+            stride=config.stride or config.seq_len,
+            max_windows=config.max_windows,
+            text_description=text_description,
         )
 
     def _batches(self) -> Iterator[tuple[int, torch.Tensor]]:
@@ -132,7 +188,7 @@ class PerplexityEvaluator(Evaluator):
         total = 0.0
         batches = list(self._batches())
         with torch.inference_mode():
-            for start, ids in progress(batches, "perplexity (torch)"):
+            for start, ids in bar(batches, desc="perplexity (torch)", unit="batch", enabled=None):
                 ids_dev = ids.to(device)
                 out = torch_forward(model, {"input_ids": ids_dev}, use_cache=False)
                 logits = out.logits if hasattr(out, "logits") else out[0]
@@ -153,7 +209,7 @@ class PerplexityEvaluator(Evaluator):
         output = "logits" if "logits" in names else names[0]
         total = 0.0
         batches = list(self._batches())
-        for start, ids in progress(batches, "perplexity (onnx)"):
+        for start, ids in bar(batches, desc="perplexity (onnx)", unit="batch", enabled=None):
             feed = onnx_feed(session, {"input_ids": ids.numpy()})
             logits = torch.from_numpy(session.run([output], feed)[0])
             total += self._nll(start, logits, ids)

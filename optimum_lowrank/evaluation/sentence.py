@@ -4,26 +4,31 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from pydantic import Field
 
-from optimum_lowrank.data import token_windows
-from optimum_lowrank.errors import DataError
+from optimum_lowrank.data import load_sts_pairs, load_text, token_windows
+from optimum_lowrank.errors import DataError, RecipeError
 from optimum_lowrank.evaluation.base import (
     Evaluator,
     hidden_state,
     mean_pool,
     onnx_hidden,
     open_session,
-    progress,
     spearman,
     torch_forward,
 )
+from optimum_lowrank.progress import bar
+from optimum_lowrank.recipe import AccuracyConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from optimum_lowrank.models import LoadedModel
 
 # --------------------------------------------------------------------------- STS-B
 
@@ -51,7 +56,7 @@ def _embed_torch(model: PreTrainedModel, encoded: _EncodedBatches, desc: str) ->
     device = next(model.parameters()).device
     pieces = []
     with torch.inference_mode():
-        for batch in progress(encoded.batches, desc):
+        for batch in bar(encoded.batches, desc=desc, unit="batch", enabled=None):
             inputs = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
             hidden = hidden_state(torch_forward(model, inputs)).float().cpu()
             pieces.append(mean_pool(hidden, inputs["attention_mask"].cpu()))
@@ -62,7 +67,7 @@ def _embed_onnx(session: onnxruntime.InferenceSession, encoded: _EncodedBatches,
     import torch
 
     pieces = []
-    for batch in progress(encoded.batches, desc):
+    for batch in bar(encoded.batches, desc=desc, unit="batch", enabled=None):
         hidden = torch.from_numpy(onnx_hidden(session, batch)).float()
         pieces.append(mean_pool(hidden, torch.from_numpy(batch["attention_mask"])))
     return _unsort(torch.cat(pieces), encoded)
@@ -74,6 +79,34 @@ def _unsort(embeddings: torch.Tensor, encoded: _EncodedBatches) -> torch.Tensor:
     out = torch.empty_like(embeddings)
     out[torch.from_numpy(encoded.order)] = embeddings
     return out
+
+
+class STSBConfig(AccuracyConfig):
+    """``accuracy: {metric: stsb_spearman, data: sts-dev.tsv, max_drop: 2.0}``: the gate for encoders.
+
+    Attributes
+    ----------
+    max_drop : float, 0 <= max_drop <= 100
+        The threshold: allowed drop of Spearman x 100; the compressed value passes
+        when ``value >= original - max_drop``.
+    data : str
+        Required: an STS-B TSV of sentence pairs (see :func:`optimum_lowrank.data.load_sts_pairs`).
+    max_pairs : int >= 1, or None
+        Use only the first ``max_pairs`` pairs; None: all.
+    """
+
+    threshold_field: ClassVar[str] = "max_drop"
+
+    max_drop: float | None = Field(None, ge=0, le=100)
+    max_pairs: int | None = Field(None, ge=1)
+
+    def check_complete(self) -> None:
+        super().check_complete()
+        if self.data is None:
+            raise ValueError(f"metric {self.metric!r} needs 'data': a STS-B TSV of sentence pairs")
+
+    def acceptable(self, original: float, value: float) -> bool:
+        return value >= original - self.threshold[1]
 
 
 class STSBEvaluator(Evaluator):
@@ -114,7 +147,9 @@ class STSBEvaluator(Evaluator):
        Multilingual and Crosslingual Focused Evaluation", arXiv:1708.00055.
     """
 
-    metric = "stsb_spearman"
+    name = "stsb_spearman"
+    config_class = STSBConfig
+    model_kinds = ("encoder",)
     higher_is_better = True
 
     def __init__(
@@ -140,6 +175,20 @@ class STSBEvaluator(Evaluator):
             f"STS-B Spearman x100 of cosine of mean-pooled embeddings vs gold score, {len(pairs)} pairs{where}, max_length {max_length}"
         )
 
+    @classmethod
+    def from_config(cls, config: STSBConfig, loaded: LoadedModel, reference_model: PreTrainedModel | None = None) -> STSBEvaluator:
+        """The pairs of ``config.data`` (required), tokenized with ``loaded``'s tokenizer.
+
+        Raises
+        ------
+        DataError
+            If ``config.data`` is None, missing or malformed, or holds fewer than 2 pairs.
+        """
+        if config.data is None:
+            raise DataError(f"metric {cls.name!r} needs data: the path of an STS-B TSV file (e.g. sts-dev.tsv)")
+        pairs = load_sts_pairs(config.data)
+        return cls(loaded.tokenizer, pairs, max_pairs=config.max_pairs, pairs_description=Path(config.data).name)
+
     def _score(self, embeddings: torch.Tensor) -> float:
         import torch.nn.functional as F
 
@@ -158,6 +207,35 @@ class STSBEvaluator(Evaluator):
 
 
 # --------------------------------------------------------------------------- cosine agreement
+
+
+class CosineAgreementConfig(AccuracyConfig):
+    """``accuracy: {metric: cosine_agreement, min_cosine: 0.98}``: the data-free gate for encoders.
+
+    Attributes
+    ----------
+    min_cosine : float, 0 < min_cosine <= 1
+        The threshold: the compressed value (mean cosine to the original's pooled
+        outputs) passes when ``value >= min_cosine``.
+    data : str or None
+        A text source for :func:`optimum_lowrank.data.load_text`; None: Python's own
+        documentation.
+    num_samples : int, >= 1
+        At most this many windows.
+    seq_len : int, 8 <= seq_len <= 8192
+        Tokens per window, special tokens included; at most the model's
+        ``max_position_embeddings`` (512 for BERT and MiniLM), else building the
+        evaluator is a :class:`RecipeError`.
+    """
+
+    threshold_field: ClassVar[str] = "min_cosine"
+
+    min_cosine: float | None = Field(None, gt=0, le=1)
+    num_samples: int = Field(64, ge=1)
+    seq_len: int = Field(128, ge=8, le=8192)
+
+    def acceptable(self, original: float, value: float) -> bool:
+        return value >= self.threshold[1]
 
 
 class CosineAgreementEvaluator(Evaluator):
@@ -195,7 +273,9 @@ class CosineAgreementEvaluator(Evaluator):
         If the text is shorter than one window.
     """
 
-    metric = "cosine_agreement"
+    name = "cosine_agreement"
+    config_class = CosineAgreementConfig
+    model_kinds = ("encoder",)
     higher_is_better = True
 
     def __init__(
@@ -232,6 +312,38 @@ class CosineAgreementEvaluator(Evaluator):
         where = text_description or f"{len(text):,} characters of text"
         self.description = (
             f"mean cosine similarity of mean-pooled embeddings to the original model's, {len(ids)} windows of {seq_len} tokens of {where}"
+        )
+
+    @classmethod
+    def from_config(
+        cls, config: CosineAgreementConfig, loaded: LoadedModel, reference_model: PreTrainedModel | None
+    ) -> CosineAgreementEvaluator:
+        """Windows of ``config.data`` and the reference embeddings of ``reference_model``.
+
+        Raises
+        ------
+        RecipeError
+            If ``reference_model`` is None, or ``config.seq_len`` exceeds its
+            ``max_position_embeddings``.
+        DataError
+            If the text cannot be read or is shorter than one window.
+        """
+        if reference_model is None:
+            raise RecipeError(f"metric {cls.name!r} needs reference_model (the original model)")
+        positions = getattr(getattr(reference_model, "config", None), "max_position_embeddings", None)
+        if isinstance(positions, int) and config.seq_len > positions:
+            raise RecipeError(
+                f"metric {cls.name!r}: seq_len {config.seq_len} exceeds the model's {positions} positions "
+                f"(max_position_embeddings); set accuracy.seq_len to at most {positions}"
+            )
+        text, text_description = load_text(config.data)
+        return cls(
+            loaded.tokenizer,
+            text,
+            reference_model,
+            num_samples=config.num_samples,
+            seq_len=config.seq_len,
+            text_description=text_description,
         )
 
     def _embed_torch(self, model: PreTrainedModel) -> torch.Tensor:

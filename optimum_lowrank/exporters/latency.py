@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from optimum_lowrank.errors import ExportError
-from optimum_lowrank.exporters.runtime import build_dummy_feeds, first_line, infer_vocab_size, make_session
+from optimum_lowrank.exporters.runtime import build_dummy_feeds, feeds_for_input_ids, first_line, infer_vocab_size, make_session
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LatencyResult", "measure_latency"]
+__all__ = ["DecodeResult", "LatencyResult", "measure_decode", "measure_latency"]
 
 
 @dataclass
@@ -134,3 +134,91 @@ def measure_latency(
         threads=threads,
         repeats=repeats,
     )
+
+
+@dataclass
+class DecodeResult:
+    """Greedy decoding with past key/values, batch 1.
+
+    Attributes
+    ----------
+    prompt_tokens, new_tokens : int
+    prefill_ms : float
+        The prompt's forward pass, milliseconds.
+    tokens_per_second : float
+        ``new_tokens`` / the time of the token-by-token steps (prefill excluded).
+    threads : int
+    generated : list of int
+        The generated ids (to check that two graphs decode alike).
+    """
+
+    prompt_tokens: int
+    new_tokens: int
+    prefill_ms: float
+    tokens_per_second: float
+    threads: int
+    generated: list[int]
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form (without the generated ids)."""
+        out = asdict(self)
+        out.pop("generated")
+        return out
+
+
+def measure_decode(onnx_path: Path, prompt_ids: np.ndarray, new_tokens: int = 64, *, threads: int = 2) -> DecodeResult:
+    """Greedy decoding of ``new_tokens`` tokens after ``prompt_ids`` with ONNX Runtime, past key/values fed back.
+
+    The edge use of a decoder: one prefill of the prompt, then one forward pass of one
+    token per step with the growing cache (``present.*`` outputs fed to
+    ``past_key_values.*`` inputs), ``attention_mask`` and ``position_ids`` extended.
+
+    Parameters
+    ----------
+    onnx_path : Path
+        A decoder exported with past (task ``text-generation-with-past``).
+    prompt_ids : np.ndarray, shape (1, P), integer
+    new_tokens : int, >= 1
+    threads : int, >= 1
+
+    Returns
+    -------
+    DecodeResult
+
+    Raises
+    ------
+    ExportError
+        If the graph has no past key/values inputs or cannot be run.
+    """
+    prompt = np.asarray(prompt_ids, dtype=np.int64)
+    if prompt.ndim != 2 or prompt.shape[0] != 1 or new_tokens < 1:
+        raise ValueError(f"prompt_ids must have shape (1, P) and new_tokens >= 1, got {prompt.shape}, {new_tokens}")
+    session = make_session(Path(onnx_path), threads=threads)
+    inputs = {i.name for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+    pasts = sorted(name for name in inputs if name.startswith("past_key_values."))
+    if not pasts:
+        raise ExportError(f"{onnx_path} takes no past_key_values inputs; export with task text-generation-with-past")
+    try:
+        t0 = time.perf_counter()
+        values = dict(zip(outputs, session.run(None, feeds_for_input_ids(session, prompt))))
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+        generated: list[int] = []
+        length = prompt.shape[1]
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            token = int(values["logits"][0, -1].argmax())
+            generated.append(token)
+            feeds = {"input_ids": np.array([[token]], dtype=np.int64)}
+            if "attention_mask" in inputs:
+                feeds["attention_mask"] = np.ones((1, length + 1), dtype=np.int64)
+            if "position_ids" in inputs:
+                feeds["position_ids"] = np.array([[length]], dtype=np.int64)
+            for name in pasts:
+                feeds[name] = values[name.replace("past_key_values.", "present.")]
+            values = dict(zip(outputs, session.run(None, feeds)))
+            length += 1
+        seconds = time.perf_counter() - t0
+    except Exception as exc:
+        raise ExportError(f"decoding with {onnx_path} failed: {first_line(exc)}") from exc
+    return DecodeResult(prompt.shape[1], new_tokens, prefill_ms, new_tokens / seconds, threads, generated)

@@ -1,8 +1,11 @@
 """ONNX Runtime vs PyTorch parity of an exported graph.
 
 :func:`check_parity` runs the graph and the ``nn.Module`` on the same random
-token ids at several sequence lengths and compares the outputs within
-``atol + rtol * max|reference|``, as Optimum's ``validate_model_outputs`` does.
+token ids at several sequence lengths and compares every graph output with the
+model output of the same name, as Optimum's ``validate_model_outputs`` does:
+``logits`` / ``last_hidden_state`` / ``pooler_output`` by name, and, for
+decoders exported with past, each ``present.{i}.key`` / ``present.{i}.value``
+with layer ``i`` of the model's ``past_key_values`` cache.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_PRESENT_PREFIXES = ("present.", "present_key_values.")
+
 
 def check_parity(
     model: PreTrainedModel,
@@ -42,13 +47,16 @@ def check_parity(
     vocab_size: int | None = None,
     seed: int = 0,
 ) -> ParityResult:
-    """Compare the PyTorch model with its ONNX graph on random tokens.
+    """Compare the PyTorch model with its ONNX graph on random tokens, output by output.
 
     For each sequence length, random token ids (fixed ``seed``) and an
-    attention mask of ones go through the model (causal LMs with
-    ``use_cache=False``) and through ONNX Runtime CPU (decoders with empty past
-    key/values). The graph's first output (``last_hidden_state`` for encoders,
-    ``logits`` for causal LMs) is compared with the model output of that name.
+    attention mask of ones go through ONNX Runtime CPU (decoders with empty
+    past key/values) and through the model (with ``use_cache=True`` when the
+    graph returns ``present.*``, else ``use_cache=False`` for causal LMs).
+    Every graph output is compared with its PyTorch counterpart:
+    ``logits``, ``last_hidden_state``, ``pooler_output`` ... by name, and
+    ``present.{i}.key`` / ``present.{i}.value``, shape (batch, kv_heads,
+    seq_len, head_dim), with layer ``i`` of ``past_key_values``.
 
     Parameters
     ----------
@@ -63,8 +71,10 @@ def check_parity(
     atol : float, >= 0
         Allowed absolute difference.
     rtol : float, >= 0
-        Allowed difference relative to the largest reference magnitude: the
-        check passes when ``max_abs_diff <= atol + rtol * max|torch output|``.
+        Allowed difference relative to the largest reference magnitude: every
+        output must stay within ``atol + rtol * reference_max_abs``, where
+        ``reference_max_abs`` is the largest ``|torch output|`` over all
+        outputs and shapes (the logits, for a language model).
     vocab_size : int, optional
         Token ids come from ``[0, vocab_size)``; ``model.config.vocab_size`` if ``None``.
     seed : int
@@ -72,14 +82,16 @@ def check_parity(
     Returns
     -------
     ParityResult
-        ``passed`` is False on a mismatch; nothing is raised for it.
+        ``passed`` is False on a mismatch, and ``failed_outputs`` names the
+        outputs that differ; nothing is raised for it.
 
     Raises
     ------
     ValueError
         If a size is < 1 or no vocabulary size is known.
     ExportError
-        If ONNX Runtime cannot load or run the graph, or the model cannot run.
+        If ONNX Runtime cannot load or run the graph, the model cannot run, or
+        a graph output has no counterpart among the model's outputs.
     """
     config = getattr(model, "config", None)
     if vocab_size is None:
@@ -95,52 +107,100 @@ def check_parity(
         logger.info("parity: sequence lengths capped at max_position_embeddings=%d", max_pos)
     model.eval()
     session = make_session(onnx_path)
-    output_name = session.get_outputs()[0].name
+    names = [meta.name for meta in session.get_outputs()]
+    use_cache = any(name.startswith(_PRESENT_PREFIXES) for name in names)
     per_shape: dict[str, float] = {}
+    per_output = dict.fromkeys(names, 0.0)
     scale = 0.0
     for seq_len in seq_lengths:
         feeds = build_dummy_feeds(session, batch_size, seq_len, vocab_size, seed)
         try:
-            got = session.run([output_name], feeds)[0]
+            got = session.run(names, feeds)
         except Exception as exc:
             raise ExportError(f"ONNX Runtime failed to run {onnx_path}: {first_line(exc)}") from exc
         try:
-            want = _torch_main_output(model, feeds, output_name)
+            wanted = _torch_outputs(model, feeds, names, use_cache)
         except Exception as exc:
             raise ExportError(f"PyTorch model failed on the parity inputs: {first_line(exc)}") from exc
-        if want.size:
-            scale = max(scale, float(np.max(np.abs(want))))
-        if got.shape != want.shape:
-            logger.warning("parity: ONNX output shape %s != PyTorch %s", got.shape, want.shape)
-            diff = math.inf
-        else:
-            diff = float(np.max(np.abs(got.astype(np.float64) - want))) if got.size else 0.0
-            if not math.isfinite(diff):
-                diff = math.inf
-        per_shape[f"batch={batch_size},seq={seq_len}"] = diff
+        shape_diff = 0.0
+        for name, array in zip(names, got):
+            if name not in wanted:
+                raise ExportError(
+                    f"graph output {name!r} of {onnx_path} has no PyTorch counterpart; "
+                    f"the model returns {', '.join(wanted) or 'nothing comparable'}"
+                )
+            want = wanted[name]
+            if want.size:
+                scale = max(scale, float(np.max(np.abs(want))))
+            diff = _max_abs_diff(name, np.asarray(array), want)
+            per_output[name] = max(per_output[name], diff)
+            shape_diff = max(shape_diff, diff)
+        per_shape[f"batch={batch_size},seq={seq_len}"] = shape_diff
+    bound = atol + rtol * scale
+    failed = [name for name, diff in per_output.items() if not diff <= bound]
     max_diff = max(per_shape.values()) if per_shape else math.inf
-    passed = max_diff <= atol + rtol * scale
-    return ParityResult(max_diff, atol, passed, per_shape, rtol=rtol, reference_max_abs=scale)
+    return ParityResult(
+        max_diff, atol, not failed and max_diff <= bound, per_shape, rtol=rtol, reference_max_abs=scale,
+        per_output=per_output, failed_outputs=failed,
+    )
 
 
-def _torch_main_output(model: PreTrainedModel, feeds: dict[str, np.ndarray], name: str) -> np.ndarray:
+def _max_abs_diff(name: str, got: np.ndarray, want: np.ndarray) -> float:
+    """``max |got - want|``; ``inf`` on a shape mismatch or a non-finite value, 0 for empty outputs."""
+    if got.shape != want.shape:
+        logger.warning("parity: ONNX output %s has shape %s, PyTorch %s", name, got.shape, want.shape)
+        return math.inf
+    if not got.size:
+        return 0.0
+    diff = float(np.max(np.abs(got.astype(np.float64) - want)))
+    return diff if math.isfinite(diff) else math.inf
+
+
+def _torch_outputs(model: PreTrainedModel, feeds: dict[str, np.ndarray], names: list[str], use_cache: bool) -> dict[str, np.ndarray]:
+    """The model's outputs on ``feeds``, named as the graph names them, float64."""
     import torch
 
     kwargs: dict[str, Any] = {}
     for key in ("input_ids", "attention_mask", "token_type_ids", "position_ids"):
         if key in feeds:
             kwargs[key] = torch.from_numpy(np.ascontiguousarray(feeds[key])).long()
-    if is_causal_lm(model):
+    if use_cache:
+        kwargs["use_cache"] = True
+    elif is_causal_lm(model):
         kwargs["use_cache"] = False
     with torch.inference_mode():
         out = model(**kwargs)
-    if isinstance(out, dict) and name in out:
-        value = out[name]
-    elif hasattr(out, name):
-        value = getattr(out, name)
+    tensors: dict[str, Any] = {}
+    if isinstance(out, torch.Tensor):
+        tensors[names[0]] = out
+    elif isinstance(out, dict):  # a ModelOutput: its fields in order, None ones left out
+        for key, value in out.items():
+            if key == "past_key_values":
+                tensors.update(_present_tensors(value))
+            elif isinstance(value, torch.Tensor):
+                tensors[key] = value
+    else:  # a tuple (return_dict=False): the leading tensors, by position
+        plain = [name for name in names if not name.startswith(_PRESENT_PREFIXES)]
+        tensors.update(
+            (name, value) for name, value in zip(plain, out) if isinstance(value, torch.Tensor)
+        )
+    return {key: value.detach().to(torch.float64).cpu().numpy() for key, value in tensors.items()}
+
+
+def _present_tensors(cache: Any) -> dict[str, Any]:
+    """``present.{i}.key`` / ``present.{i}.value`` from a ``Cache`` object or a legacy tuple of (key, value) pairs."""
+    if cache is None:
+        return {}
+    if hasattr(cache, "layers"):  # DynamicCache of transformers >= 4.56
+        pairs = [(layer.keys, layer.values) for layer in cache.layers]
+    elif hasattr(cache, "key_cache"):  # DynamicCache of transformers < 4.56
+        pairs = list(zip(cache.key_cache, cache.value_cache))
     else:
-        value = out[0]
-    return value.detach().to(torch.float64).cpu().numpy()
+        pairs = [(layer[0], layer[1]) for layer in cache]
+    named: dict[str, Any] = {}
+    for i, (key, value) in enumerate(pairs):
+        named[f"present.{i}.key"], named[f"present.{i}.value"] = key, value
+    return named
 
 
 @dataclass
@@ -150,20 +210,26 @@ class ParityResult:
     Attributes
     ----------
     max_abs_diff : float
-        Largest ``|torch - ort|`` over all shapes, same units as the output
-        (hidden-state values or logits); ``inf`` on a shape mismatch or a
-        non-finite value.
+        Largest ``|torch - ort|`` over all outputs and shapes, same units as the
+        outputs (hidden-state values, logits, keys/values); ``inf`` on a shape
+        mismatch or a non-finite value.
     atol : float
         Absolute tolerance the check used.
     passed : bool
-        ``max_abs_diff <= atol + rtol * reference_max_abs``.
+        ``max_abs_diff <= atol + rtol * reference_max_abs`` (so every output is
+        within that bound and ``failed_outputs`` is empty).
     per_shape : dict[str, float]
-        Largest difference per input shape, keyed ``"batch=B,seq=S"``.
+        Largest difference over all outputs per input shape, keyed ``"batch=B,seq=S"``.
     rtol : float
         Tolerance relative to the largest reference output magnitude.
     reference_max_abs : float
-        Largest ``|torch|`` output value over all shapes (logits of a heavily
-        compressed LM reach the hundreds, where fp32 round-off alone exceeds 1e-3).
+        Largest ``|torch|`` output value over all outputs and shapes (logits of a
+        heavily compressed LM reach the hundreds, where fp32 round-off alone exceeds 1e-3).
+    per_output : dict[str, float]
+        Largest difference over all shapes per graph output, keyed by the output's
+        name (``logits``, ``present.0.key`` ...), in graph order.
+    failed_outputs : list of str
+        Graph outputs whose difference exceeds the bound, in graph order.
     """
 
     max_abs_diff: float
@@ -172,6 +238,16 @@ class ParityResult:
     per_shape: dict[str, float] = field(default_factory=dict)
     rtol: float = 0.0
     reference_max_abs: float = 0.0
+    per_output: dict[str, float] = field(default_factory=dict)
+    failed_outputs: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line: the verdict, the outputs that differ (by name) and the bound."""
+        bound = f"atol {self.atol:g} + rtol {self.rtol:g} x max|output| {self.reference_max_abs:.3g}"
+        if self.passed:
+            return f"ONNX Runtime matches PyTorch on {len(self.per_output)} output(s): max |diff| {self.max_abs_diff:.3g} <= {bound}"
+        differing = ", ".join(f"{name} (max |diff| {self.per_output[name]:.3g})" for name in self.failed_outputs)
+        return f"ONNX Runtime differs from PyTorch on {differing or 'an output'} > {bound}"
 
     def to_dict(self) -> dict:
         """Plain-JSON form (``inf`` becomes the string ``"inf"``)."""
@@ -182,4 +258,5 @@ class ParityResult:
         data = asdict(self)
         data["max_abs_diff"] = clean(self.max_abs_diff)
         data["per_shape"] = {k: clean(v) for k, v in self.per_shape.items()}
+        data["per_output"] = {k: clean(v) for k, v in self.per_output.items()}
         return data

@@ -1,22 +1,10 @@
-"""Int8 / int4 quantization of exported ONNX graphs with ONNX Runtime.
+"""Quantization of exported ONNX graphs with ONNX Runtime, and ORTOptimizer graph optimisation.
 
-Methods (``QUANTIZATION_METHODS``):
-
-``none``
-    Copy the graph unchanged.
-``dynamic_int8``
-    :func:`onnxruntime.quantization.quantize_dynamic`: int8 weights (per
-    channel by default), activations quantized per tensor at run time. Good
-    for encoders (MiniLM: 90.4 MB -> 22.9 MB, STS-B 86.72 -> 86.51) but it
-    broke a small Llama (SmolLM2-135M perplexity 35.1 -> 61.2).
-``static_int8``
-    :func:`onnxruntime.quantization.quantize_static` in QDQ format, with
-    activation ranges from calibration data (uint8 activations, int8 weights).
-``weight_int8`` / ``weight_int4``
-    Weight-only block quantization of MatMul weights
-    (:class:`~onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer`,
-    symmetric); activations stay fp32. Keeps decoder accuracy (SmolLM2 8 bit:
-    35.07 -> 35.19); embedding Gathers stay fp32.
+:func:`quantize_onnx` runs one registered quantizer (``export.quantize``; the built-ins are
+in :mod:`optimum_lowrank.exporters.quantizers`, plugins add more through the
+``lowrank_register_quantizers`` hook) with ONNX Runtime's log noise filtered and
+nothing left behind on failure. :func:`calibration_feeds_from_ids` builds
+``static_int8`` feeds; :func:`optimize_graph` wraps Optimum's ``ORTOptimizer``.
 
 This CPU family (AVX2 without VNNI) can saturate signed int8 products, hence
 ``reduce_range=True`` by default (7-bit weights).
@@ -29,13 +17,15 @@ import logging
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from optimum_lowrank.errors import DataError, ExportError
+from optimum_lowrank.errors import DataError, ExportError, LowRankError
 from optimum_lowrank.exporters.onnx import onnx_size_mb
+from optimum_lowrank.exporters.quantizers import QuantizationRequest, copy_graph
 from optimum_lowrank.exporters.runtime import feeds_for_input_ids, first_line, make_session
+from optimum_lowrank.exporters.weight_only import WeightOnlySpec
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime as ort
@@ -46,10 +36,8 @@ __all__ = ["OPTIMIZATION_LEVELS", "QUANTIZATION_METHODS", "calibration_feeds_fro
 
 OPTIMIZATION_LEVELS = (0, 1, 2)
 
-QUANTIZATION_METHODS = ("none", "dynamic_int8", "static_int8", "weight_int8", "weight_int4")
-
-# Ops whose inputs static quantization calibrates and quantizes.
-_STATIC_OP_TYPES = ("MatMul", "Gemm", "Gather")
+#: The built-in quantizers (plugins may register more; see ``optimum-lowrank passes``).
+QUANTIZATION_METHODS = ("none", "dynamic_int8", "static_int8", "weight_int8", "weight_int4", "weight_only")
 
 # Above this size a protobuf cannot hold the weights; ORT must write external data.
 _EXTERNAL_DATA_MB = 1800.0
@@ -86,24 +74,6 @@ def calibration_feeds_from_ids(
     if isinstance(session_or_path, (str, Path)):
         session = make_session(Path(session_or_path))
     return [feeds_for_input_ids(session, batch) for batch in token_batches]
-
-
-class _FeedReader:
-    """:class:`onnxruntime.quantization.CalibrationDataReader` over a list of feeds."""
-
-    def __init__(self, feeds: list[dict[str, np.ndarray]]):
-        self._feeds = feeds
-        self._index = 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._index >= len(self._feeds):
-            return None
-        feed = self._feeds[self._index]
-        self._index += 1
-        return feed
-
-    def rewind(self) -> None:
-        self._index = 0
 
 
 _ORT_NOISE = (
@@ -148,112 +118,6 @@ def _remove_outputs(output_path: Path) -> None:
         candidate.unlink(missing_ok=True)
 
 
-def _copy_graph(onnx_path: Path, output_path: Path) -> None:
-    import onnx
-
-    if onnx_path.resolve() == output_path.resolve():
-        return
-    proto = onnx.load(str(onnx_path), load_external_data=False)
-    external = any(
-        t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer
-    )
-    if not external:
-        shutil.copyfile(onnx_path, output_path)
-        return
-    proto = onnx.load(str(onnx_path))
-    onnx.save_model(
-        proto,
-        str(output_path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=output_path.name + ".data",
-    )
-
-
-def _dynamic_int8(
-    onnx_path: Path, output_path: Path, per_channel: bool, reduce_range: bool, exclude: list[str], external: bool
-) -> None:
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(
-        str(onnx_path),
-        str(output_path),
-        per_channel=per_channel,
-        reduce_range=reduce_range,
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=exclude,
-        use_external_data_format=external,
-        # Graphs from ORTOptimizer lack value_info for some MatMul outputs; this
-        # default avoids "Unable to find data type for weight_name=...".
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
-
-
-def _static_int8(
-    onnx_path: Path,
-    output_path: Path,
-    per_channel: bool,
-    reduce_range: bool,
-    exclude: list[str],
-    external: bool,
-    feeds: list[dict[str, np.ndarray]],
-) -> None:
-    import tempfile
-
-    import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    with tempfile.TemporaryDirectory(dir=output_path.parent, prefix=".quant-") as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        try:
-            # Symbolic shape inference fails on these graphs (STACK.md); ORT
-            # optimisation + ONNX shape inference still help the quantizer.
-            quant_pre_process(
-                str(onnx_path),
-                str(prepared),
-                skip_symbolic_shape=True,
-                save_as_external_data=external,
-            )
-            source = prepared
-        except Exception as exc:  # noqa: BLE001 - pre-processing is an optional help
-            logger.warning("quant_pre_process failed (%s); quantizing the graph as exported", first_line(exc))
-            source = onnx_path
-        quantize_static(
-            str(source),
-            str(output_path),
-            _FeedReader(feeds),
-            quant_format=QuantFormat.QDQ,
-            # Only weights' consumers: calibrating every op also quantizes the
-            # -inf attention masks and the empty past key/values (NaN scales).
-            op_types_to_quantize=list(_STATIC_OP_TYPES),
-            per_channel=per_channel,
-            reduce_range=reduce_range,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=exclude,
-            use_external_data_format=external,
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
-
-
-def _weight_only(
-    onnx_path: Path, output_path: Path, bits: int, block_size: int, exclude: list[str], external: bool
-) -> None:
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    quantizer = MatMulNBitsQuantizer(
-        str(onnx_path),
-        bits=bits,
-        block_size=block_size,
-        is_symmetric=True,
-        nodes_to_exclude=exclude,
-    )
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(output_path), use_external_data_format=external)
-
-
 def quantize_onnx(
     onnx_path: Path,
     output_path: Path,
@@ -264,8 +128,10 @@ def quantize_onnx(
     calibration_feeds: Iterable[dict[str, np.ndarray]] | None = None,
     block_size: int = 32,
     exclude_nodes: Sequence[str] = (),
+    weight_only: WeightOnlySpec | None = None,
+    details: dict[str, Any] | None = None,
 ) -> Path:
-    """Quantize the ONNX graph at ``onnx_path`` into ``output_path``.
+    """Quantize the ONNX graph at ``onnx_path`` into ``output_path`` with the quantizer ``method``.
 
     Parameters
     ----------
@@ -277,19 +143,26 @@ def quantize_onnx(
         ``"none"``. Graphs above ~1.8 GB are written with external data
         (``<output_path.name>.data``).
     method : str
-        One of :data:`QUANTIZATION_METHODS` (see the module docstring).
+        A registered quantizer: the built-ins ``none``, ``dynamic_int8``, ``static_int8``,
+        ``weight_int8``, ``weight_int4``, ``weight_only`` (see
+        :mod:`optimum_lowrank.exporters.quantizers`) or one a plugin adds.
     per_channel : bool, default True
         One scale per output channel of each weight (``dynamic_int8``, ``static_int8``).
     reduce_range : bool, default True
         7-bit weights; needed on AVX2 CPUs without VNNI, where 8-bit products
         saturate (``dynamic_int8``, ``static_int8``).
     calibration_feeds : iterable of dict[str, np.ndarray], optional
-        Input feeds for ``static_int8`` (required there, ignored otherwise); see
+        Input feeds for quantizers that need calibration (``static_int8``); see
         :func:`calibration_feeds_from_ids`. A handful of batches suffices.
     block_size : int, power of 2 >= 16, default 32
-        Weights per scale for ``weight_int8`` / ``weight_int4``.
+        Weights per scale for the weight-only methods when ``weight_only`` is not given.
     exclude_nodes : sequence of str
         ONNX node names to leave in fp32 (e.g. the ``lm_head`` MatMul).
+    weight_only : WeightOnlySpec, optional
+        Options of the weight-only methods (bits per target, algorithm, embedding bits).
+    details : dict, optional
+        Filled with what the quantizer reports (weight-only: bits and relative
+        Frobenius error per weight, shared tables, initializers over 100 KB).
 
     Returns
     -------
@@ -299,48 +172,53 @@ def quantize_onnx(
     Raises
     ------
     ValueError
-        If ``method`` is unknown (the message lists the allowed values) or
+        If ``method`` is not registered (the message lists the registered ones) or
         ``block_size`` is not a power of 2 >= 16.
     DataError
-        If ``method == "static_int8"`` and ``calibration_feeds`` is None or empty.
+        If the quantizer needs calibration and ``calibration_feeds`` is None or empty.
     ExportError
         If ONNX Runtime fails to quantize; the partial output is removed.
     """
-    if method not in QUANTIZATION_METHODS:
-        raise ValueError(f"unknown quantization method {method!r}; allowed: {', '.join(QUANTIZATION_METHODS)}")
-    if method.startswith("weight_") and (block_size < 16 or block_size & (block_size - 1)):
+    from optimum_lowrank.plugins import get_quantizer_registry
+
+    registry = get_quantizer_registry()
+    quantizer_class = registry.get(method)
+    if quantizer_class is None:
+        raise ValueError(f"unknown quantization method {method!r}; allowed: {', '.join(registry.names())}")
+    if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of 2 >= 16, got {block_size}")
     onnx_path = Path(onnx_path)
     output_path = Path(output_path)
     if not onnx_path.is_file():
         raise ExportError(f"no ONNX graph at {onnx_path}")
-    feeds: list[dict[str, np.ndarray]] = []
-    if method == "static_int8":
-        feeds = list(calibration_feeds) if calibration_feeds is not None else []
-        if not feeds:
-            raise DataError("static_int8 quantization needs calibration_feeds (at least one feed dict), got none")
+    feeds = list(calibration_feeds) if calibration_feeds is not None else []
+    if quantizer_class.needs_calibration and not feeds:
+        raise DataError(f"{method} quantization needs calibration_feeds (at least one feed dict), got none")
     if method != "none" and onnx_path.resolve() == output_path.resolve():
         raise ValueError(f"output_path must differ from onnx_path for method {method!r}")
 
-    exclude = list(exclude_nodes)
     try:
-        external = onnx_size_mb(onnx_path) > _EXTERNAL_DATA_MB
+        request = QuantizationRequest(
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            block_size=block_size,
+            calibration_feeds=feeds,
+            exclude_nodes=tuple(exclude_nodes),
+            weight_only=weight_only,
+            external_data=onnx_size_mb(onnx_path) > _EXTERNAL_DATA_MB,
+        )
         with _quiet_quantization():
-            if method == "none":
-                _copy_graph(onnx_path, output_path)
-            elif method == "dynamic_int8":
-                _dynamic_int8(onnx_path, output_path, per_channel, reduce_range, exclude, external)
-            elif method == "static_int8":
-                _static_int8(onnx_path, output_path, per_channel, reduce_range, exclude, external, feeds)
-            else:
-                bits = 8 if method == "weight_int8" else 4
-                _weight_only(onnx_path, output_path, bits, block_size, exclude, external)
+            found = quantizer_class().quantize(onnx_path, output_path, request)
     except Exception as exc:
         if onnx_path.resolve() != output_path.resolve():
             _remove_outputs(output_path)
+        if isinstance(exc, LowRankError):
+            raise
         raise ExportError(f"{method} quantization of {onnx_path} failed: {first_line(exc)}") from exc
     if not output_path.is_file():
         raise ExportError(f"{method} quantization of {onnx_path} wrote no file at {output_path}")
+    if details is not None:
+        details.update(found or {})
     return output_path
 
 
@@ -387,7 +265,7 @@ def optimize_graph(onnx_path: Path, output_path: Path, level: int) -> Path:
     if not onnx_path.is_file():
         raise ExportError(f"no ONNX graph at {onnx_path}")
     if level == 0:
-        _copy_graph(onnx_path, output_path)
+        copy_graph(onnx_path, output_path)
         return output_path
     if onnx_path.resolve() == output_path.resolve():
         raise ValueError("output_path must differ from onnx_path for optimization levels above 0")

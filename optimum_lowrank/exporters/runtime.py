@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnxruntime as ort
 
 from optimum_lowrank.errors import ExportError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnxruntime as ort
 
 __all__ = [
     "build_dummy_feeds",

@@ -242,12 +242,18 @@ class SVDPass(CompressionPass):
         if svd is None:
             shape = tuple(weight.shape)
             note = budget_dense_note(shape, saving) if budgeted is not None else min_saving_note(rank, shape, saving) or _break_even_note(rank, shape)
-            return LayerReport(name, type(module).__name__, "skipped", before, before, rank, note)
+            return LayerReport(
+                name=name, module_type=type(module).__name__, action="skipped", params_before=before, params_after=before,
+                rank=rank, note=note,
+            )
         layer = LowRankLinear(weight.shape[1], weight.shape[0], rank, bias=bias is not None)
         layer.load_factors(*split_factors(*svd, rank), bias).to(weight.dtype)
         model.set_submodule(name, layer)
         error = _relative_error(svd[1], rank)
-        return LayerReport(name, type(module).__name__, "factorized", before, sum(p.numel() for p in layer.parameters()), rank, metrics={"relative_error": error})
+        return LayerReport(
+            name=name, module_type=type(module).__name__, action="factorized", params_before=before,
+            params_after=sum(p.numel() for p in layer.parameters()), rank=rank, metrics={"relative_error": error},
+        )
 
     def _embedding(self, model: nn.Module, job: EmbeddingJob, context: PassContext, budgeted=None) -> LayerReport:
         rows = job.rows
@@ -255,7 +261,10 @@ class SVDPass(CompressionPass):
         if budgeted is not None:
             rank, svd = budgeted
             if rank * (m + n) >= m * n:
-                return LayerReport(job.name, "Embedding", "skipped", m * n, m * n, rank, _break_even_note(rank, (m, n), True))
+                return LayerReport(
+                    name=job.name, module_type="Embedding", action="skipped", params_before=m * n, params_after=m * n, rank=rank,
+                    note=_break_even_note(rank, (m, n), True),
+                )
         else:
             svd = weighted_svd(rows, job.weights)
             config = self.config
@@ -269,7 +278,10 @@ class SVDPass(CompressionPass):
                         f"({rank * (m + n):,} >= {m * n:,} parameters); use rank < {m * n / (m + n):.1f}"
                     )
                 vocab, dim = job.table.shape
-                return LayerReport(job.name, "Embedding", "skipped", vocab * dim, vocab * dim, rank, _break_even_note(rank, (m, n)))
+                return LayerReport(
+                    name=job.name, module_type="Embedding", action="skipped", params_before=vocab * dim, params_after=vocab * dim,
+                    rank=rank, note=_break_even_note(rank, (m, n)),
+                )
         a, b = weighted_factors(rows, svd[1], svd[2], rank)
         layer = LowRankEmbedding(m, n, rank, padding_idx=None if job.hybrid else job.module.padding_idx)
         with torch.no_grad():

@@ -359,3 +359,44 @@ def test_integration_minilm_stsb_torch_matches_onnx(tmp_path: Path) -> None:
     onnx_export_from_model(loaded.model, output=tmp_path, task="feature-extraction")
     loaded.model.eval()
     assert evaluator.evaluate_onnx(tmp_path / "model.onnx") == pytest.approx(torch_score, abs=0.5)
+
+
+# ============================================================================ configs
+
+
+def test_cosine_agreement_seq_len_is_honoured(bert: BertModel, tokenizer: PreTrainedTokenizerFast) -> None:
+    """The recipe's ``seq_len`` reaches the evaluator as given (the pipeline once capped it at 128)."""
+    from optimum_lowrank.pipeline import _build_evaluator
+    from optimum_lowrank.recipe import load_recipe
+
+    long_bert = BertModel(BertConfig(**{**bert.config.to_dict(), "max_position_embeddings": 512})).eval()
+    encoder = _loaded(long_bert, tokenizer, "encoder")
+    recipe = load_recipe({"version": 1, "accuracy": {"metric": "cosine_agreement", "min_cosine": 0.9, "num_samples": 2, "seq_len": 300}})
+    evaluator = _build_evaluator(recipe, encoder)
+    assert isinstance(evaluator, CosineAgreementEvaluator) and "2 windows of 300 tokens" in evaluator.description
+    assert evaluator._batches[0]["input_ids"].shape[1] > 128
+
+    default = load_recipe({"version": 1, "accuracy": {"metric": "cosine_agreement", "min_cosine": 0.9, "num_samples": 2}})
+    assert "2 windows of 128 tokens" in _build_evaluator(default, encoder).description
+    with pytest.raises(RecipeError, match="seq_len 300 exceeds the model's 128 positions"):
+        _build_evaluator(recipe, _loaded(bert, tokenizer, "encoder"))
+
+
+def test_evaluators_are_built_from_their_config(llama: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
+    from pydantic import ValidationError
+
+    from optimum_lowrank.evaluation import PerplexityConfig, evaluator_from_config
+
+    decoder = _loaded(llama, tokenizer, "decoder")
+    config = PerplexityConfig(metric="perplexity", max_increase=0.05, seq_len=32, stride=16, max_windows=3)
+    evaluator = evaluator_from_config(config, decoder)
+    assert isinstance(evaluator, PerplexityEvaluator) and "3 windows of 32 tokens, stride 16" in evaluator.description
+    assert PerplexityEvaluator.config_class is PerplexityConfig and PerplexityEvaluator.model_kinds == ("decoder",)
+    assert evaluator.metric == evaluator.name == "perplexity"
+    with pytest.raises(ValidationError, match="needs the threshold 'max_increase'"):
+        PerplexityConfig(metric="perplexity", seq_len=32)
+    measuring = PerplexityConfig.model_validate({"metric": "perplexity"}, context={"measure_only": True})
+    with pytest.raises(ValueError, match="no threshold 'max_increase' set"):
+        _ = measuring.threshold
+    with pytest.raises(RecipeError, match="seq_len: Input should be greater than or equal to 8"):
+        build_evaluator("perplexity", decoder, seq_len=4)

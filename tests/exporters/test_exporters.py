@@ -182,6 +182,53 @@ def test_tied_lowrank_head_llama_exports_and_matches(llama_export) -> None:
     assert logits.shape == (2, 5, VOCAB)
 
 
+def test_parity_compares_every_present_output(llama_export) -> None:
+    model, path = llama_export
+    result = check_parity(model, path, seq_lengths=(8, 16), batch_size=2, atol=1e-4)
+    layers = model.config.num_hidden_layers
+    presents = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    assert list(result.per_output) == ["logits", *presents]  # graph order
+    assert result.passed and result.failed_outputs == []
+    assert all(diff < 1e-4 for diff in result.per_output.values()), result.per_output
+    assert result.max_abs_diff == max(result.per_output.values()) == max(result.per_shape.values())
+    assert json.loads(json.dumps(result.to_dict()))["per_output"].keys() == result.per_output.keys()
+
+
+def _scale_graph_output(path: Path, out: Path, name: str, factor: float) -> Path:
+    """A copy of the graph at ``path`` whose output ``name`` is multiplied by ``factor``."""
+    proto = onnx.load(str(path))
+    raw = f"{name}_unscaled"
+    for node in proto.graph.node:  # the graph computes on with the unscaled tensor
+        node.output[:] = [raw if o == name else o for o in node.output]
+        node.input[:] = [raw if i == name else i for i in node.input]
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array(factor, dtype=np.float32), f"{name}_factor"))
+    proto.graph.node.append(onnx.helper.make_node("Mul", [raw, f"{name}_factor"], [name]))
+    onnx.save(proto, str(out))
+    return out
+
+
+def test_parity_names_a_corrupted_present_output(llama_export, tmp_path) -> None:
+    model, path = llama_export
+    corrupted = _scale_graph_output(path, tmp_path / "model.onnx", "present.1.value", 1.5)
+    result = check_parity(model, corrupted, seq_lengths=(8,), batch_size=2, atol=1e-4)
+    assert not result.passed
+    assert result.failed_outputs == ["present.1.value"]
+    assert result.per_output["logits"] < 1e-4 and result.per_output["present.0.value"] < 1e-4
+    assert result.max_abs_diff == result.per_output["present.1.value"] > 1e-2
+    assert "present.1.value" in result.describe() and "logits" not in result.describe()
+
+
+def test_parity_rejects_an_output_the_model_does_not_return(bert_export, tmp_path) -> None:
+    model, path = bert_export
+    proto = onnx.load(str(path))
+    proto.graph.output[0].name = "mystery"
+    for node in proto.graph.node:
+        node.output[:] = ["mystery" if o == "last_hidden_state" else o for o in node.output]
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    with pytest.raises(ExportError, match="'mystery' .* no PyTorch counterpart; the model returns last_hidden_state"):
+        check_parity(model, tmp_path / "model.onnx", seq_lengths=(8,))
+
+
 def test_export_failure_is_an_export_error(tmp_path) -> None:
     class Unexportable(nn.Module):
         def __init__(self, linear: nn.Linear):
@@ -244,6 +291,7 @@ _QUANT_OPS = {
     "static_int8": "QuantizeLinear",
     "weight_int8": "MatMulNBits",
     "weight_int4": "MatMulNBits",
+    "weight_only": "MatMulNBits",
 }
 
 

@@ -152,7 +152,7 @@ class AutoencoderEmbeddingPass(CompressionPass):
         target = job.rows
         vocab, dim = target.shape
         t0 = time.perf_counter()
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(devices=[]):  # CPU only: the layers are built on the CPU
             torch.manual_seed(options.seed)
             encoder, decoder = nn.Linear(dim, k), nn.Linear(k, dim)
         if self.config.init != "random":

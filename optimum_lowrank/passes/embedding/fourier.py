@@ -169,7 +169,7 @@ class FourierEmbeddingPass(CompressionPass):
         target = job.rows
         vocab, dim = target.shape
         t0 = time.perf_counter()
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(devices=[]):  # CPU only: the layers are built on the CPU
             torch.manual_seed(options.seed)
             layer = FourierEmbedding(vocab, dim, hidden, cfg.mlp, padding_idx=None if job.hybrid else job.module.padding_idx)
         with torch.no_grad():

@@ -11,7 +11,6 @@ plateau the best state is restored and the learning rate multiplied by
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,20 +23,13 @@ from torch import Tensor, nn
 import optimum_lowrank.finetune as finetune
 from optimum_lowrank.api import PassContext
 from optimum_lowrank.errors import DataError, PassError
+from optimum_lowrank.progress import bar
 
 __all__ = [
     "RefineConfig",
     "refine_embedding",
     "refinement_windows",
 ]
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False)
 
 
 def refine_embedding(
@@ -122,7 +114,7 @@ def refine_embedding(
         optimizer = torch.optim.Adam(params, lr=config.lr)
         generator = torch.Generator().manual_seed(context.seed)
         order, cursor, stale = torch.randperm(train.shape[0], generator=generator), 0, 0
-        bar = _progress(config.steps, desc, config.progress)
+        steps_bar = bar(total=config.steps, desc=desc, unit="step", enabled=config.progress)
         try:
             for step in range(1, config.steps + 1):
                 if cursor + batch > train.shape[0]:
@@ -135,9 +127,9 @@ def refine_embedding(
                 loss.backward()
                 optimizer.step()
                 steps = step
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.4g}", best=f"{best:.4g}")
+                steps_bar.update(1)
+                if not steps_bar.disable:
+                    steps_bar.set_postfix(loss=f"{loss.item():.4g}", best=f"{best:.4g}")
                 if step % config.eval_every == 0 or step == config.steps:
                     current = held_loss()
                     if current < best:
@@ -151,8 +143,7 @@ def refine_embedding(
                         for group in optimizer.param_groups:
                             group["lr"] *= config.lr_decay
         finally:
-            if bar is not None:
-                bar.close()
+            steps_bar.close()
         finetune.load_values(params, best_state)
     except BaseException:
         finetune.load_values(params, initial)

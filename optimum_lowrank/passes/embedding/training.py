@@ -25,7 +25,6 @@ References
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from torch import Tensor, nn
 from optimum_lowrank.errors import PassError
 from optimum_lowrank.passes.embedding.install import reconstruction_metrics
 from optimum_lowrank.passes.embedding.usage import UsageAwareConfig
+from optimum_lowrank.progress import bar
 
 __all__ = [
     "EmbeddingTrainingConfig",
@@ -265,7 +265,7 @@ def train_rows(
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
     target = target.detach().float()
     batch = total if config.batch_size is None else min(config.batch_size, total)
-    bar = _progress(config.epochs, desc, config.progress)
+    epochs_bar = bar(total=config.epochs, desc=desc, unit="epoch", enabled=config.progress)
     start = time.perf_counter()
     try:
         for epoch in range(config.epochs):
@@ -290,12 +290,10 @@ def train_rows(
                 result.steps += 1
             scheduler.step()
             result.epoch_loss.append(running / count)
-            if bar is not None:
-                bar.set_postfix(loss=f"{running / count:.4g}", alpha=f"{alpha:.2f}")
-                bar.update(1)
+            epochs_bar.set_postfix(loss=f"{running / count:.4g}", alpha=f"{alpha:.2f}", refresh=False)
+            epochs_bar.update(1)
     finally:
-        if bar is not None:
-            bar.close()
+        epochs_bar.close()
     result.seconds = time.perf_counter() - start
     return result
 
@@ -352,14 +350,6 @@ def fit_rows(
     init = reconstruction_metrics(rows, target)
     training = train_rows(train_with or rows, parameters, target, config, desc=desc, row_weights=row_weights)
     return FitResult(init, reconstruction_metrics(rows, target), training)
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="epoch", file=sys.stderr, leave=False)
 
 
 # --------------------------------------------------------------------------- installing a compressed embedding

@@ -42,7 +42,7 @@ from optimum_lowrank.errors import DataError, PassError
 from optimum_lowrank.layers.hybrid import HybridEmbedding, HybridHead, frequency_slots
 from optimum_lowrank.passes.embedding.install import check_embedding_table, install_embedding, reconstruction_metrics, tied_output_head
 from optimum_lowrank.passes.embedding.refine import RefineConfig, refine_embedding
-from optimum_lowrank.report import LayerReport
+from optimum_lowrank.report import LayerAction, LayerReport
 from optimum_lowrank.vocab import row_weights, usage_report
 
 __all__ = [
@@ -236,7 +236,7 @@ def finish_embedding(
     rank: int | None,
     summary: str,
     metrics: dict[str, float],
-    action: str = "replaced",
+    action: LayerAction = "replaced",
 ) -> LayerReport:
     """Install the compressed layer (wrapped in a hybrid table if asked), refine it, and report.
 
@@ -260,7 +260,7 @@ def finish_embedding(
         The method's one-line description (report note).
     metrics : dict
         The method's own metrics (e.g. ``init_*`` of the fitted rows).
-    action : str
+    action : {"replaced", "factorized"}
 
     Returns
     -------
@@ -320,7 +320,8 @@ def finish_embedding(
         notes.append(_usage_note(usage))
     notes.append(head_note)
     return LayerReport(
-        job.name, "Embedding", action, job.table.numel(), after + index_params, rank, "; ".join(filter(None, notes)), out
+        name=job.name, module_type="Embedding", action=action, params_before=job.table.numel(), params_after=after + index_params,
+        rank=rank, note="; ".join(filter(None, notes)), metrics=out,
     )
 
 

@@ -387,14 +387,16 @@ class ActivationSVDPass(CompressionPass):
                 notes.insert(0, f"rank {rank} would not reduce a {m}x{n} layer (break-even rank {m * n / (m + n):.1f})")
             else:  # reduces the layer, but by less than min_layer_saving: slower than dense in ORT
                 notes.insert(0, min_saving_note(rank, (m, n), saving))
-            return LayerReport(name, kind, "skipped", before, before, rank, "; ".join(notes))
+            return LayerReport(
+                name=name, module_type=kind, action="skipped", params_before=before, params_after=before, rank=rank, note="; ".join(notes)
+            )
         layer = LowRankLinear(n, m, rank, bias=bias is not None)
         layer.load_factors(*decomp.factors(rank), bias).to(weight.dtype)
         model.set_submodule(name, layer)
         error_name = "relative_output_error" if decomp.transform.kind == "cholesky" else "relative_scaled_error"
         return LayerReport(
-            name, kind, "factorized", before, sum(p.numel() for p in layer.parameters()), rank, "; ".join(notes),
-            {error_name: decomp.relative_error(rank), "damping": decomp.transform.damping},
+            name=name, module_type=kind, action="factorized", params_before=before, params_after=sum(p.numel() for p in layer.parameters()),
+            rank=rank, note="; ".join(notes), metrics={error_name: decomp.relative_error(rank), "damping": decomp.transform.damping},
         )
 
 

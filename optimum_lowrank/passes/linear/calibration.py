@@ -22,8 +22,6 @@ about 0.8 GB of float64 Gram matrices: per block 3 x 576^2 + 1536^2 entries).
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Mapping
 from typing import Literal
 
@@ -32,6 +30,7 @@ from torch import Tensor, nn
 
 from optimum_lowrank.errors import DataError, PassError
 from optimum_lowrank.linalg.whitening import InputStatistics
+from optimum_lowrank.progress import bar
 
 __all__ = ["InputStatistics", "collect_input_statistics", "collect_output_sensitivity", "run_calibration"]
 
@@ -76,7 +75,9 @@ def run_calibration(
     module_names : tuple of str
         The hooked modules, to decide whether the base model suffices.
     progress : bool
-        One line on stderr per 10% of the batches.
+        A tqdm bar on stderr over the batches.
+    desc : str
+        Label of the bar.
 
     Raises
     ------
@@ -94,17 +95,13 @@ def run_calibration(
         runner = base
     device = next(model.parameters()).device
     n = calibration_ids.shape[0]
-    batches = range(0, n, batch_size)
-    t0 = time.perf_counter()
     with torch.no_grad():
-        for index, start in enumerate(batches):
+        for start in bar(range(0, n, batch_size), desc=desc, unit="batch", enabled=progress):
             ids = calibration_ids[start : start + batch_size].to(device)
             if kind == "decoder":
                 runner(input_ids=ids, use_cache=False)
             else:
                 runner(input_ids=ids, attention_mask=torch.ones_like(ids))
-            if progress and (index + 1) % max(1, len(batches) // 10) == 0:
-                print(f"[optimum-lowrank] {desc}: {min(start + batch_size, n)}/{n} windows, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
 
 def collect_input_statistics(
@@ -142,6 +139,7 @@ def collect_input_statistics(
     share_inputs : bool
         Modules reading the same tensor object in a forward share one statistics object.
     progress : bool
+        A tqdm bar on stderr over the batches.
 
     Returns
     -------
@@ -229,6 +227,7 @@ def collect_output_sensitivity(
     seed : int
         For the encoder's random projection.
     progress : bool
+        A tqdm bar on stderr over the batches.
 
     Returns
     -------
@@ -266,12 +265,11 @@ def collect_output_sensitivity(
     handles.append(embeddings.register_forward_hook(embedding_hook))
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    t0 = time.perf_counter()
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         n = calibration_ids.shape[0]
-        for index, start in enumerate(range(0, n, batch_size)):
+        for start in bar(range(0, n, batch_size), desc="sensitivity", unit="batch", enabled=progress):
             ids = calibration_ids[start : start + batch_size].to(device)
             with torch.enable_grad():
                 if kind == "decoder":
@@ -282,8 +280,6 @@ def collect_output_sensitivity(
                     hidden = out[0] if hidden is None else hidden
                     loss = (hidden * torch.randn(hidden.shape, generator=generator).to(hidden)).sum()
                 loss.backward()
-            if progress:
-                print(f"[optimum-lowrank] sensitivity: {min(start + batch_size, n)}/{n} windows, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     finally:
         for handle in handles:
             handle.remove()

@@ -90,7 +90,6 @@ References
 from __future__ import annotations
 
 import copy
-import sys
 import time
 from typing import Literal
 
@@ -108,13 +107,10 @@ from optimum_lowrank.linalg.whitening import InputTransform, asvd_transform, cho
 from optimum_lowrank.passes.linear.activation_svd import budget_ranks
 from optimum_lowrank.passes.linear.calibration import collect_input_statistics, collect_output_sensitivity
 from optimum_lowrank.passes.linear.soft_threshold import SoftLMState, SoftThresholdLinear
+from optimum_lowrank.progress import bar
 from optimum_lowrank.report import LayerReport
 
 __all__ = ["SoftLMConfig", "SoftLMPass", "SoftLMState", "SoftThresholdLinear"]
-
-
-
-
 
 
 class SoftLMConfig(PassConfig):
@@ -150,6 +146,8 @@ class SoftLMConfig(PassConfig):
     seed : int, optional
         Window order; the recipe's seed when None.
     progress : bool
+        tqdm bars on stderr: calibration batches, and the training steps with the running
+        task loss and the soft and hard parameter ratios.
     min_layer_saving : float in [0, 1)
         A layer whose surviving rank would keep more than ``1 - min_layer_saving`` of its
         weights is kept dense (the trained weight); the initial allocation, the hard count
@@ -351,7 +349,10 @@ class SoftLMPass(CompressionPass):
             }
             after_layer = sum(p.numel() for p in replacement.parameters())
             if isinstance(replacement, LowRankLinear):
-                reports.append(LayerReport(name, type(original).__name__, "factorized", before_layer, after_layer, replacement.rank, metrics=metrics))
+                reports.append(LayerReport(
+                    name=name, module_type=type(original).__name__, action="factorized", params_before=before_layer,
+                    params_after=after_layer, rank=replacement.rank, metrics=metrics,
+                ))
             else:
                 r = layer.hard_rank()
                 saving_note = min_saving_note(r, (m, n), self.config.min_layer_saving)
@@ -362,7 +363,10 @@ class SoftLMPass(CompressionPass):
                         f"kept dense: surviving rank {r} would not reduce a {m}x{n} layer (break-even {m * n / (m + n):.1f}); "
                         "weight = the trained soft-threshold layer"
                     )
-                reports.append(LayerReport(name, type(original).__name__, "replaced", before_layer, after_layer, r, note, metrics))
+                reports.append(LayerReport(
+                    name=name, module_type=type(original).__name__, action="replaced", params_before=before_layer,
+                    params_after=after_layer, rank=r, note=note, metrics=metrics,
+                ))
         return reports
 
     def _train(self, model, soft, shapes, extras, before, ids, loss_fn, context) -> dict[str, float]:
@@ -387,6 +391,7 @@ class SoftLMPass(CompressionPass):
         log: dict[str, float] = {}
         t0 = time.perf_counter()
         model.eval()
+        steps_bar = bar(total=cfg.steps, desc="softlm", unit="step", enabled=cfg.progress)
         try:
             for step in range(cfg.steps):
                 if len(order) < cfg.batch_size:
@@ -412,13 +417,14 @@ class SoftLMPass(CompressionPass):
                 if step == 0:
                     log["loss_first"] = float(task.detach())
                 log["loss_last"], log["ratio_last"] = float(task.detach()), float(ratio.detach())
-                if cfg.progress and (step + 1) % max(1, cfg.steps // 10) == 0:
-                    print(
-                        f"[optimum-lowrank] softlm step {step + 1}/{cfg.steps}: loss {float(task.detach()):.4f}, soft ratio {float(ratio.detach()):.4f}, "
-                        f"hard ratio {self._hard_params(soft, shapes, extras, cfg.min_layer_saving) / before:.4f} ({time.perf_counter() - t0:.0f} s)",
-                        file=sys.stderr, flush=True,
+                if not steps_bar.disable:
+                    hard = self._hard_params(soft, shapes, extras, cfg.min_layer_saving) / before
+                    steps_bar.set_postfix(
+                        loss=f"{log['loss_last']:.4f}", soft_ratio=f"{log['ratio_last']:.4f}", hard_ratio=f"{hard:.4f}", refresh=False
                     )
+                steps_bar.update(1)
         finally:
+            steps_bar.close()
             optimizer.zero_grad(set_to_none=True)
             for p in model.parameters():
                 p.requires_grad_(flags.get(id(p), True))

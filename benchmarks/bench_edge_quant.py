@@ -1,0 +1,249 @@
+"""Edge quantization benchmark: size, accuracy and speed of the shipped graph, stock ONNX Runtime vs weight-only.
+
+One run per model, every row measured in it (ratios against the fp32 row of the same run):
+
+- SmolLM2-135M: WikiText-2 raw *test* perplexity (``--windows`` windows of 512 tokens,
+  stride 512, BOS), ORT greedy decoding with past key/values (batch 1, a 128-token
+  prompt from WikiText-2 *valid*, 64 new tokens, 2 threads), prefill latency.
+- MiniLM: STS-B dev Spearman x100 (all 1,500 pairs), ORT latency batch 1 x 128 tokens.
+
+Rows: fp32; stock ORT ``dynamic_int8``; stock ORT weight-only (``MatMulNBitsQuantizer``,
+MatMul weights only, as anyone gets it: embedding and tied head stay fp32); and this
+project's ``weight_only`` variants (embedding tables quantized and shared with the tied
+head, per-target bits, rtn / k_quant / hqq). MiniLM also gets the usage-aware embedding
+compression (``svd`` ratio 5, 1,000 exact rows, STS-B *train* calibration, no refinement)
+stacked with each quantizer.
+
+Usage
+-----
+    .venv/bin/python benchmarks/bench_edge_quant.py --models smollm2
+    .venv/bin/python benchmarks/bench_edge_quant.py --models minilm --only w4_e8 ort_dynamic_int8
+
+Results: ``benchmarks/results/edge_quant.json`` (rewritten after every row; ``--merge`` keeps
+rows not run now); ``--markdown`` prints the tables from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from optimum_lowrank.exporters.latency import measure_decode, measure_latency  # noqa: E402
+from optimum_lowrank.exporters.onnx import export_onnx, onnx_size_mb, onnx_task  # noqa: E402
+from optimum_lowrank.exporters.quantize import quantize_onnx  # noqa: E402
+from optimum_lowrank.exporters.weight_only import WeightOnlySpec, initializer_table  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results" / "edge_quant.json"
+WORK = ROOT / "out" / "bench_edge"
+
+DOWN8 = ((("*down_proj",), 8),)  # SmolLM2's FFN down projections; MiniLM's are renamed in minilm()
+#: name -> (quantize method, WeightOnlySpec or None, what it is)
+VARIANTS = {
+    "fp32": ("none", None, "fp32 graph"),
+    "ort_dynamic_int8": ("dynamic_int8", None, "stock ORT quantize_dynamic, int8 per channel"),
+    "ort_weight_int8": ("stock", 8, "stock ORT MatMulNBitsQuantizer 8-bit, MatMul only (tables fp32)"),
+    "ort_weight_int4": ("stock", 4, "stock ORT MatMulNBitsQuantizer 4-bit, MatMul only (tables fp32)"),
+    "w8_e8": ("weight_only", WeightOnlySpec(bits=8, embedding_bits=8), "8-bit body, 8-bit shared table"),
+    "w8_e8_b64": ("weight_only", WeightOnlySpec(bits=8, embedding_bits=8, block_size=64), "8-bit body and shared table, blocks of 64"),
+    "w8_e8_b128": ("weight_only", WeightOnlySpec(bits=8, embedding_bits=8, block_size=128), "8-bit body and shared table, blocks of 128"),
+    "w4mlp_e8": ("weight_only", WeightOnlySpec(bits=8, embedding_bits=8, overrides=((("*gate_proj", "*up_proj"), 4),)),
+                 "8-bit body but 4-bit FFN gate/up, 8-bit table"),
+    "w4_e8": ("weight_only", WeightOnlySpec(bits=4, embedding_bits=8), "4-bit body, 8-bit shared table"),
+    "w4_e8_down8": ("weight_only", WeightOnlySpec(bits=4, embedding_bits=8, overrides=DOWN8), "4-bit body, FFN down/output 8-bit, 8-bit table"),
+    "w4_e4": ("weight_only", WeightOnlySpec(bits=4, embedding_bits=4), "4-bit body, 4-bit shared table"),
+    "w4_e4_b64": ("weight_only", WeightOnlySpec(bits=4, embedding_bits=4, block_size=64), "4-bit everything, blocks of 64"),
+    "hqq4_e8": ("weight_only", WeightOnlySpec(bits=4, embedding_bits=8, algorithm="hqq", symmetric=False), "HQQ 4-bit body, 8-bit table"),
+    "kquant4_e8": ("weight_only", WeightOnlySpec(bits=4, embedding_bits=8, algorithm="k_quant"), "k-quant 4-bit body, 8-bit table"),
+}
+MINILM_EMBEDDING = {
+    "pass": "svd",
+    "targets": ["embeddings.word_embeddings"],
+    "compression_ratio": 5,
+    "keep_top_k": 1000,
+}
+
+
+def stock_weight_only(fp32: Path, out: Path, bits: int) -> None:
+    """What ONNX Runtime gives anyone: MatMulNBitsQuantizer over MatMul weights, block 32, symmetric."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=bits, accuracy_level=None if bits == 4 else 4)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), algo_config=config)
+    quantizer.process()
+    onnx.save_model(quantizer.model.model, str(out))
+
+
+def write(rows: list[dict], path: Path, meta: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    os.replace(tmp, path)
+
+
+def quantize_row(name: str, fp32: Path, folder: Path, ffn_down: str = "*down_proj") -> tuple[Path, float, dict]:
+    method, spec, _ = VARIANTS[name]
+    if isinstance(spec, WeightOnlySpec) and spec.overrides == DOWN8:
+        spec = replace(spec, overrides=tuple(((ffn_down,), bits) for _, bits in spec.overrides))
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / "model_quantized.onnx"
+    details: dict = {}
+    t0 = time.perf_counter()
+    if method == "none":
+        out = fp32
+    elif method == "stock":
+        stock_weight_only(fp32, out, spec)
+    else:
+        quantize_onnx(fp32, out, method, weight_only=spec, details=details)
+    return out, time.perf_counter() - t0, details
+
+
+def float_bytes(path: Path) -> int:
+    return sum(r["bytes"] for r in initializer_table(path) if r["dtype"].startswith("float"))
+
+
+def smollm2(args, rows: list[dict], meta: dict) -> None:
+    from optimum_lowrank.data import load_text
+    from optimum_lowrank.evaluation import PerplexityEvaluator
+    from optimum_lowrank.models import load_model
+
+    torch.set_flush_denormal(True)
+    loaded = load_model("smollm2")
+    folder = WORK / "smollm2"
+    fp32 = folder / "fp32" / "onnx" / "model.onnx"
+    if not fp32.is_file():
+        export_onnx(loaded.model, fp32.parent, onnx_task(loaded.model))
+    text, _ = load_text(DATA / "wikitext-2-raw" / "wiki.test.raw")
+    evaluator = PerplexityEvaluator(loaded.tokenizer, text, seq_len=512, stride=512, max_windows=args.windows)
+    valid, _ = load_text(DATA / "wikitext-2" / "wiki.valid.tokens")
+    prompt = np.array([loaded.tokenizer(valid[:4000])["input_ids"][:128]], dtype=np.int64)
+    meta["smollm2"] = {"perplexity": evaluator.description, "decode": "greedy, batch 1, 128-token prompt, 64 new tokens, 2 threads"}
+    base = None
+    for name in args.only or VARIANTS:
+        path, quant_s, details = quantize_row(name, fp32, folder / name)
+        t0 = time.perf_counter()
+        ppl = evaluator.evaluate_onnx(path)
+        eval_s = time.perf_counter() - t0
+        decode = measure_decode(path, prompt, 64)
+        row = {
+            "model": "smollm2", "variant": name, "what": VARIANTS[name][2], "size_mb": onnx_size_mb(path),
+            "perplexity": ppl, "decode_tokens_per_s": decode.tokens_per_second, "prefill_ms": decode.prefill_ms,
+            "quantize_s": quant_s, "eval_s": eval_s, "float_mb_over_100kb": float_bytes(path) / 1e6,
+            "first_tokens": decode.generated[:8], "max_error": max(details.get("relative_error", {0: 0}).values()),
+        }
+        if name == "fp32":
+            base = row
+        if base is not None:
+            row["perplexity_increase"] = ppl / base["perplexity"] - 1
+            row["decode_speed_ratio"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        rows.append(row)
+        write(rows, args.out, meta)
+        print(f"{name:18s} {row['size_mb']:8.1f} MB  ppl {ppl:8.3f}  {decode.tokens_per_second:6.1f} tok/s  q {quant_s:5.1f} s", flush=True)
+
+
+def minilm(args, rows: list[dict], meta: dict) -> None:
+    from optimum_lowrank.api import PassContext
+    from optimum_lowrank.data import load_sts_pairs, load_text, token_windows
+    from optimum_lowrank.evaluation import STSBEvaluator
+    from optimum_lowrank.models import load_model
+    from optimum_lowrank.pipeline import apply_passes
+    from optimum_lowrank.recipe import load_recipe
+    from optimum_lowrank.vocab import token_counts
+
+    loaded = load_model("minilm")
+    pairs = load_sts_pairs(DATA / "stsb" / "sts-dev.tsv")
+    evaluator = STSBEvaluator(loaded.tokenizer, pairs, pairs_description="sts-dev.tsv")
+    meta["minilm"] = {"metric": evaluator.description, "latency": "batch 1, seq 128, 2 threads, median of 20"}
+    source = f"tsv:{DATA / 'stsb' / 'sts-train.tsv'}:5,6"
+    text, description = load_text(source)
+    context = PassContext(
+        kind="encoder", tokenizer=loaded.tokenizer,
+        calibration_loader=lambda: token_windows(loaded.tokenizer, text, 128, 256, strict=True),
+        token_counts_loader=lambda: token_counts(loaded.tokenizer, text, description),
+    )
+    compressed, _ = apply_passes(loaded.model, load_recipe({"version": 1, "passes": [MINILM_EMBEDDING]}), context)
+    models = {"original": loaded.model, "svd5_top1000": compressed}
+    base = None
+    for label, model in models.items():
+        folder = WORK / "minilm" / label
+        fp32 = folder / "fp32" / "onnx" / "model.onnx"
+        if not fp32.is_file():
+            export_onnx(model, fp32.parent, onnx_task(model))
+        for name in args.only or VARIANTS:
+            path, quant_s, details = quantize_row(name, fp32, folder / name, ffn_down="re:.*layer\\.\\d+\\.output\\.dense")
+            t0 = time.perf_counter()
+            score = evaluator.evaluate_onnx(path)
+            eval_s = time.perf_counter() - t0
+            latency = measure_latency(path, batch_size=1, seq_len=128, repeats=20, threads=2)
+            row = {
+                "model": "minilm", "embedding": label, "variant": name, "what": VARIANTS[name][2],
+                "size_mb": onnx_size_mb(path), "stsb": score, "latency_ms": latency.median_ms, "quantize_s": quant_s,
+                "eval_s": eval_s, "float_mb_over_100kb": float_bytes(path) / 1e6,
+                "max_error": max(details.get("relative_error", {0: 0}).values()),
+            }
+            if label == "original" and name == "fp32":
+                base = row
+            if base is not None:
+                row["stsb_drop"] = base["stsb"] - score
+            rows.append(row)
+            write(rows, args.out, meta)
+            print(f"{label:12s} {name:18s} {row['size_mb']:7.2f} MB  STS-B {score:6.2f}  {latency.median_ms:6.1f} ms", flush=True)
+
+
+def markdown(path: Path) -> None:
+    data = json.loads(path.read_text())
+    print(f"machine: {data['meta'].get('machine')}\n")
+    for model in ("smollm2", "minilm"):
+        rows = [r for r in data["rows"] if r["model"] == model]
+        if not rows:
+            continue
+        if model == "smollm2":
+            print("| graph | size MB | perplexity | vs fp32 | decode tok/s | vs fp32 | quantize s |\n| --- | --- | --- | --- | --- | --- | --- |")
+            for r in rows:
+                print(f"| {r['variant']}: {r['what']} | {r['size_mb']:.1f} | {r['perplexity']:.3f} | {r.get('perplexity_increase', 0):+.1%} "
+                      f"| {r['decode_tokens_per_s']:.1f} | {r.get('decode_speed_ratio', 1):.2f}x | {r['quantize_s']:.1f} |")
+        else:
+            print("| embedding | graph | size MB | STS-B | drop | latency ms |\n| --- | --- | --- | --- | --- | --- |")
+            for r in rows:
+                print(f"| {r['embedding']} | {r['variant']}: {r['what']} | {r['size_mb']:.2f} | {r['stsb']:.2f} | {r.get('stsb_drop', 0):+.2f} | {r['latency_ms']:.1f} |")
+        print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["smollm2", "minilm"], choices=["smollm2", "minilm"])
+    parser.add_argument("--only", nargs="+", choices=list(VARIANTS))
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--merge", action="store_true")
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args()
+    if args.markdown:
+        markdown(args.out)
+        return
+    rows: list[dict] = []
+    if args.merge and args.out.is_file():
+        keep = {(m, v) for m in args.models for v in (args.only or VARIANTS)}
+        rows = [r for r in json.loads(args.out.read_text())["rows"] if (r["model"], r["variant"]) not in keep]
+    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared)", "torch": torch.__version__,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for model in args.models:
+        {"smollm2": smollm2, "minilm": minilm}[model](args, rows, meta)
+
+
+if __name__ == "__main__":
+    main()

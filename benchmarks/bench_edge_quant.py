@@ -68,6 +68,12 @@ VARIANTS = {
     "w4_e4": ("weight_only", WeightOnlySpec(bits=4, embedding_bits=4), "4-bit body, 4-bit shared table"),
     "w4_e4_b64": ("weight_only", WeightOnlySpec(bits=4, embedding_bits=4, block_size=64), "4-bit everything, blocks of 64"),
     "hqq4_e8": ("weight_only", WeightOnlySpec(bits=4, embedding_bits=8, algorithm="hqq", symmetric=False), "HQQ 4-bit body, 8-bit table"),
+    "w4a_e8": ("weight_only", WeightOnlySpec(bits=4, embedding_bits=8, symmetric=False), "asymmetric RTN 4-bit body, 8-bit table"),
+    "hqq4_e8_acc4": ("weight_only", WeightOnlySpec(bits=4, embedding_bits=8, algorithm="hqq", symmetric=False, accuracy_level=4),
+                     "HQQ 4-bit body (accuracy_level 4), 8-bit table"),
+    "hqq4_e4": ("weight_only", WeightOnlySpec(bits=4, embedding_bits=4, algorithm="hqq", symmetric=False), "HQQ 4-bit body, 4-bit table"),
+    "hqq4_b64_e8": ("weight_only", WeightOnlySpec(bits=4, embedding_bits=8, algorithm="hqq", symmetric=False, block_size=64),
+                    "HQQ 4-bit body in blocks of 64, 8-bit table (blocks of 64)"),
     "kquant4_e8": ("weight_only", WeightOnlySpec(bits=4, embedding_bits=8, algorithm="k_quant"), "k-quant 4-bit body, 8-bit table"),
 }
 MINILM_EMBEDDING = {

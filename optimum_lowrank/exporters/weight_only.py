@@ -39,15 +39,24 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from optimum_lowrank.api import match_names
 from optimum_lowrank.errors import RecipeError, TargetError
+from optimum_lowrank.exporters.nbits import dequantize, pack, relative_error
 
-__all__ = ["ALGORITHMS", "BITS", "WeightOnlySpec", "initializer_table", "module_path", "quantize_weight_only_model"]
+__all__ = [
+    "ALGORITHMS",
+    "BITS",
+    "WeightOnlySpec",
+    "check_ort_support",
+    "initializer_table",
+    "module_path",
+    "quantize_weight_only_model",
+]
 
 BITS = (2, 4, 8)
 ALGORITHMS = ("rtn", "k_quant", "hqq")
@@ -56,7 +65,7 @@ MIN_TABLE_BYTES = 4096  # smaller Gather tables (e.g. token-type embeddings) sta
 
 @dataclass(frozen=True)
 class WeightOnlySpec:
-    """What to quantize and how; see :class:`optimum_lowrank.recipe.WeightOnlyConfig` for the options."""
+    """What to quantize and how; see :class:`optimum_lowrank.export_config.WeightOnlyConfig` for the options."""
 
     bits: int = 4
     block_size: int = 32
@@ -93,52 +102,6 @@ def module_path(node_name: str) -> str:
 def _module_prefixes(node_name: str) -> list[str]:
     parts = module_path(node_name).split(".")
     return [".".join(parts[: i + 1]) for i in range(len(parts)) if parts[0]]
-
-
-# --------------------------------------------------------------------------- packing (ORT's MatMulNBits layout)
-
-
-def _pack(weight_t: np.ndarray, bits: int, block: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Quantize rows of ``weight_t`` (N, K) along K: packed (N, kb, blob) uint8, scales (N, kb), zero points."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_2bits, quantize_matmul_4bits, quantize_matmul_8bits
-
-    n, k = weight_t.shape
-    kb = (k + block - 1) // block
-    per_byte = 8 // bits
-    packed = np.zeros((n, kb, block // per_byte), dtype=np.uint8)
-    zero_points = np.zeros((n, (kb + per_byte - 1) // per_byte), dtype=np.uint8)
-    scales = np.zeros((n, kb), dtype=np.float32)
-    weight = np.ascontiguousarray(np.pad(weight_t.T.astype(np.float32), ((0, kb * block - k), (0, 0))))
-    quantize = {2: quantize_matmul_2bits, 4: quantize_matmul_4bits, 8: quantize_matmul_8bits}[bits]
-    quantize(packed, weight, scales, zero_points, block, n, k, symmetric)
-    return packed, scales, zero_points
-
-
-def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
-    """uint8 (..., blob) -> integer codes (..., blob * 8 / bits), lowest bits first."""
-    per_byte = 8 // bits
-    shifts = np.arange(per_byte, dtype=np.uint8) * bits
-    codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
-
-
-def dequantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int, k: int) -> np.ndarray:
-    """Rebuild the float rows (N, K) from ORT's (N, kb, blob) layout; ``zero_points`` packed uint8, float, or None."""
-    n, kb = packed.shape[0], packed.shape[1]
-    codes = _unpack(packed.reshape(n, kb, -1), bits).astype(np.float32)  # (N, kb, block)
-    scales = scales.reshape(n, kb, 1).astype(np.float32)
-    if zero_points is None:
-        zero = np.float32(1 << (bits - 1))
-    elif zero_points.dtype == np.uint8:
-        zero = _unpack(zero_points.reshape(n, -1), bits)[:, :kb].astype(np.float32).reshape(n, kb, 1)
-    else:
-        zero = zero_points.reshape(n, kb, 1).astype(np.float32)
-    return ((codes - zero) * scales).reshape(n, -1)[:, :k]
-
-
-def _relative_error(original: np.ndarray, approx: np.ndarray) -> float:
-    norm = float(np.linalg.norm(original))
-    return float(np.linalg.norm(original - approx) / norm) if norm > 0 else 0.0
 
 
 # --------------------------------------------------------------------------- graph surgery
@@ -279,13 +242,14 @@ def _quantize_tables(g: _Graph, spec: WeightOnlySpec, result: WeightOnlyResult) 
         if shared and spec.head_bits is not None and spec.head_bits != bits:
             shared = False
             result.notes.append(f"{table}: head_bits {spec.head_bits} != embedding_bits {bits}: the head gets its own copy")
-        packed, scales, _ = _pack(weight, bits, spec.block_size, True)
+        block = fit_block(d, spec.block_size)
+        packed, scales, _ = pack(weight, bits, block, True)
         stem = re.sub(r"\W", "_", table)
         data = g.add(packed, f"{stem}_Q{bits}")
         scales3 = g.add(scales.reshape(v, -1, 1), f"{stem}_scales3")
-        replace[_key(gather)] = _gather_quantized(g, gather, data, scales3, bits, spec.block_size, d)
+        replace[_key(gather)] = _gather_quantized(g, gather, data, scales3, bits, block, d)
         result.bits[table] = bits
-        result.errors[table] = _relative_error(weight, dequantize(packed, scales, None, bits, d))
+        result.errors[table] = relative_error(weight, dequantize(packed, scales, None, bits, d))
         if shared:
             scales2 = g.add(scales, f"{stem}_scales")
             level = spec.level_for(bits)
@@ -293,7 +257,7 @@ def _quantize_tables(g: _Graph, spec: WeightOnlySpec, result: WeightOnlyResult) 
                 extra = {} if level is None else {"accuracy_level": level}
                 replace[_key(matmul)] = [helper.make_node(
                     "MatMulNBits", [matmul.input[0], data, scales2], list(matmul.output), name=f"{matmul.name}_Q{bits}",
-                    domain="com.microsoft", K=d, N=v, bits=bits, block_size=spec.block_size, **extra)]
+                    domain="com.microsoft", K=d, N=v, bits=bits, block_size=block, **extra)]
                 drop.add(_key(transpose))
                 result.bits[matmul.name] = bits
             result.shared_tables.append(table)
@@ -381,19 +345,34 @@ def _algo_config(spec: WeightOnlySpec, bits: int):
     raise RecipeError(f"unknown weight-only algorithm {spec.algorithm!r}; allowed: {', '.join(ALGORITHMS)}")
 
 
-def _quantize_matmuls(model, plan: dict[str, int], spec: WeightOnlySpec):
-    """One ORT quantizer pass per bit-width; every other MatMul is excluded from that pass."""
+def fit_block(k: int, block: int) -> int:
+    """The block size for a weight whose rows have ``k`` values: the largest power of 2 in
+    [16, ``block``] that divides ``k`` (no padded block: SmolLM2's 576 in blocks of 128 would
+    store 11% padding), else ``block`` itself (the last block is padded)."""
+    size = block
+    while size >= 16:
+        if k % size == 0:
+            return size
+        size //= 2
+    return block
+
+
+def _quantize_matmuls(model, plan: dict[str, int], spec: WeightOnlySpec, k_of: dict[str, int]):
+    """One ORT quantizer pass per (bits, block size); every other MatMul is excluded from that pass."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    for bits in sorted(set(plan.values()), reverse=True):
-        chosen = [name for name, b in plan.items() if b == bits]
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, bits in plan.items():
+        groups.setdefault((bits, fit_block(k_of[name], spec.block_size)), []).append(name)
+    for (bits, block), chosen in sorted(groups.items(), reverse=True):
         excluded = [node.name for node in model.graph.node if node.op_type == "MatMul" and node.name not in chosen]
-        config = _algo_config(spec, bits)
+        group_spec = replace(spec, block_size=block)
+        config = _algo_config(group_spec, bits)
         if spec.algorithm == "k_quant":
-            config.customized_weight_config = {name: {"bits": bits, "group_size": spec.block_size,
+            config.customized_weight_config = {name: {"bits": bits, "group_size": block,
                                                       "scheme": "sym" if spec.symmetric else "asym"} for name in chosen}
         quantizer = MatMulNBitsQuantizer(
-            model, bits=bits, block_size=spec.block_size, is_symmetric=spec.symmetric, accuracy_level=spec.level_for(bits),
+            model, bits=bits, block_size=block, is_symmetric=spec.symmetric, accuracy_level=spec.level_for(bits),
             nodes_to_exclude=excluded, algo_config=config,
         )
         quantizer.process()
@@ -414,7 +393,23 @@ def _matmul_errors(model, originals: dict[str, np.ndarray], result: WeightOnlyRe
         zero = g.array(node.input[3]) if len(node.input) > 3 and node.input[3] in g.inits else None
         approx = dequantize(g.array(node.input[1]), g.array(node.input[2]), zero, bits, k)
         result.bits[original] = bits
-        result.errors[original] = _relative_error(originals[original].T, approx)
+        result.errors[original] = relative_error(originals[original].T, approx)
+
+
+def check_ort_support(spec: WeightOnlySpec) -> None:
+    """Raise :class:`RecipeError` naming the installed ONNX Runtime if it lacks the bits or algorithm of ``spec``."""
+    import onnxruntime
+    from onnxruntime.capi import _pybind_state
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    widths = [b for b in BITS if hasattr(_pybind_state, f"quantize_matmul_{b}bits")]
+    wanted = {spec.bits, spec.embedding_bits, *(bits for _, bits in spec.overrides)} | ({spec.head_bits} - {None})
+    if not wanted <= set(widths):
+        raise RecipeError(f"onnxruntime {onnxruntime.__version__} quantizes MatMulNBits weights to {widths} bits only, not {sorted(wanted - set(widths))}")
+    configs = {"rtn": "DefaultWeightOnlyQuantConfig", "k_quant": "KQuantWeightOnlyQuantConfig", "hqq": "HQQWeightOnlyQuantConfig"}
+    have = [name for name, cls in configs.items() if hasattr(mnq, cls)]
+    if spec.algorithm not in have:
+        raise RecipeError(f"onnxruntime {onnxruntime.__version__} has no {spec.algorithm!r} weight-only quantizer; it has {', '.join(have)}")
 
 
 def quantize_weight_only_model(model, spec: WeightOnlySpec) -> tuple[object, WeightOnlyResult]:
@@ -445,6 +440,7 @@ def quantize_weight_only_model(model, spec: WeightOnlySpec) -> tuple[object, Wei
 
     if spec.bits not in BITS or spec.embedding_bits not in BITS:
         raise RecipeError(f"weight_only bits must be one of {BITS}, got {spec.bits} / {spec.embedding_bits}")
+    check_ort_support(spec)
     result = WeightOnlyResult()
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
@@ -456,7 +452,7 @@ def quantize_weight_only_model(model, spec: WeightOnlySpec) -> tuple[object, Wei
     heads = [name for name in weights if module_path(name).split(".")[-1] in ("lm_head", "embed_out", "output")]
     plan = plan_bits(list(weights), spec, heads)
     if plan:
-        model = _quantize_matmuls(model, plan, spec)
+        model = _quantize_matmuls(model, plan, spec, {name: originals[name].shape[0] for name in plan})
     _matmul_errors(model, originals, result)
     return model, result
 

@@ -15,13 +15,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from optimum_lowrank.errors import RecipeError, TargetError
+from optimum_lowrank.exporters.nbits import dequantize, pack
 from optimum_lowrank.exporters.onnx import export_onnx, onnx_task
 from optimum_lowrank.exporters.quantize import quantize_onnx
 from optimum_lowrank.exporters.runtime import build_dummy_feeds, make_session
 from optimum_lowrank.exporters.weight_only import (
     WeightOnlySpec,
-    _pack,
-    dequantize,
     initializer_table,
     module_path,
     quantize_weight_only_model,
@@ -116,7 +115,7 @@ def test_dequantize_reads_back_what_ort_computes():
     k, n = 40, 24  # K not a multiple of the block: the last block is padded
     weight = rng.standard_normal((k, n)).astype(np.float32)
     for bits in (2, 4, 8):
-        packed, scales, zero_points = _pack(weight.T, bits, 16, True)
+        packed, scales, zero_points = pack(weight.T, bits, 16, True)
         node = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits, block_size=16)
         graph = helper.make_graph(
             [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [k, k])],
@@ -188,3 +187,43 @@ def test_initializer_table_lists_large_tensors(llama_fp32):
     rows = initializer_table(fp32, min_bytes=100_000)
     assert rows[0]["name"] == "model.embed_tokens.weight" and rows[0]["bytes"] == 512 * 64 * 4
     assert all(r["bytes"] >= 100_000 for r in rows)
+
+
+def test_shipped_graph_loads_in_optimum_and_generates(tiny_llama, tmp_path):
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from optimum_lowrank import optimize
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"[UNK]": 0}, unk_token="[UNK]")), unk_token="[UNK]")
+    recipe = {"version": 1, "export": {"quantize": "weight_only", "weight_only": {"bits": 4, "embedding_bits": 8,
+              "overrides": [{"targets": ["*down_proj"], "bits": 8}]}, "latency": None}}
+    report = optimize(tiny_llama, recipe, output=tmp_path / "out", tokenizer=tokenizer, progress=False)
+    details = report.export.quantization_details
+    assert details["shared_tables"] == ["model.embed_tokens.weight"]
+    assert details["bits"]["/model/layers.0/mlp/down_proj/MatMul"] == 8 and details["bits"]["/model/layers.0/mlp/up_proj/MatMul"] == 4
+    model = ORTModelForCausalLM.from_pretrained(tmp_path / "out" / "onnx", file_name="model_quantized.onnx")
+    ids = torch.tensor([[1, 5, 9, 13]])
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, 9) and generated[0, :4].tolist() == ids[0].tolist()
+
+
+def test_bits_the_installed_runtime_lacks_are_refused(monkeypatch):
+    import onnxruntime
+    from onnxruntime.capi import _pybind_state
+
+    from optimum_lowrank.exporters.weight_only import check_ort_support
+
+    monkeypatch.delattr(_pybind_state, "quantize_matmul_2bits")
+    with pytest.raises(RecipeError, match=f"onnxruntime {onnxruntime.__version__} quantizes MatMulNBits weights to \\[4, 8\\] bits only, not \\[2\\]"):
+        check_ort_support(WeightOnlySpec(bits=4, overrides=((("*q_proj",), 2),)))
+    check_ort_support(WeightOnlySpec(bits=4))
+
+
+def test_block_size_fits_the_row_length():
+    from optimum_lowrank.exporters.weight_only import fit_block
+
+    assert fit_block(576, 128) == 64 and fit_block(1536, 128) == 128 and fit_block(384, 32) == 32
+    assert fit_block(40, 32) == 32  # no power of 2 >= 16 divides 40: the last block is padded

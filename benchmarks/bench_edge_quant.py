@@ -60,12 +60,14 @@ VARIANTS = {
     "ort_weight_int4": ("stock", 4, "stock ORT MatMulNBitsQuantizer 4-bit, MatMul only (tables fp32)"),
     "w8_e8": ("weight_only", WeightOnlySpec(bits=8, embedding_bits=8), "8-bit body, 8-bit shared table"),
     "w8_e8_b64": ("weight_only", WeightOnlySpec(bits=8, embedding_bits=8, block_size=64), "8-bit body and shared table, blocks of 64"),
-    "w8_e8_b128": ("weight_only", WeightOnlySpec(bits=8, embedding_bits=8, block_size=128), "8-bit body and shared table, blocks of 128"),
+    "w8_e8_b128": ("weight_only", WeightOnlySpec(bits=8, embedding_bits=8, block_size=128), "8-bit body and shared table, blocks of up to 128"),
     "w4mlp_e8": ("weight_only", WeightOnlySpec(bits=8, embedding_bits=8, overrides=((("*gate_proj", "*up_proj"), 4),)),
                  "8-bit body but 4-bit FFN gate/up, 8-bit table"),
     "w4_e8": ("weight_only", WeightOnlySpec(bits=4, embedding_bits=8), "4-bit body, 8-bit shared table"),
     "w4_e8_down8": ("weight_only", WeightOnlySpec(bits=4, embedding_bits=8, overrides=DOWN8), "4-bit body, FFN down/output 8-bit, 8-bit table"),
     "w4_e4": ("weight_only", WeightOnlySpec(bits=4, embedding_bits=4), "4-bit body, 4-bit shared table"),
+    "w4_e8_b128": ("weight_only", WeightOnlySpec(bits=4, embedding_bits=8, block_size=128), "4-bit body, 8-bit table, blocks of up to 128"),
+    "w4_e4_b128": ("weight_only", WeightOnlySpec(bits=4, embedding_bits=4, block_size=128), "4-bit everything, blocks of up to 128"),
     "w4_e4_b64": ("weight_only", WeightOnlySpec(bits=4, embedding_bits=4, block_size=64), "4-bit everything, blocks of 64"),
     "hqq4_e8": ("weight_only", WeightOnlySpec(bits=4, embedding_bits=8, algorithm="hqq", symmetric=False), "HQQ 4-bit body, 8-bit table"),
     "w4a_e8": ("weight_only", WeightOnlySpec(bits=4, embedding_bits=8, symmetric=False), "asymmetric RTN 4-bit body, 8-bit table"),
@@ -218,15 +220,58 @@ def markdown(path: Path) -> None:
         if not rows:
             continue
         if model == "smollm2":
+            base = next(r for r in rows if r["variant"] == "fp32")
+            speed_key = "decode_tokens_per_s_median" if "decode_tokens_per_s_median" in base else "decode_tokens_per_s"
             print("| graph | size MB | perplexity | vs fp32 | decode tok/s | vs fp32 | quantize s |\n| --- | --- | --- | --- | --- | --- | --- |")
             for r in rows:
-                print(f"| {r['variant']}: {r['what']} | {r['size_mb']:.1f} | {r['perplexity']:.3f} | {r.get('perplexity_increase', 0):+.1%} "
-                      f"| {r['decode_tokens_per_s']:.1f} | {r.get('decode_speed_ratio', 1):.2f}x | {r['quantize_s']:.1f} |")
+                speed = f"{r[speed_key]:.1f} | {r[speed_key] / base[speed_key]:.2f}x" if speed_key in r else "- | -"
+                print(f"| {r['variant']}: {r['what']} | {r['size_mb']:.1f} | {r['perplexity']:.3f} | {r['perplexity'] / base['perplexity'] - 1:+.1%} "
+                      f"| {speed} | {r['quantize_s']:.1f} |")
         else:
+            base = next(r for r in rows if r["variant"] == "fp32" and r["embedding"] == "original")
             print("| embedding | graph | size MB | STS-B | drop | latency ms |\n| --- | --- | --- | --- | --- | --- |")
             for r in rows:
-                print(f"| {r['embedding']} | {r['variant']}: {r['what']} | {r['size_mb']:.2f} | {r['stsb']:.2f} | {r.get('stsb_drop', 0):+.2f} | {r['latency_ms']:.1f} |")
+                latency = f"{r['latency_ms_median']:.1f}" if "latency_ms_median" in r else "-"
+                print(f"| {r['embedding']} | {r['variant']}: {r['what']} | {r['size_mb']:.2f} | {r['stsb']:.2f} | {base['stsb'] - r['stsb']:+.2f} | {latency} |")
         print()
+
+
+def speed(args) -> None:
+    """Decode speed again for every SmolLM2 graph of the JSON, in ``--rounds`` interleaved rounds (median)."""
+    from optimum_lowrank.models import load_model
+
+    data = json.loads(args.out.read_text())
+    tokenizer = load_model("smollm2").tokenizer
+    valid = (DATA / "wikitext-2" / "wiki.valid.tokens").read_text(encoding="utf-8")
+    prompt = np.array([tokenizer(valid[:4000])["input_ids"][:128]], dtype=np.int64)
+    rows = [r for r in data["rows"] if r["model"] == "smollm2" and (not args.only or r["variant"] in args.only)]
+    paths = {r["variant"]: WORK / "smollm2" / ("fp32/onnx/model.onnx" if r["variant"] == "fp32" else f"{r['variant']}/model_quantized.onnx") for r in rows}
+    speeds: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(args.rounds):
+        for name, path in paths.items():
+            speeds[name].append(measure_decode(path, prompt, 64).tokens_per_second)
+            print(f"{name:18s} {speeds[name][-1]:6.1f} tok/s", flush=True)
+    for r in rows:
+        r["decode_tokens_per_s_median"] = float(np.median(speeds[r["variant"]]))
+        r["decode_rounds"] = args.rounds
+    data["meta"]["speed"] = f"greedy decode, 64 new tokens, median of {args.rounds} interleaved rounds, {time.strftime('%Y-%m-%d %H:%M')}"
+    minilm_speed(args, data)
+    write(data["rows"], args.out, data["meta"])
+
+
+def minilm_speed(args, data: dict) -> None:
+    """MiniLM latency (batch 1 x 128) of the saved graphs again, interleaved rounds (median)."""
+    rows = [r for r in data["rows"] if r["model"] == "minilm" and (not args.only or r["variant"] in args.only)]
+    folder = WORK / "minilm"
+    paths = {id(r): folder / r["embedding"] / ("fp32/onnx/model.onnx" if r["variant"] == "fp32" else f"{r['variant']}/model_quantized.onnx")
+             for r in rows}
+    times: dict[int, list[float]] = {key: [] for key in paths}
+    for _ in range(args.rounds):
+        for key, path in paths.items():
+            times[key].append(measure_latency(path, batch_size=1, seq_len=128, repeats=20, threads=2).median_ms)
+    for r in rows:
+        r["latency_ms_median"] = float(np.median(times[id(r)]))
+        print(f"{r['embedding']:12s} {r['variant']:18s} {r['latency_ms_median']:6.1f} ms", flush=True)
 
 
 def main() -> None:
@@ -237,9 +282,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--merge", action="store_true")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--speed", action="store_true", help="re-measure SmolLM2 decode speed of the saved graphs, interleaved")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if args.markdown:
         markdown(args.out)
+        return
+    if args.speed:
+        speed(args)
         return
     rows: list[dict] = []
     if args.merge and args.out.is_file():

@@ -272,34 +272,27 @@ def get_plugin_manager(load_entrypoints: bool | None = None) -> pluggy.PluginMan
     return pm
 
 
-@lru_cache(maxsize=1)
-def _default_registry(autoload: bool, blocked: frozenset[str]) -> PassRegistry:
-    return PassRegistry().collect(get_plugin_manager(autoload))
+@lru_cache(maxsize=8)
+def _collected(kind: type[Registry], autoload: bool, blocked: frozenset[str]) -> Registry:
+    return kind().collect(get_plugin_manager(autoload))
+
+
+def _default(kind: type[Registry]) -> Registry:
+    """``kind`` filled from the default plugin manager, cached per environment settings (autoload, blocked plugins)."""
+    autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "") in ("", "0")
+    return _collected(kind, autoload, frozenset(_blocked()))
 
 
 def get_registry() -> PassRegistry:
     """The registry of every pass from the default plugin manager (cached per environment settings)."""
-    autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "") in ("", "0")
-    return _default_registry(autoload, frozenset(_blocked()))
-
-
-@lru_cache(maxsize=1)
-def _default_metric_registry(autoload: bool, blocked: frozenset[str]) -> MetricRegistry:
-    return MetricRegistry().collect(get_plugin_manager(autoload))
+    return _default(PassRegistry)
 
 
 def get_metric_registry() -> MetricRegistry:
     """The registry of every accuracy metric from the default plugin manager (cached per environment settings)."""
-    autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "") in ("", "0")
-    return _default_metric_registry(autoload, frozenset(_blocked()))
-
-
-@lru_cache(maxsize=1)
-def _default_quantizer_registry(autoload: bool, blocked: frozenset[str]) -> QuantizerRegistry:
-    return QuantizerRegistry().collect(get_plugin_manager(autoload))
+    return _default(MetricRegistry)
 
 
 def get_quantizer_registry() -> QuantizerRegistry:
     """The registry of every quantizer from the default plugin manager (cached per environment settings)."""
-    autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "") in ("", "0")
-    return _default_quantizer_registry(autoload, frozenset(_blocked()))
+    return _default(QuantizerRegistry)

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL ?= minilm
-RECIPE ?= recipes/minilm-svd.yaml
+RECIPE ?= recipes/minilm-auto.yaml
 OUTPUT ?= out/$(MODEL)
 
 .PHONY: setup run test bench clean

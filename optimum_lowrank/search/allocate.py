@@ -48,6 +48,7 @@ __all__ = [
     "GraphLayout",
     "PathPoint",
     "Unit",
+    "fill_gap",
     "greedy_path",
     "matmul_bytes",
     "pick_index",
@@ -300,6 +301,48 @@ def greedy_path(units: Sequence[Unit], fixed_bytes: int) -> list[PathPoint]:
         before = units[ui].choices[picks[ui]].value
         picks[ui] = ci
         path.append(point(len(path), f"{units[ui].name}: {_label(before)} -> {_label(units[ui].choices[ci].value)}"))
+
+
+def fill_gap(units: Sequence[Unit], smaller: PathPoint, limit_bytes: int, fixed_bytes: int) -> list[PathPoint]:
+    """Configurations between two neighbours of the path, for when one step is a big jump in bytes.
+
+    Starts from ``smaller`` (the neighbour that failed, or fits a size) and repeatedly takes the change
+    to a larger choice that removes the most damage per byte added, while the total stays below
+    ``limit_bytes`` (the larger neighbour's bytes, or the size budget). A step of the path that
+    factorizes the token table saves megabytes at once; the points found here keep that step and
+    give some layers their larger choice back instead.
+
+    Returns
+    -------
+    list of PathPoint
+        In order of increasing bytes (``index`` -1: the caller numbers them).
+    """
+    allowed = [_efficient(u.choices) for u in units]
+    picks = list(smaller.picks)
+    points = []
+
+    def total() -> int:
+        return fixed_bytes + sum(u.choices[p].nbytes for u, p in zip(units, picks))
+
+    while True:
+        best, current = None, total()
+        for ui, unit in enumerate(units):
+            now = unit.choices[picks[ui]]
+            for ci in allowed[ui]:
+                choice = unit.choices[ci]
+                added = choice.nbytes - now.nbytes
+                if added <= 0 or current + added >= limit_bytes:
+                    continue
+                gain = (max(now.damage, 0.0) - max(choice.damage, 0.0)) / added
+                if gain > 0 and (best is None or gain > best[0]):
+                    best = (gain, ui, ci)
+        if best is None:
+            return points
+        _, ui, ci = best
+        before = units[ui].choices[picks[ui]].value
+        picks[ui] = ci
+        damage = sum(max(u.choices[p].damage, 0.0) for u, p in zip(units, picks))
+        points.append(PathPoint(-1, tuple(picks), total(), damage, f"gap: {units[ui].name}: {_label(before)} -> {_label(units[ui].choices[ci].value)}"))
 
 
 def _efficient(choices: Sequence[Choice]) -> list[int]:

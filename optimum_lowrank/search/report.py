@@ -258,7 +258,7 @@ def plot_search(report: SearchReport, path: Path) -> None:
         ax.set_title(("search split: " if split == "search" else "gate split: ") + (report.search_label if split == "search" else report.gate_label), fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{report.model[:80]}: {report.objective[0]}={report.objective[1]:g}", fontsize=10)
+    fig.suptitle(f"{report.model.split(' (')[0][:60]}: {report.objective[0]}={report.objective[1]:g}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

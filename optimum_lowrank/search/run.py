@@ -17,6 +17,9 @@ Algorithm
    objective is exported, quantized and scored with ONNX Runtime on the search split; the
    measured damage refits the mapping and the next point is searched between the best passing and
    the first failing one (a bracketing search along the path), for at most ``max_rounds`` rounds.
+   When the bracket closes on one big step (factorizing the token table saves megabytes at once),
+   the gap is filled with configurations that keep the step and give layers their larger bits back
+   (:func:`~optimum_lowrank.search.allocate.fill_gap`), and the search goes on inside it.
 6. The chosen graph, the fp32 original and the dynamic-int8 graph are scored on the gate data
    (a split the search never saw), and the outputs are written (:mod:`~optimum_lowrank.search.report`).
 
@@ -26,6 +29,7 @@ Nothing is written unless every step succeeds (a temporary folder is renamed at 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -39,7 +43,7 @@ from optimum_lowrank.errors import ObjectiveNotMetError
 from optimum_lowrank.models import cache_root
 from optimum_lowrank.pipeline import _check_output, _restored_torch_state, _save_tokenizer, _staging
 from optimum_lowrank.progress import Progress, bar, silenced
-from optimum_lowrank.search.allocate import Choice, DamageModel, GraphLayout, Unit, greedy_path, pick_index
+from optimum_lowrank.search.allocate import Choice, DamageModel, GraphLayout, Unit, fill_gap, greedy_path, pick_index
 from optimum_lowrank.search.config import SearchConfig
 from optimum_lowrank.search.report import Candidate, SearchReport, write_outputs
 from optimum_lowrank.search.sensitivity import Probe, cache_key, key, measure_sensitivity, model_fingerprint
@@ -175,7 +179,8 @@ def _search(model, config: SearchConfig, output, *, tokenizer, overwrite: bool, 
         report.units, report.path, report.prior_scale, report.block_size = units, path, damage.scale, block
 
         t0 = time.perf_counter()
-        lo, hi = _verify(setup, units, path, damage, exports, variants, work, search_eval, original, report, say)
+        path, lo, hi = _verify(setup, units, path, damage, exports, variants, work, search_eval, original, report, say)
+        report.path = path
         report.seconds["verification"] = time.perf_counter() - t0
         chosen = _choose(setup, path, lo, hi, report)
 
@@ -254,24 +259,33 @@ def _pick_block(setup: SearchSetup, paths: dict, damage: DamageModel) -> tuple[i
     return best, predictions
 
 
-def _verify(setup, units, path, damage: DamageModel, exports, variants, work: Path, search_eval, original: float, report, say) -> tuple[int, int]:
-    """Bracketing search along the path; returns ``(lo, hi)``: see :func:`~optimum_lowrank.search.allocate.pick_index`."""
+def _verify(setup, units, path, damage: DamageModel, exports, variants, work: Path, search_eval, original: float, report, say):
+    """Bracketing search along the path, filling a closed gap that is one big step (:func:`fill_gap`) while
+    rounds remain; returns ``(path, lo, hi)`` (see :func:`~optimum_lowrank.search.allocate.pick_index`)."""
     objective, budget = setup.config.objective
     lo, hi, offset = -1, len(path), 0
     block = report.block_size
     rounds = setup.config.max_rounds
     progress = bar(total=rounds, desc="candidates", unit="graph", enabled=None)
+    round_index = 0
     try:
-        for round_index in range(rounds + 1):
+        while True:
             last = round_index >= rounds
             if objective != "size_mb" and last and lo == -1 and hi > 0 and not any(c.index == 0 for c in report.candidates):
                 index = 0  # one more round: nothing passed, try the largest candidate
-            elif last or hi - lo <= 1:
+            elif last:
                 break
             else:
+                if hi - lo <= 1:
+                    extra = _gap(units, path, lo, hi, objective, budget, offset)
+                    if not extra:
+                        break
+                    path, hi = _insert(path, extra, lo, hi, report)
                 index = pick_index(path, objective, budget, damage, lo, hi, offset)
-            candidate = _evaluate(setup, units, path[index], block, exports, variants, work, search_eval, original, say)
-            candidate.round = round_index + 1
+            candidate = _evaluate(setup, units, path[index], block, exports, variants, work, search_eval, original, say,
+                                  name=f"candidate-{len(report.candidates)}")
+            round_index += 1
+            candidate.round = round_index
             report.candidates.append(candidate)
             progress.update()
             if objective == "size_mb":
@@ -283,10 +297,28 @@ def _verify(setup, units, path, damage: DamageModel, exports, variants, work: Pa
                 lo, hi = (index, hi) if candidate.passed else (lo, index)
     finally:
         progress.close()
-    return lo, hi
+    return path, lo, hi
 
 
-def _evaluate(setup, units, point, block: int, exports, variants, work: Path, search_eval, original: float, say) -> Candidate:
+def _gap(units, path, lo: int, hi: int, objective: str, budget: float, offset: int) -> list:
+    """Points between the bracket's two neighbours (``[]`` when the bracket is open at an end)."""
+    if lo < 0 or hi >= len(path):
+        return []
+    fixed = path[hi].nbytes - sum(u.choices[p].nbytes for u, p in zip(units, path[hi].picks))
+    limit = path[lo].nbytes if objective != "size_mb" else min(path[lo].nbytes, int(budget * 1e6) - offset + 1)
+    return fill_gap(units, path[hi], limit, fixed)
+
+
+def _insert(path, extra, lo: int, hi: int, report) -> tuple[list, int]:
+    """``extra`` (increasing bytes) between ``lo`` and ``hi``; renumbers the path and the candidates after it."""
+    merged = [*path[: lo + 1], *reversed(extra), *path[hi:]]
+    for candidate in report.candidates:
+        if candidate.index >= hi:
+            candidate.index += len(extra)
+    return [dataclasses.replace(p, index=i) for i, p in enumerate(merged)], hi + len(extra)
+
+
+def _evaluate(setup, units, point, block: int, exports, variants, work: Path, search_eval, original: float, say, name: str) -> Candidate:
     from optimum_lowrank.exporters.onnx import onnx_size_mb
     from optimum_lowrank.exporters.quantize import quantize_onnx
 
@@ -297,7 +329,7 @@ def _evaluate(setup, units, point, block: int, exports, variants, work: Path, se
         with say.step(f"exporting the model with the embedding at ratio {ratio:g} (fp32 ONNX)"):
             exports[ratio] = setup.export(variants[ratio].model, work / f"ratio-{ratio:g}" / "onnx")
     spec = weight_only_spec(setup, exports[ratio], bits, ebits, ratio, block)
-    out = work / f"candidate-{point.index}.onnx"
+    out = work / f"{name}.onnx"
     details: dict = {}
     with say.step(f"candidate {point.index}: {point.nbytes / 1e6:.2f} MB predicted; quantizing and scoring"):
         quantize_onnx(exports[ratio], out, "weight_only", weight_only=spec, details=details)

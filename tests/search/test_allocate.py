@@ -13,7 +13,7 @@ from optimum_lowrank.exporters.quantize import quantize_onnx
 from optimum_lowrank.exporters.weight_only import fit_block
 from optimum_lowrank.exporters.nbits import pack
 from optimum_lowrank.models import LoadedModel
-from optimum_lowrank.search.allocate import Choice, DamageModel, GraphLayout, Unit, greedy_path, matmul_bytes, pick_index
+from optimum_lowrank.search.allocate import Choice, DamageModel, GraphLayout, Unit, fill_gap, greedy_path, matmul_bytes, pick_index
 from optimum_lowrank.search.config import SearchConfig
 from optimum_lowrank.search.setup import SearchSetup, weight_only_spec
 from tests.search.conftest import word_tokenizer
@@ -112,3 +112,14 @@ def test_damage_model_and_pick_index():
     assert pick_index(path, "max_drop", 3.5, additive, 2, 4) == 3  # clamped into the bracket
     assert pick_index(path, "size_mb", 420 / 1e6, additive, -1, len(path)) == 2
     assert pick_index(path, "size_mb", 420 / 1e6, additive, -1, len(path), size_offset=40) == 3
+
+
+def test_fill_gap_keeps_the_big_step_and_gives_layers_their_bits_back():
+    units = [_unit("a", ((8,), 100, 0.0), ((4,), 60, 0.1)), _unit("b", ((8,), 100, 0.0), ((4,), 60, 0.2)),
+             _unit("emb", ((1, 8), 300, 0.0), ((5, 8), 100, 1.0))]
+    path = greedy_path(units, 0)
+    assert [p.nbytes for p in path] == [500, 460, 420, 220]  # the last step factorizes the table: 200 bytes at once
+    extra = fill_gap(units, path[3], limit_bytes=path[2].nbytes, fixed_bytes=0)
+    assert [(p.nbytes, p.picks) for p in extra] == [(260, (1, 0, 1)), (300, (0, 0, 1))]  # b first: most damage per byte
+    assert extra[0].step == "gap: b: 4-bit -> 8-bit" and extra[1].damage == pytest.approx(1.0)
+    assert fill_gap(units, path[3], limit_bytes=250, fixed_bytes=0) == []

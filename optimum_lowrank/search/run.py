@@ -245,7 +245,7 @@ def _units(setup: SearchSetup, layout: GraphLayout, layouts: dict, sensitivity, 
 
 def _pick_block(setup: SearchSetup, paths: dict, damage: DamageModel) -> tuple[int, dict]:
     """The block size whose path predicts the smallest graph within the budget (``size_mb``: the least damage
-    within the size); ties go to the smaller block. Returns it and every block size's prediction."""
+    within the size, or the smallest graph if none fits); ties go to the smaller block. Returns it and every block size's prediction."""
     objective, budget = setup.config.objective
     predictions = {}
     for block, (_, path) in paths.items():
@@ -253,7 +253,11 @@ def _pick_block(setup: SearchSetup, paths: dict, damage: DamageModel) -> tuple[i
         predictions[block] = {"path_index": point.index, "predicted_mb": point.nbytes / 1e6, "predicted_damage": damage.metric_damage(point.damage),
                               "path_points": len(path)}
     if objective == "size_mb":
-        best = min(predictions, key=lambda b: (predictions[b]["predicted_mb"] > budget, predictions[b]["predicted_damage"], b))
+        def rank(b: int) -> tuple:  # fits first, least damage; else the smallest (the closest to fitting)
+            fits = predictions[b]["predicted_mb"] <= budget
+            return (not fits, predictions[b]["predicted_damage"] if fits else predictions[b]["predicted_mb"], b)
+
+        best = min(predictions, key=rank)
     else:
         best = min(predictions, key=lambda b: (predictions[b]["predicted_damage"] > budget, predictions[b]["predicted_mb"], b))
     return best, predictions

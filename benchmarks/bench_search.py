@@ -13,7 +13,8 @@ Runs
 - ``minilm-size-6`` / ``minilm-size-10``: MiniLM, best STS-B within 6 / 10 MB; ``minilm-size-6-wide``: 6 MB
   with 2-bit layers and embedding ratio 20 allowed as well.
 - ``smollm2-max-increase-5``: SmolLM2-135M, ``max_increase: 0.05`` (WikiText-2 perplexity; search on
-  valid, gate on raw test, 20 windows of 512); target <= 100 MB, <= 30 minutes.
+  valid, gate on raw test, 20 windows of 512); target <= 100 MB, <= 30 minutes. ``smollm2-max-increase-5-hqq``:
+  the same with ``algorithms: [rtn, hqq]``.
 
 Usage
 -----
@@ -38,7 +39,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -53,6 +54,8 @@ RUNS = {
     # the default space cannot reach 6 MB (smallest point about 6.8 MB): add 2-bit layers and ratio 20
     "minilm-size-6-wide": ("minilm", {"size_mb": 6.0, "bits": [8, 4, 2], "embedding_ratios": [1, 2.5, 5, 10, 20]}),
     "smollm2-max-increase-5": ("smollm2", {"max_increase": 0.05}),
+    # HQQ (float zero points) as a second algorithm: smaller on this Q4_1-derived model, but slow to decode
+    "smollm2-max-increase-5-hqq": ("smollm2", {"max_increase": 0.05, "algorithms": ["rtn", "hqq"]}),
 }
 SHIPPED = {
     "minilm": ["minilm-svd.yaml", "minilm-embeddings-10x.yaml", "minilm-tt-embedding.yaml", "minilm-autoencoder-embedding.yaml", "minilm-softlm.yaml"],
@@ -91,7 +94,7 @@ def run_search(name: str, args, suffix: str = "") -> dict:
         "original_fp32": refs["original_fp32"], "dynamic_int8": refs["dynamic_int8"], "metric": data["metric"],
         "search_data": data["search_data"], "gate_data": data["gate_data"], "candidates": data["candidates"],
         "sensitivity": data["sensitivity"], "damage_model": data["damage_model"], "block_size": data["block_size"],
-        "block_predictions": data["block_predictions"], "bits": c["bits"], "output": str(WORK / f"{name}{suffix}"),
+        "block_predictions": data["block_predictions"], "algorithm": data["algorithm"], "bits": c["bits"], "output": str(WORK / f"{name}{suffix}"),
     }
 
 

@@ -9,7 +9,7 @@ out_features, ``K`` = in_features; a ``Gather`` table ``(V, d)``: ``N = V``, ``K
 - packed codes: ``N * ceil(K / b) * b * q / 8`` bytes (the last block padded);
 - one float32 scale per block: ``4 * N * ceil(K / b)`` bytes;
 - a table shared by a ``Gather`` and a tied head stores its codes once and its scales twice;
-- symmetric quantization (what the search uses) stores no zero points;
+- symmetric round-to-nearest stores no zero points; HQQ (``algorithms: [hqq]``) stores a float32 zero point per block;
 - a few hundred bytes of protobuf framing per quantized weight (:data:`MATMUL_FRAMING`, :data:`TABLE_FRAMING`).
 
 Everything else stays as exported: norms, biases, tables under 4 KB (``MIN_TABLE_BYTES``),
@@ -56,8 +56,9 @@ __all__ = [
 ]
 
 
-def matmul_bytes(rows: int, cols: int, bits: int, block_size: int) -> int:
-    """Bytes of a ``(rows, cols)`` weight quantized along ``cols`` (symmetric: codes and scales).
+def matmul_bytes(rows: int, cols: int, bits: int, block_size: int, zero_points: bool = False) -> int:
+    """Bytes of a ``(rows, cols)`` weight quantized along ``cols``: codes and scales (symmetric), plus a float
+    zero point per block with ``zero_points`` (HQQ).
 
     Parameters
     ----------
@@ -67,16 +68,18 @@ def matmul_bytes(rows: int, cols: int, bits: int, block_size: int) -> int:
         ``K``: the quantized axis (in_features, embedding_dim).
     bits : int, one of 2, 4, 8
     block_size : int, power of 2
+    zero_points : bool
+        HQQ's float32 zero point per block.
 
     Returns
     -------
     int
-        ``rows * ceil(cols / b) * (b * bits / 8 + 4)`` with ``b = fit_block(cols, block_size)`` (the exporter
+        ``rows * ceil(cols / b) * (b * bits / 8 + 4)`` (``+ 8`` with zero points) with ``b = fit_block(cols, block_size)`` (the exporter
         uses the largest power of 2 up to ``block_size`` that divides ``cols``, if any).
     """
     block = fit_block(cols, block_size)
     blocks = -(-cols // block)
-    return rows * blocks * (block * bits // 8 + 4)
+    return rows * blocks * (block * bits // 8 + (8 if zero_points else 4))
 
 
 def table_bytes(rows: int, cols: int, bits: int, block_size: int, shared_head: bool) -> int:
@@ -172,7 +175,7 @@ class GraphLayout:
             (kept as exported: a small table, an integer index). ``bytes``: as stored in fp32.
         """
         tables = dict(self.tables)
-        v, d, shared = tables.pop(table)
+        _, _, shared = tables.pop(table)
         out = GraphLayout(self.fixed_bytes, {k: list(w) for k, w in self.linears.items()}, list(self.group_linears), tables)
         for name, role, shape, nbytes in parameters:
             if role == "linear":
@@ -183,21 +186,24 @@ class GraphLayout:
                 out.fixed_bytes += nbytes
         return out
 
-    def linear_bytes(self, unit: str, bits: int, block_size: int) -> int:
-        return sum(matmul_bytes(n, k, bits, block_size) for n, k in self.linears[unit]) + MATMUL_FRAMING * len(self.linears[unit])
+    def linear_bytes(self, unit: str, bits: int, block_size: int, algorithm: str = "rtn") -> int:
+        """Bytes of one linear unit's MatMuls at ``bits`` (``algorithm`` ``hqq`` stores float zero points)."""
+        zero = algorithm == "hqq"
+        return sum(matmul_bytes(n, k, bits, block_size, zero) for n, k in self.linears[unit]) + MATMUL_FRAMING * len(self.linears[unit])
 
-    def embedding_bytes(self, bits: int, block_size: int) -> int:
-        """Bytes of every ``Gather`` table and of the embedding's own MatMuls at ``bits``."""
+    def embedding_bytes(self, bits: int, block_size: int, algorithm: str = "rtn") -> int:
+        """Bytes of every ``Gather`` table (always symmetric) and of the embedding's own MatMuls at ``bits``."""
+        zero = algorithm == "hqq"
         return sum(table_bytes(v, d, bits, block_size, s) + TABLE_FRAMING for v, d, s in self.tables.values()) + sum(
-            matmul_bytes(n, k, bits, block_size) + MATMUL_FRAMING for n, k in self.group_linears
+            matmul_bytes(n, k, bits, block_size, zero) + MATMUL_FRAMING for n, k in self.group_linears
         )
 
-    def nbytes(self, linear_bits: Mapping[str, int], embedding_bits: int, block_size: int) -> int:
+    def nbytes(self, linear_bits: Mapping[str, int], embedding_bits: int, block_size: int, algorithm: str = "rtn") -> int:
         """Predicted file size in bytes with ``linear_bits[unit]`` per linear unit and ``embedding_bits``."""
         return (
             self.fixed_bytes
-            + sum(self.linear_bytes(unit, linear_bits[unit], block_size) for unit in self.linears)
-            + self.embedding_bytes(embedding_bits, block_size)
+            + sum(self.linear_bytes(unit, linear_bits[unit], block_size, algorithm) for unit in self.linears)
+            + self.embedding_bytes(embedding_bits, block_size, algorithm)
         )
 
 

@@ -106,6 +106,16 @@ class SearchConfig(BaseModel):
         Share of a factorized table's budget spent on exact rows of the most frequent tokens
         (``keep_top_k = round(keep_share * V / ratio, -2)``). 0.16 reproduces the best measured
         MiniLM settings (1,000 rows at ratio 5, 500 at ratio 10; docs/usage_aware.md).
+    algorithms : tuple of {"rtn", "hqq"}
+        Weight-only algorithms of the linear layers, one per graph (token tables are always symmetric
+        round-to-nearest: ``GatherBlockQuantized`` takes no float zero points). ``rtn``: symmetric
+        round-to-nearest, no zero points. ``hqq``: Half-Quadratic Quantization (Badri & Shaji, 2023),
+        asymmetric with a float zero point per block (4 more bytes per block). A layer's damage under
+        ``hqq`` is estimated from its measured ``rtn`` damage with the quadratic rule below (the
+        exact HQQ weight error over the RTN one, squared); each algorithm gets its own path and the
+        one predicted to give the better answer is verified. Default ``rtn`` only: on SmolLM2,
+        ``MatMulNBits`` with float zero points decoded at 0.17x the fp32 graph's speed, RTN at 1.8x
+        (docs/edge_quantization.md); add ``hqq`` when the size matters more than decode speed.
     block_size : int or tuple of int, powers of 2 in [16, 256]
         Weights per scale of the weight-only quantization (one for the whole graph; the exporter
         uses the largest power of 2 up to it that divides a row). Several: the one whose greedy
@@ -148,6 +158,7 @@ class SearchConfig(BaseModel):
     bits: tuple[int, ...] = (8, 4)
     embedding_bits: tuple[int, ...] = (8, 4)
     embedding_ratios: tuple[float, ...] | None = None
+    algorithms: tuple[Literal["rtn", "hqq"], ...] = ("rtn",)
     keep_share: float = Field(0.16, ge=0, lt=1)
     block_size: int | tuple[int, ...] = (32, 64, 128)
     measure_all_bits: bool = False
@@ -167,9 +178,10 @@ class SearchConfig(BaseModel):
             wrong = [b for b in values if b not in BITS]
             if wrong:
                 raise ValueError(f"{name}: {wrong} not supported by the weight-only exporter; allowed bit-widths: {', '.join(map(str, BITS))}")
-        if self.embedding_ratios is not None:
-            if not self.embedding_ratios or min(self.embedding_ratios) < 1:
-                raise ValueError(f"embedding_ratios: give compression ratios >= 1 (1 = not factorized), got {list(self.embedding_ratios)}")
+        if not self.algorithms:
+            raise ValueError("algorithms: give at least one of rtn, hqq")
+        if self.embedding_ratios is not None and (not self.embedding_ratios or min(self.embedding_ratios) < 1):
+            raise ValueError(f"embedding_ratios: give compression ratios >= 1 (1 = not factorized), got {list(self.embedding_ratios)}")
         wrong = [b for b in self.block_sizes if b < 16 or b > 256 or b & (b - 1)]
         if wrong or not self.block_sizes:
             raise ValueError(f"block_size: give powers of 2 in [16, 256], got {self.block_size}")

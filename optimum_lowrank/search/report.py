@@ -12,7 +12,7 @@ from typing import Any
 from optimum_lowrank.recipe import Recipe
 from optimum_lowrank.search.allocate import DamageModel, PathPoint, Unit
 from optimum_lowrank.search.config import SEARCH_METRICS
-from optimum_lowrank.search.sensitivity import Sensitivity
+from optimum_lowrank.search.sensitivity import Sensitivity, key
 
 __all__ = ["Candidate", "SearchReport", "concrete_recipe", "write_outputs"]
 
@@ -53,7 +53,7 @@ class Candidate:
         out = {
             "round": self.round, "path_index": self.index, "size_mb": self.size_mb, "predicted_mb": self.predicted_bytes / 1e6,
             "embedding_ratio": self.ratio, "embedding_bits": self.embedding_bits, "layers_per_bits": counts,
-            "block_size": getattr(self.spec, "block_size", None),
+            "block_size": getattr(self.spec, "block_size", None), "algorithm": getattr(self.spec, "algorithm", None),
             "predicted_proxy": self.proxy, "search_metric": self.search, "search_damage": self.damage, "passed": self.passed,
             "seconds": self.seconds,
         }
@@ -83,6 +83,7 @@ class SearchReport:
     path: list[PathPoint] = field(default_factory=list)
     prior_scale: float | None = None
     block_size: int = 0
+    algorithm: str = "rtn"
     block_predictions: dict[int, dict[str, Any]] = field(default_factory=dict)
     damage_model: DamageModel | None = None
     candidates: list[Candidate] = field(default_factory=list)
@@ -109,8 +110,9 @@ class SearchReport:
             choice = next(c for c in unit.choices if c.value == (bits,))
             rows.append({"unit": unit.name, "bits": bits, "bytes": choice.nbytes,
                          "damage": {str(c.value[0]): c.damage for c in unit.choices},
-                         "relative_error": {k.split("/")[0]: e for k, e in (sens.errors.get(unit.name, {}) if sens else {}).items()
-                                            if k.endswith(f"/{self.block_size}")}})
+                         "relative_error": {str(c.value[0]): sens.errors[unit.name][key(c.value[0], self.block_size, self.algorithm)]
+                                            for c in unit.choices if sens and key(c.value[0], self.block_size, self.algorithm)
+                                            in sens.errors.get(unit.name, {})}})
         emb = self.units[-1]
         choice = next(c for c in emb.choices if c.value == (self.chosen.ratio, self.chosen.embedding_bits))
         rows.append({"unit": emb.name, "ratio": self.chosen.ratio, "bits": self.chosen.embedding_bits, "bytes": choice.nbytes,
@@ -127,7 +129,7 @@ class SearchReport:
                                                       "cached": sens.cached, "estimated": len(sens.estimated)},
             "damage_model": None if self.damage_model is None else {"form": self.damage_model.form, "prior_scale": self.prior_scale,
                                                                     "final_scale": self.damage_model.scale},
-            "block_size": self.block_size, "block_predictions": {str(b): p for b, p in self.block_predictions.items()},
+            "block_size": self.block_size, "algorithm": self.algorithm, "block_predictions": {str(b): p for b, p in self.block_predictions.items()},
             "path": [{"index": p.index, "predicted_mb": p.nbytes / 1e6, "proxy": p.damage,
                       "predicted_damage": None if self.damage_model is None else self.damage_model.metric_damage(p.damage), "step": p.step}
                      for p in self.path],
@@ -142,7 +144,7 @@ class SearchReport:
         lines.append(f"  search data: {self.search_data}\n  gate data:   {self.gate_data}")
         if self.chosen is not None:
             c = self.chosen
-            lines.append(f"  chosen: {c.size_mb:.2f} MB, block size {self.block_size}, embedding ratio {c.ratio:g} at {c.embedding_bits} bits, "
+            lines.append(f"  chosen: {c.size_mb:.2f} MB, block size {self.block_size}, {self.algorithm}, embedding ratio {c.ratio:g} at {c.embedding_bits} bits, "
                          + ", ".join(f"{n} linear layers at {b} bits" for b, n in sorted(c.to_json()["layers_per_bits"].items(), key=lambda kv: -int(kv[0]))))
         lines.append(f"  {'graph':<28} {'MB':>8} {'search':>10} {'gate':>10}")
         for name in ("original_fp32", "dynamic_int8"):
@@ -151,7 +153,7 @@ class SearchReport:
         for c in self.candidates:
             tag = "  <- chosen" if self.chosen is not None and c.index == self.chosen.index else ""
             lines.append(f"  round {c.round}: point {c.index:<14} {c.size_mb:8.2f} {c.search:10.4g} {'' if c.gate is None else f'{c.gate:10.4g}'}{tag}")
-        lines.append(f"  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()))
+        lines.append("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()))
         return "\n".join(lines)
 
 
@@ -169,6 +171,8 @@ def concrete_recipe(report: SearchReport, setup) -> Recipe:
         accuracy["enforce"] = False
     weight_only = {"bits": spec.bits, "block_size": spec.block_size, "embedding_bits": spec.embedding_bits,
                    "overrides": [{"targets": list(patterns), "bits": bits} for patterns, bits in spec.overrides]}
+    if spec.algorithm != "rtn":
+        weight_only["algorithm"] = spec.algorithm
     export: dict[str, Any] = {"quantize": "weight_only", "weight_only": weight_only}
     if setup.positions < 128:  # the default latency input is 128 tokens
         export["latency"] = {"seq_len": setup.positions}

@@ -163,7 +163,8 @@ def _search(model, config: SearchConfig, output, *, tokenizer, overwrite: bool, 
             cache_name = cache_key(model=fingerprint, kind=loaded.kind, **setup.cache_parts(), targets=[t.name for t in targets])
             sensitivity = measure_sensitivity(
                 probe, targets, list(variants.values()), config.bits, config.embedding_bits, config.block_sizes,
-                measure_all_bits=config.measure_all_bits, cache_file=cache_root() / "search" / f"sens-{cache_name}.json",
+                measure_all_bits=config.measure_all_bits, algorithms=config.algorithms,
+                cache_file=cache_root() / "search" / f"sens-{cache_name}.json",
             )
         report.sensitivity = sensitivity
         report.seconds["sensitivity"] = time.perf_counter() - t0
@@ -171,12 +172,14 @@ def _search(model, config: SearchConfig, output, *, tokenizer, overwrite: bool, 
 
         damage = setup.damage_model(sensitivity, original)
         paths = {}
-        for block in config.block_sizes:
-            block_units = _units(setup, layout, layouts, sensitivity, unmeasured, block)
-            paths[block] = (block_units, greedy_path(block_units, layout.fixed_bytes))
-        block, report.block_predictions = _pick_block(setup, paths, damage)
-        units, path = paths[block]
-        report.units, report.path, report.prior_scale, report.block_size = units, path, damage.scale, block
+        for algorithm in config.algorithms:
+            for block in config.block_sizes:
+                variant_units = _units(setup, layout, layouts, sensitivity, unmeasured, block, algorithm)
+                paths[(block, algorithm)] = (variant_units, greedy_path(variant_units, layout.fixed_bytes))
+        (block, algorithm), report.block_predictions = _pick_block(setup, paths, damage)
+        units, path = paths[(block, algorithm)]
+        report.units, report.path, report.prior_scale = units, path, damage.scale
+        report.block_size, report.algorithm = block, algorithm
 
         t0 = time.perf_counter()
         path, lo, hi = _verify(setup, units, path, damage, exports, variants, work, search_eval, original, report, say)
@@ -224,43 +227,49 @@ def _references(setup: SearchSetup, fp32: Path, work: Path, search_eval, gate_ev
     return {**refs, "cached": False}
 
 
-def _units(setup: SearchSetup, layout: GraphLayout, layouts: dict, sensitivity, unmeasured: list[str], block: int) -> list[Unit]:
-    """The linear units (choices: bits) and, last, the embedding group (choices: ratio and bits) at ``block``."""
+def _units(setup: SearchSetup, layout: GraphLayout, layouts: dict, sensitivity, unmeasured: list[str], block: int,
+           algorithm: str = "rtn") -> list[Unit]:
+    """The linear units (choices: bits) and, last, the embedding group (choices: ratio and bits) at ``block``
+    with the linear layers quantized by ``algorithm``."""
     bits = sorted(setup.config.bits, reverse=True)
     units = []
     for name in layout.linears:
         if name in unmeasured:
-            units.append(Unit(name, (Choice((bits[0],), layout.linear_bytes(name, bits[0], block), 0.0),)))
+            units.append(Unit(name, (Choice((bits[0],), layout.linear_bytes(name, bits[0], block, algorithm), 0.0),)))
             continue
         damages = sensitivity.linears[name]
-        units.append(Unit(name, tuple(Choice((b,), layout.linear_bytes(name, b, block), damages[key(b, block)]) for b in bits)))
+        units.append(Unit(name, tuple(Choice((b,), layout.linear_bytes(name, b, block, algorithm), damages[key(b, block, algorithm)])
+                                      for b in bits)))
     choices = []
     for ratio, lay in layouts.items():
         for b in sorted(setup.config.embedding_bits, reverse=True):
-            nbytes = lay.embedding_bytes(b, block) + lay.fixed_bytes - layout.fixed_bytes
+            nbytes = lay.embedding_bytes(b, block, algorithm) + lay.fixed_bytes - layout.fixed_bytes
             choices.append(Choice((ratio, b), nbytes, sensitivity.embedding[f"{ratio:g}/{key(b, block)}"]))
     units.append(Unit(setup.embedding_name, tuple(choices)))
     return units
 
 
-def _pick_block(setup: SearchSetup, paths: dict, damage: DamageModel) -> tuple[int, dict]:
-    """The block size whose path predicts the smallest graph within the budget (``size_mb``: the least damage
-    within the size, or the smallest graph if none fits); ties go to the smaller block. Returns it and every block size's prediction."""
+def _pick_block(setup: SearchSetup, paths: dict, damage: DamageModel) -> tuple[tuple[int, str], dict]:
+    """The (block size, algorithm) whose path predicts the smallest graph within the budget (``size_mb``: the least
+    damage within the size, or the smallest graph if none fits); ties go to the smaller block, then to ``rtn``.
+    Returns it and every variant's prediction, keyed ``"rtn/64"``."""
     objective, budget = setup.config.objective
     predictions = {}
-    for block, (_, path) in paths.items():
+    for variant, (_, path) in paths.items():
         point = path[pick_index(path, objective, budget, damage, -1, len(path))]
-        predictions[block] = {"path_index": point.index, "predicted_mb": point.nbytes / 1e6, "predicted_damage": damage.metric_damage(point.damage),
-                              "path_points": len(path)}
-    if objective == "size_mb":
-        def rank(b: int) -> tuple:  # fits first, least damage; else the smallest (the closest to fitting)
-            fits = predictions[b]["predicted_mb"] <= budget
-            return (not fits, predictions[b]["predicted_damage"] if fits else predictions[b]["predicted_mb"], b)
+        predictions[variant] = {"path_index": point.index, "predicted_mb": point.nbytes / 1e6,
+                                "predicted_damage": damage.metric_damage(point.damage), "path_points": len(path)}
+    order = {name: i for i, name in enumerate(("rtn", "hqq"))}
 
-        best = min(predictions, key=rank)
-    else:
-        best = min(predictions, key=lambda b: (predictions[b]["predicted_damage"] > budget, predictions[b]["predicted_mb"], b))
-    return best, predictions
+    def rank(v: tuple[int, str]) -> tuple:
+        p, tie = predictions[v], (v[0], order[v[1]])
+        if objective == "size_mb":  # fits first, least damage; else the smallest (the closest to fitting)
+            fits = p["predicted_mb"] <= budget
+            return (not fits, p["predicted_damage"] if fits else p["predicted_mb"], *tie)
+        return (p["predicted_damage"] > budget, p["predicted_mb"], *tie)
+
+    best = min(predictions, key=rank)
+    return best, {f"{algorithm}/{block}": p for (block, algorithm), p in predictions.items()}
 
 
 def _verify(setup, units, path, damage: DamageModel, exports, variants, work: Path, search_eval, original: float, report, say):
@@ -286,7 +295,7 @@ def _verify(setup, units, path, damage: DamageModel, exports, variants, work: Pa
                         break
                     path, hi = _insert(path, extra, lo, hi, report)
                 index = pick_index(path, objective, budget, damage, lo, hi, offset)
-            candidate = _evaluate(setup, units, path[index], block, exports, variants, work, search_eval, original, say,
+            candidate = _evaluate(setup, units, path[index], block, report.algorithm, exports, variants, work, search_eval, original, say,
                                   name=f"candidate-{len(report.candidates)}")
             round_index += 1
             candidate.round = round_index
@@ -322,7 +331,8 @@ def _insert(path, extra, lo: int, hi: int, report) -> tuple[list, int]:
     return [dataclasses.replace(p, index=i) for i, p in enumerate(merged)], hi + len(extra)
 
 
-def _evaluate(setup, units, point, block: int, exports, variants, work: Path, search_eval, original: float, say, name: str) -> Candidate:
+def _evaluate(setup, units, point, block: int, algorithm: str, exports, variants, work: Path, search_eval, original: float, say,
+              name: str) -> Candidate:
     from optimum_lowrank.exporters.onnx import onnx_size_mb
     from optimum_lowrank.exporters.quantize import quantize_onnx
 
@@ -332,7 +342,7 @@ def _evaluate(setup, units, point, block: int, exports, variants, work: Path, se
     if ratio not in exports:
         with say.step(f"exporting the model with the embedding at ratio {ratio:g} (fp32 ONNX)"):
             exports[ratio] = setup.export(variants[ratio].model, work / f"ratio-{ratio:g}" / "onnx")
-    spec = weight_only_spec(setup, exports[ratio], bits, ebits, ratio, block)
+    spec = weight_only_spec(setup, exports[ratio], bits, ebits, ratio, block, algorithm)
     out = work / f"{name}.onnx"
     details: dict = {}
     with say.step(f"candidate {point.index}: {point.nbytes / 1e6:.2f} MB predicted; quantizing and scoring"):

@@ -38,6 +38,7 @@ References
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -59,11 +60,27 @@ __all__ = ["Probe", "Sensitivity", "fake_quantize", "key", "measure_sensitivity"
 CACHE_FORMAT = 2
 
 
-def fake_quantize(rows: Tensor, bits: int, block_size: int) -> Tensor:
-    """``rows`` (N, K) quantized along K in blocks and dequantized, exactly as the exporter stores it
-    (symmetric; the block is :func:`~optimum_lowrank.exporters.weight_only.fit_block` of K and ``block_size``)."""
+def fake_quantize(rows: Tensor, bits: int, block_size: int, algorithm: str = "rtn") -> Tensor:
+    """``rows`` (N, K) quantized along K in blocks and dequantized, exactly as the exporter stores it.
+
+    The block is :func:`~optimum_lowrank.exporters.weight_only.fit_block` of K and ``block_size``.
+    ``rtn``: symmetric round-to-nearest through ORT's own C++ quantizer (:func:`~optimum_lowrank.exporters.nbits.pack`);
+    ``hqq``: ORT's HQQ quantizer (asymmetric, float scale and zero point per block), the code
+    ``MatMulNBitsQuantizer`` runs for ``algorithm: hqq``.
+    """
+    block = fit_block(rows.shape[1], block_size)
+    if algorithm == "hqq":
+        from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, HQQWeightOnlyQuantizer
+
+        quantizer = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=block, bits=bits))
+        codes, scales, zeros = quantizer.quantize_internal(rows.detach().float().cpu(), bits=bits, group_size=block)
+        n, k = rows.shape
+        grid = codes.float().reshape(n, -1, block)
+        return ((grid - zeros.reshape(n, -1, 1)) * scales.reshape(n, -1, 1)).reshape(n, -1)[:, :k].to(rows.dtype)
+    if algorithm != "rtn":
+        raise ValueError(f"fake_quantize: unknown algorithm {algorithm!r}; allowed: rtn, hqq")
     array = rows.detach().float().cpu().numpy()
-    packed, scales, _ = pack(array, bits, fit_block(array.shape[1], block_size), True)
+    packed, scales, _ = pack(array, bits, block, True)
     return torch.from_numpy(dequantize(packed, scales, None, bits, array.shape[1])).to(rows.dtype)
 
 
@@ -198,6 +215,10 @@ class Probe:
 
         return hook
 
+    def _recorded(self, index: int, *args, **kwargs):
+        """Block ``index``'s recorded output for the current batch (a copy), whatever its inputs."""
+        return _clone(self._outputs[self._batch][index])
+
     @contextlib.contextmanager
     def _replaying(self, start: int) -> Iterator[None]:
         """Blocks ``0 .. start-1`` return their recorded outputs instead of computing them."""
@@ -205,7 +226,7 @@ class Probe:
         try:
             for j in range(min(start, len(self.blocks))):
                 block = self.blocks[j]
-                block.forward = (lambda j: (lambda *a, **k: _clone(self._outputs[self._batch][j])))(j)
+                block.forward = functools.partial(self._recorded, j)
                 replaced.append(block)
             yield
         finally:
@@ -312,9 +333,9 @@ def _restore(tensors: Sequence[Tensor], saved: Sequence[Tensor]) -> None:
             tensor.copy_(original)
 
 
-def key(bits: int, block_size: int) -> str:
-    """The key of one choice of a linear unit in :attr:`Sensitivity.linears`: ``"4/32"``."""
-    return f"{bits}/{block_size}"
+def key(bits: int, block_size: int, algorithm: str = "rtn") -> str:
+    """The key of one choice of a linear unit in :attr:`Sensitivity.linears`: ``"4/32"`` (rtn), ``"hqq4/32"``."""
+    return f"{'' if algorithm == 'rtn' else algorithm}{bits}/{block_size}"
 
 
 def measure_sensitivity(
@@ -326,6 +347,7 @@ def measure_sensitivity(
     block_sizes: Sequence[int],
     *,
     measure_all_bits: bool = False,
+    algorithms: Sequence[str] = ("rtn",),
     cache_file: Path | None = None,
 ) -> Sensitivity:
     """Measure every unit's damage at every choice (see the module docstring).
@@ -344,13 +366,16 @@ def measure_sensitivity(
         bit-width) is estimated from the measured one as ``damage * (error / error_measured) ** 2``
         (relative weight errors, computed exactly: the quadratic model of small perturbations).
     measure_all_bits : bool
+    algorithms : sequence of {"rtn", "hqq"}
+        Damages are measured with ``rtn``; another algorithm's are estimated from them with the same
+        quadratic rule, from its exact weight error at each (bits, block).
     cache_file : Path, optional
         Read if it exists, written after measuring.
 
     Returns
     -------
     Sensitivity
-        Linear keys ``"bits/block"`` (:func:`key`), embedding keys ``"ratio/bits/block"``.
+        Linear keys ``"bits/block"`` (``"hqq4/64"`` for HQQ, :func:`key`), embedding keys ``"ratio/bits/block"``.
     """
     if cache_file is not None and cache_file.is_file():
         result = Sensitivity.from_json(json.loads(cache_file.read_text()))
@@ -369,9 +394,11 @@ def measure_sensitivity(
             start = probe.block_of(target.name)
             errors, damages = {}, {}
             norm = float(rows.norm())
-            for b in bits:
-                for block in blocks:
-                    errors[key(b, block)] = float((rows - fake_quantize(rows, b, block)).norm()) / norm if norm > 0 else 0.0
+            for algorithm in dict.fromkeys(["rtn", *algorithms]):
+                for b in bits:
+                    for block in blocks:
+                        approx = fake_quantize(rows, b, block, algorithm)
+                        errors[key(b, block, algorithm)] = float((rows - approx).norm()) / norm if norm > 0 else 0.0
             for b in measured_bits:
                 saved = _with_rows([rows], b, blocks[0])
                 try:
@@ -382,13 +409,15 @@ def measure_sensitivity(
                     result.correlation_loss[f"{target.name}@{key(b, blocks[0])}"] = loss
                 result.measurements += 1
                 progress.update()
-            for b in bits:
-                reference = key(b if b in measured_bits else measured_bits[0], blocks[0])
-                for block in blocks:
-                    if key(b, block) not in damages:
-                        scale = (errors[key(b, block)] / errors[reference]) ** 2 if errors[reference] > 0 else 0.0
-                        damages[key(b, block)] = damages[reference] * scale
-                        result.estimated.append(f"{target.name}@{key(b, block)}")
+            for algorithm in dict.fromkeys(["rtn", *algorithms]):
+                for b in bits:
+                    reference = key(b if b in measured_bits else measured_bits[0], blocks[0])
+                    for block in blocks:
+                        name = key(b, block, algorithm)
+                        if name not in damages:
+                            scale = (errors[name] / errors[reference]) ** 2 if errors[reference] > 0 else 0.0
+                            damages[name] = damages[reference] * scale
+                            result.estimated.append(f"{target.name}@{name}")
             result.linears[target.name] = {k: _round(d) for k, d in damages.items()}
             result.errors[target.name] = {k: _round(e) for k, e in errors.items()}
         for variant in embeddings:

@@ -163,7 +163,8 @@ class SearchSetup:
         c = self.config
         return {"search_data": _stamp(self.search_data), "calibration": _stamp(self.calibration), "samples": self.sensitivity_samples,
                 "seq_len": self.sensitivity_seq_len, "bits": sorted(c.bits), "embedding_bits": sorted(c.embedding_bits),
-                "ratios": self.ratios, "keep_share": c.keep_share, "block": list(c.block_sizes), "all_bits": c.measure_all_bits, "seed": c.seed}
+                "ratios": self.ratios, "keep_share": c.keep_share, "block": list(c.block_sizes), "all_bits": c.measure_all_bits, "seed": c.seed,
+                **({"algorithms": sorted(c.algorithms)} if c.algorithms != ("rtn",) else {})}
 
     def reference_parts(self) -> dict[str, Any]:
         return {"metric": self.metric, "search": _stamp(self.search_data), "samples": self.search_samples, "gate": _stamp(self.data)}
@@ -309,7 +310,8 @@ def compact_targets(chosen: list[str], every: list[str]) -> list[str]:
     return out
 
 
-def weight_only_spec(setup: SearchSetup, fp32: Path, bits: dict[str, int], embedding_bits: int, ratio: float, block_size: int) -> WeightOnlySpec:
+def weight_only_spec(setup: SearchSetup, fp32: Path, bits: dict[str, int], embedding_bits: int, ratio: float, block_size: int,
+                     algorithm: str = "rtn") -> WeightOnlySpec:
     """The exporter's spec for ``bits`` per linear unit: the most common width as ``bits``, the others as
     compact overrides, the embedding's own MatMuls at ``embedding_bits``; checked against
     :func:`~optimum_lowrank.exporters.weight_only.plan_bits` (any node it would get wrong is named explicitly).
@@ -332,7 +334,7 @@ def weight_only_spec(setup: SearchSetup, fp32: Path, bits: dict[str, int], embed
     if any(intended(n) != default for n in nodes if module_path(n) not in bits):
         overrides.append(((prefix,), embedding_bits))
     heads = [n for n in nodes if module_path(n).split(".")[-1] in ("lm_head", "embed_out", "output")]
-    base = dict(bits=default, block_size=block_size, symmetric=True, algorithm="rtn", embedding_bits=embedding_bits)
+    base = dict(bits=default, block_size=block_size, symmetric=algorithm == "rtn", algorithm=algorithm, embedding_bits=embedding_bits)
     spec = WeightOnlySpec(**base, overrides=tuple(overrides))
     wrong = [n for n, b in plan_bits(nodes, spec, heads).items() if b != intended(n)]
     if wrong:

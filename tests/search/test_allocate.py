@@ -5,15 +5,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
 import pytest
 
+from optimum_lowrank.exporters.nbits import pack
 from optimum_lowrank.exporters.onnx import export_onnx, onnx_size_mb, onnx_task
 from optimum_lowrank.exporters.quantize import quantize_onnx
 from optimum_lowrank.exporters.weight_only import fit_block
-from optimum_lowrank.exporters.nbits import pack
 from optimum_lowrank.models import LoadedModel
-from optimum_lowrank.search.allocate import Choice, DamageModel, GraphLayout, Unit, fill_gap, greedy_path, matmul_bytes, pick_index
+from optimum_lowrank.search.allocate import Choice, DamageModel, Unit, fill_gap, greedy_path, matmul_bytes, pick_index
 from optimum_lowrank.search.config import SearchConfig
 from optimum_lowrank.search.setup import SearchSetup, weight_only_spec
 from tests.search.conftest import word_tokenizer
@@ -39,14 +38,14 @@ def _setup(model, tokenizer, kind, sts_files, text_files, **config):
 
 def _check(setup, layout, fp32, tmp_path, ratio=1.0):
     units = list(layout.linears)
-    for case, ebits in enumerate((8, 4)):
+    for case, (ebits, block, algorithm) in enumerate([(8, 32, "rtn"), (4, 64, "rtn"), (8, 32, "hqq")]):
         bits = {u: (4 if (i + case) % 3 else 8) for i, u in enumerate(units)}  # mixed widths
-        block = (32, 64)[case]
-        spec = weight_only_spec(setup, fp32, bits, ebits, ratio, block)
+        spec = weight_only_spec(setup, fp32, bits, ebits, ratio, block, algorithm)
+        assert spec.algorithm == algorithm and spec.symmetric == (algorithm == "rtn")
         out = quantize_onnx(fp32, tmp_path / f"q{case}.onnx", "weight_only", weight_only=spec)
         real = onnx_size_mb(out) * 1e6
-        predicted = layout.nbytes(bits, ebits, block)
-        assert abs(predicted - real) / real < TOLERANCE, (predicted, real)
+        predicted = layout.nbytes(bits, ebits, block, algorithm)
+        assert abs(predicted - real) / real < TOLERANCE, (case, predicted, real)
 
 
 @pytest.mark.parametrize("family", ["tiny_bert", "tiny_gpt2", "tiny_llama"])

@@ -89,6 +89,25 @@ def test_decoder_search_ships_a_graph_optimum_loads(family, request, text_files,
     assert ort(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape == (1, 4, model.config.vocab_size)
 
 
+def test_hqq_path_is_searched_written_and_reproduced(tiny_llama, text_files, tmp_path):
+    tokenizer = word_tokenizer(128)
+    out = tmp_path / "out"
+    report = search(tiny_llama, _decoder_config(text_files, algorithms=["hqq"], block_size=32), out, tokenizer=tokenizer, progress=False)
+    data = json.loads((out / "search.json").read_text())
+    assert data["algorithm"] == "hqq" and set(data["block_predictions"]) == {"hqq/32"}
+    assert abs(data["chosen"]["predicted_mb"] - data["chosen"]["size_mb"]) / data["chosen"]["size_mb"] < 0.02
+    graph = onnx.load(str(out / "onnx" / "model_quantized.onnx"))
+    nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits" and n.output[0] != "logits"]
+    assert len(nbits) == 14 and all(len(n.input) >= 4 and n.input[3] for n in nbits)  # float zero points
+    recipe = load_recipe(out / "recipe.yaml")
+    assert recipe.export.weight_only.algorithm == "hqq"
+    optimize(tiny_llama, recipe, tmp_path / "again", tokenizer=tokenizer, progress=False)
+    reproduced = _initializers(tmp_path / "again" / "onnx" / "model_quantized.onnx")
+    for name, array in _initializers(out / "onnx" / "model_quantized.onnx").items():
+        np.testing.assert_array_equal(reproduced[name], array, err_msg=name)
+    assert report.algorithm == "hqq"
+
+
 def test_search_is_deterministic(tiny_llama, text_files, tmp_path, monkeypatch):
     tokenizer = word_tokenizer(128)
     runs = []

@@ -16,10 +16,11 @@ from optimum_lowrank.search.sensitivity import EmbeddingVariant, LinearTarget, P
 from optimum_lowrank.search.setup import linear_targets
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_fake_quantize_is_what_ort_stores(tiny_llama, tmp_path, bits):
+@pytest.mark.parametrize(("bits", "algorithm"), [(4, "rtn"), (8, "rtn"), (4, "hqq")])
+def test_fake_quantize_is_what_ort_stores(tiny_llama, tmp_path, bits, algorithm):
     fp32 = export_onnx(tiny_llama, tmp_path / "onnx", onnx_task(tiny_llama))
-    out = quantize_onnx(fp32, tmp_path / "q.onnx", "weight_only", weight_only=WeightOnlySpec(bits=bits, embedding_bits=bits))
+    spec = WeightOnlySpec(bits=bits, embedding_bits=bits, algorithm=algorithm, symmetric=algorithm == "rtn")
+    out = quantize_onnx(fp32, tmp_path / "q.onnx", "weight_only", weight_only=spec)
     model = onnx.load(str(out))
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     checked = 0
@@ -27,9 +28,12 @@ def test_fake_quantize_is_what_ort_stores(tiny_llama, tmp_path, bits):
         if node.op_type != "MatMulNBits" or node.output[0] == "logits":
             continue
         k = next(a.i for a in node.attribute if a.name == "K")
-        stored = dequantize(inits[node.input[1]], inits[node.input[2]], None, bits, k)
+        zero = inits[node.input[3]] if algorithm == "hqq" else None  # HQQ: a float zero point per block
+        stored = dequantize(inits[node.input[1]], inits[node.input[2]], zero, bits, k)
         weight = tiny_llama.get_submodule(module_path(node.name.rsplit("_Q", 1)[0])).weight
-        np.testing.assert_array_equal(fake_quantize(weight, bits, 32).numpy(), stored)
+        np.testing.assert_allclose(fake_quantize(weight, bits, 32, algorithm).numpy(), stored, rtol=0, atol=1e-7)
+        if algorithm == "hqq":  # asymmetric with fitted zero points: closer than symmetric round-to-nearest
+            assert (weight - fake_quantize(weight, bits, 32, algorithm)).norm() < (weight - fake_quantize(weight, bits, 32)).norm()
         checked += 1
     assert checked == 14
     table = tiny_llama.model.embed_tokens.weight

@@ -10,7 +10,7 @@ Runs
 ----
 - ``minilm-max-drop-1``: MiniLM, ``max_drop: 1.0`` (STS-B Spearman points; search on STS-B train,
   gate on STS-B dev); target <= 8 MB, <= 10 minutes on 2 cores.
-- ``minilm-size-6`` / ``minilm-size-10``: MiniLM, best STS-B within 6 / 10 MB; ``minilm-size-6-wide``: 6 MB
+- ``minilm-size-6`` / ``minilm-size-10`` / ``minilm-size-7.4``: MiniLM, best STS-B within 6 / 10 / 7.4 MB (7.4: the size of the hand-written ``minilm-edge.yaml``); ``minilm-size-6-wide``: 6 MB
   with 2-bit layers and embedding ratio 20 allowed as well.
 - ``smollm2-max-increase-5``: SmolLM2-135M, ``max_increase: 0.05`` (WikiText-2 perplexity; search on
   valid, gate on raw test, 20 windows of 512); target <= 100 MB, <= 30 minutes. ``smollm2-max-increase-5-hqq``:
@@ -20,6 +20,7 @@ Usage
 -----
     .venv/bin/python benchmarks/bench_search.py --runs minilm-max-drop-1 minilm-size-6 minilm-size-10
     .venv/bin/python benchmarks/bench_search.py --runs smollm2-max-increase-5 --merge
+    .venv/bin/python benchmarks/bench_search.py --runs --recipes minilm --out benchmarks/results/search_recipes.json
     .venv/bin/python benchmarks/bench_search.py --markdown
 
 Results: ``benchmarks/results/search.json`` (rewritten after every run; ``--merge`` keeps the rows
@@ -51,6 +52,8 @@ RUNS = {
     "minilm-max-drop-1": ("minilm", {"max_drop": 1.0}),
     "minilm-size-6": ("minilm", {"size_mb": 6.0}),
     "minilm-size-10": ("minilm", {"size_mb": 10.0}),
+    # the size of the hand-written recipes/minilm-edge.yaml (7.39 MB): the search's accuracy at equal size
+    "minilm-size-7.4": ("minilm", {"size_mb": 7.4}),
     # the default space cannot reach 6 MB (smallest point about 6.8 MB): add 2-bit layers and ratio 20
     "minilm-size-6-wide": ("minilm", {"size_mb": 6.0, "bits": [8, 4, 2], "embedding_ratios": [1, 2.5, 5, 10, 20]}),
     "smollm2-max-increase-5": ("smollm2", {"max_increase": 0.05}),
@@ -58,8 +61,9 @@ RUNS = {
     "smollm2-max-increase-5-hqq": ("smollm2", {"max_increase": 0.05, "algorithms": ["rtn", "hqq"]}),
 }
 SHIPPED = {
-    "minilm": ["minilm-svd.yaml", "minilm-embeddings-10x.yaml", "minilm-tt-embedding.yaml", "minilm-autoencoder-embedding.yaml", "minilm-softlm.yaml"],
-    "smollm2": ["smollm2-int8.yaml", "smollm2-svd-llm.yaml"],
+    "minilm": ["minilm-edge.yaml", "minilm-svd.yaml", "minilm-embeddings-10x.yaml", "minilm-tt-embedding.yaml",
+               "minilm-autoencoder-embedding.yaml", "minilm-softlm.yaml"],
+    "smollm2": ["smollm2-edge.yaml", "smollm2-edge-int8.yaml", "smollm2-int8.yaml", "smollm2-svd-llm.yaml"],
 }
 
 
@@ -153,8 +157,9 @@ def markdown(path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    parser.add_argument("--recipes", action="store_true", help="also run the shipped recipes of the runs' models through optimize()")
+    parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--recipes", nargs="*", choices=list(SHIPPED), default=None,
+                        help="also run the shipped recipes of these models (no model: the runs' models) through optimize()")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", nargs="*", default=[], choices=list(RUNS), help="run these again (cold) and check the result is identical")
     parser.add_argument("--warm", action="store_true", help="keep the user's search cache (default: a fresh one per run)")
@@ -166,7 +171,8 @@ def main() -> None:
         markdown(args.out)
         return
     rows: list[dict] = []
-    names = set(args.runs) | {f"{n} (repeat)" for n in args.repeat} | ({f"recipe:{r}" for m in {RUNS[n][0] for n in args.runs} for r in SHIPPED[m]} if args.recipes else set())
+    recipe_models = list(dict.fromkeys(args.recipes or [RUNS[n][0] for n in args.runs])) if args.recipes is not None else []
+    names = set(args.runs) | {f"{n} (repeat)" for n in args.repeat} | {f"recipe:{r}" for m in recipe_models for r in SHIPPED[m]}
     if args.merge and args.out.is_file():
         rows = [r for r in json.loads(args.out.read_text())["rows"] if r["run"] not in names]
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared with other jobs",
@@ -183,13 +189,12 @@ def main() -> None:
         rows.append(row)
         write(rows, args.out, meta)
         print(f"{name} repeated: identical = {row['identical_to_first_run']}", flush=True)
-    if args.recipes:
-        for model in dict.fromkeys(RUNS[n][0] for n in args.runs):
-            for recipe in SHIPPED[model]:
-                row = run_recipe(model, recipe)
-                rows.append(row)
-                write(rows, args.out, meta)
-                print(f"recipe {recipe}: {row['size_mb']} MB, gate {row['gate_metric']}", flush=True)
+    for model in recipe_models:
+        for recipe in SHIPPED[model]:
+            row = run_recipe(model, recipe)
+            rows.append(row)
+            write(rows, args.out, meta)
+            print(f"recipe {recipe}: {row['size_mb']} MB, gate {row['gate_metric']}", flush=True)
     markdown(args.out)
 
 

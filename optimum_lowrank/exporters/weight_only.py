@@ -26,7 +26,8 @@ for the rest, one pass per bit-width (per-target ``overrides``):
    by nothing else (the factors of a low-rank tied head) gets ``W^T`` as a constant, so the
    quantizer sees it.
 4. **MatMul weights** go through ORT's quantizer: ``rtn`` (ORT's native round-to-nearest,
-   ``DefaultWeightOnlyQuantConfig``), ``k_quant`` or ``hqq``. GPTQ is refused: in ORT 1.32
+   ``DefaultWeightOnlyQuantConfig``), ``k_quant`` or ``hqq`` (its 8-bit layers get symmetric ``rtn``: ORT's
+   CPU ``MatMulNBits`` has no 8-bit kernel with float zero points). GPTQ is refused: in ORT 1.32
    its Hessian update reads the wrong triangle of the Cholesky factor
    (``neural_compressor/weight_only.py``), and its output was measured bit-identical to RTN.
 
@@ -331,6 +332,12 @@ def plan_bits(names: Sequence[str], spec: WeightOnlySpec, head_names: Iterable[s
     return plan
 
 
+def layer_algorithm(algorithm: str, bits: int) -> str:
+    """The algorithm a ``MatMul`` quantized at ``bits`` really gets: ``hqq`` at 8 bits falls back to symmetric
+    ``rtn`` (ONNX Runtime's CPU ``MatMulNBits`` has no 8-bit kernel with float zero points)."""
+    return "rtn" if algorithm == "hqq" and bits == 8 else algorithm
+
+
 def _algo_config(spec: WeightOnlySpec, bits: int):
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
@@ -367,12 +374,14 @@ def _quantize_matmuls(model, plan: dict[str, int], spec: WeightOnlySpec, k_of: d
     for (bits, block), chosen in sorted(groups.items(), reverse=True):
         excluded = [node.name for node in model.graph.node if node.op_type == "MatMul" and node.name not in chosen]
         group_spec = replace(spec, block_size=block)
+        if layer_algorithm(spec.algorithm, bits) != spec.algorithm:  # hqq at 8 bits
+            group_spec = replace(group_spec, algorithm=layer_algorithm(spec.algorithm, bits), symmetric=True)
         config = _algo_config(group_spec, bits)
         if spec.algorithm == "k_quant":
             config.customized_weight_config = {name: {"bits": bits, "group_size": block,
                                                       "scheme": "sym" if spec.symmetric else "asym"} for name in chosen}
         quantizer = MatMulNBitsQuantizer(
-            model, bits=bits, block_size=block, is_symmetric=spec.symmetric, accuracy_level=spec.level_for(bits),
+            model, bits=bits, block_size=block, is_symmetric=group_spec.symmetric, accuracy_level=spec.level_for(bits),
             nodes_to_exclude=excluded, algo_config=config,
         )
         quantizer.process()

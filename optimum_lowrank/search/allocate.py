@@ -9,7 +9,7 @@ out_features, ``K`` = in_features; a ``Gather`` table ``(V, d)``: ``N = V``, ``K
 - packed codes: ``N * ceil(K / b) * b * q / 8`` bytes (the last block padded);
 - one float32 scale per block: ``4 * N * ceil(K / b)`` bytes;
 - a table shared by a ``Gather`` and a tied head stores its codes once and its scales twice;
-- symmetric round-to-nearest stores no zero points; HQQ (``algorithms: [hqq]``) stores a float32 zero point per block;
+- symmetric round-to-nearest stores no zero points; HQQ (``algorithms: [hqq]``) stores a float32 zero point per block (below 8 bits: its 8-bit layers are symmetric RTN);
 - a few hundred bytes of protobuf framing per quantized weight (:data:`MATMUL_FRAMING`, :data:`TABLE_FRAMING`).
 
 Everything else stays as exported: norms, biases, tables under 4 KB (``MIN_TABLE_BYTES``),
@@ -34,7 +34,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from optimum_lowrank.exporters.weight_only import MIN_TABLE_BYTES, constant_matmuls, fit_block, module_path
+from optimum_lowrank.exporters.weight_only import MIN_TABLE_BYTES, constant_matmuls, fit_block, layer_algorithm, module_path
 
 #: Protobuf bytes the exporter adds per quantized MatMul (``MatMulNBits`` attributes, the scales'
 #: initializer) and per quantized table (``GatherBlockQuantized`` and its Shape / Concat / Reshape
@@ -187,13 +187,13 @@ class GraphLayout:
         return out
 
     def linear_bytes(self, unit: str, bits: int, block_size: int, algorithm: str = "rtn") -> int:
-        """Bytes of one linear unit's MatMuls at ``bits`` (``algorithm`` ``hqq`` stores float zero points)."""
-        zero = algorithm == "hqq"
+        """Bytes of one linear unit's MatMuls at ``bits`` (``algorithm`` ``hqq`` stores float zero points below 8 bits)."""
+        zero = layer_algorithm(algorithm, bits) == "hqq"
         return sum(matmul_bytes(n, k, bits, block_size, zero) for n, k in self.linears[unit]) + MATMUL_FRAMING * len(self.linears[unit])
 
     def embedding_bytes(self, bits: int, block_size: int, algorithm: str = "rtn") -> int:
         """Bytes of every ``Gather`` table (always symmetric) and of the embedding's own MatMuls at ``bits``."""
-        zero = algorithm == "hqq"
+        zero = layer_algorithm(algorithm, bits) == "hqq"
         return sum(table_bytes(v, d, bits, block_size, s) + TABLE_FRAMING for v, d, s in self.tables.values()) + sum(
             matmul_bytes(n, k, bits, block_size, zero) + MATMUL_FRAMING for n, k in self.group_linears
         )

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from optimum_lowrank.evaluation.base import hidden_state, mean_pool, torch_forward
 from optimum_lowrank.exporters.nbits import dequantize, pack
-from optimum_lowrank.exporters.weight_only import fit_block
+from optimum_lowrank.exporters.weight_only import fit_block, layer_algorithm
 from optimum_lowrank.progress import bar
 
 __all__ = ["Probe", "Sensitivity", "fake_quantize", "key", "measure_sensitivity", "model_fingerprint"]
@@ -66,9 +66,10 @@ def fake_quantize(rows: Tensor, bits: int, block_size: int, algorithm: str = "rt
     The block is :func:`~optimum_lowrank.exporters.weight_only.fit_block` of K and ``block_size``.
     ``rtn``: symmetric round-to-nearest through ORT's own C++ quantizer (:func:`~optimum_lowrank.exporters.nbits.pack`);
     ``hqq``: ORT's HQQ quantizer (asymmetric, float scale and zero point per block), the code
-    ``MatMulNBitsQuantizer`` runs for ``algorithm: hqq``.
+    ``MatMulNBitsQuantizer`` runs for ``algorithm: hqq`` (at 8 bits the exporter uses ``rtn``, and so does this).
     """
     block = fit_block(rows.shape[1], block_size)
+    algorithm = layer_algorithm(algorithm, bits)  # hqq at 8 bits is exported as rtn
     if algorithm == "hqq":
         from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, HQQWeightOnlyQuantizer
 

@@ -110,6 +110,20 @@ def test_overrides_reach_the_right_nodes(llama_fp32):
     assert result.errors["/model/layers.0/mlp/up_proj/MatMul"] > 5 * result.errors["/model/layers.0/mlp/down_proj/MatMul"]
 
 
+def test_hqq_with_8_bit_layers_runs_in_ort(llama_fp32, tmp_path):
+    # ORT's CPU MatMulNBits has no 8-bit kernel with float zero points: hqq's 8-bit layers are symmetric rtn
+    _, fp32 = llama_fp32
+    spec = WeightOnlySpec(bits=4, embedding_bits=8, algorithm="hqq", symmetric=False, overrides=((("*down_proj",), 8),))
+    model, result = quantize_weight_only_model(onnx.load(str(fp32)), spec)
+    onnx.checker.check_model(model)
+    inputs = {module_path(n.name.rsplit("_Q", 1)[0]): (next(a.i for a in n.attribute if a.name == "bits"), len(n.input) > 3 and bool(n.input[3]))
+              for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert inputs["model.layers.0.mlp.down_proj"] == (8, False) and inputs["model.layers.0.mlp.up_proj"] == (4, True)
+    onnx.save(model, tmp_path / "q.onnx")
+    reference, quantized = _outputs(fp32, 512, "logits"), _outputs(tmp_path / "q.onnx", 512, "logits")
+    assert _relative(reference, quantized) < 0.1 and result.errors["/model/layers.0/mlp/down_proj/MatMul"] < 0.01
+
+
 def test_dequantize_reads_back_what_ort_computes():
     rng = np.random.default_rng(0)
     k, n = 40, 24  # K not a multiple of the block: the last block is padded

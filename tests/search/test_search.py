@@ -98,7 +98,10 @@ def test_hqq_path_is_searched_written_and_reproduced(tiny_llama, text_files, tmp
     assert abs(data["chosen"]["predicted_mb"] - data["chosen"]["size_mb"]) / data["chosen"]["size_mb"] < 0.02
     graph = onnx.load(str(out / "onnx" / "model_quantized.onnx"))
     nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits" and n.output[0] != "logits"]
-    assert len(nbits) == 14 and all(len(n.input) >= 4 and n.input[3] for n in nbits)  # float zero points
+    widths = [next(a.i for a in n.attribute if a.name == "bits") for n in nbits]
+    assert len(nbits) == 14 and 4 in widths
+    for node, width in zip(nbits, widths):  # float zero points below 8 bits; 8-bit layers are symmetric rtn
+        assert (len(node.input) > 3 and bool(node.input[3])) == (width < 8), node.name
     recipe = load_recipe(out / "recipe.yaml")
     assert recipe.export.weight_only.algorithm == "hqq"
     optimize(tiny_llama, recipe, tmp_path / "again", tokenizer=tokenizer, progress=False)

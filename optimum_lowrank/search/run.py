@@ -41,6 +41,7 @@ import torch
 
 from optimum_lowrank.errors import ObjectiveNotMetError
 from optimum_lowrank.models import cache_root
+from optimum_lowrank.output import private_tempdir
 from optimum_lowrank.pipeline import _check_output, _restored_torch_state, _save_tokenizer, _staging
 from optimum_lowrank.progress import Progress, bar, silenced
 from optimum_lowrank.search.allocate import Choice, DamageModel, GraphLayout, Unit, fill_gap, greedy_path, pick_index
@@ -108,7 +109,7 @@ def search(
     which steps were read from the cache.
     """
     config = parse_search_config(config)
-    with _restored_torch_state(), silenced(not progress):
+    with _restored_torch_state(), silenced(not progress), private_tempdir():
         return _search(model, config, output, tokenizer=tokenizer, overwrite=overwrite, progress=progress)
 
 

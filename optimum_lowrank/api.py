@@ -33,11 +33,12 @@ from torch import nn
 
 from optimum_lowrank.errors import TargetError
 from optimum_lowrank.report import LayerReport
+from optimum_lowrank.strict import StrictScalars
 
 __all__ = ["CompressionPass", "PassConfig", "PassContext", "count_parameters", "match_names", "resolve_targets"]
 
 
-class PassConfig(BaseModel):
+class PassConfig(StrictScalars):
     """Base of every pass config: frozen, unknown keys rejected.
 
     Attributes

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from optimum_lowrank.errors import OutputError, OutputExistsError
 
-__all__ = ["MARKER", "STALE_SECONDS", "check_output", "private_tempdir", "remove_stale", "staging"]
+__all__ = ["MARKER", "STALE_SECONDS", "check_output", "pid_alive", "private_tempdir", "remove_stale", "staging"]
 
 #: File written into every output folder; its presence lets ``overwrite`` replace the folder.
 MARKER = ".optimum-lowrank-output"
@@ -182,14 +182,18 @@ def _owner_alive(path: Path) -> bool:
     match = _LEFTOVER.search(path.name) or re.match(rf"{TEMP_PREFIX}(\d+)-", path.name)
     if match is None:
         return False
-    pid = int(match.group(1))
+    return pid_alive(int(match.group(1)))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with id ``pid`` runs (a process of another user counts as running)."""
     if pid == os.getpid():
         return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
+    except (PermissionError, OSError, OverflowError):
         return True
     return True
 

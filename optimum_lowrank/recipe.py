@@ -294,6 +294,8 @@ def _check_quantizer(name: str) -> None:
 
 
 def _parse_step(index: int, raw: Any, registry: PassRegistry) -> PassStep:
+    from optimum_lowrank.plugins import broken_note
+
     where = f"passes[{index}]"
     if not isinstance(raw, dict) or "pass" not in raw:
         raise RecipeError(f"{where}: each pass is a mapping with a 'pass' id; got {excerpt(raw)}")
@@ -303,7 +305,7 @@ def _parse_step(index: int, raw: Any, registry: PassRegistry) -> PassStep:
     options = {k: v for k, v in raw.items() if k != "pass"}
     pass_cls = registry.get(pass_id)
     if pass_cls is None:
-        raise UnknownPassError(f"{where}: unknown pass {excerpt(pass_id)}; registered passes: {', '.join(registry.names()) or '(none)'}")
+        raise UnknownPassError(f"{where}: unknown pass {excerpt(pass_id)}; registered passes: {', '.join(registry.names()) or '(none)'}{broken_note()}")
     try:
         config = pass_cls.config_class.model_validate(options)
     except ValidationError as err:

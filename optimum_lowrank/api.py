@@ -32,6 +32,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from optimum_lowrank.errors import TargetError
+
+try:  # Python 3.11+
+    from re import _constants as _sre
+    from re import _parser as _sre_parse
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_constants as _sre
+    import sre_parse as _sre_parse
 from optimum_lowrank.report import LayerReport
 from optimum_lowrank.strict import StrictScalars
 
@@ -65,9 +72,9 @@ class PassConfig(StrictScalars):
         for pattern in value:
             if pattern.startswith("re:"):
                 try:
-                    re.compile(pattern[3:])
-                except re.error as err:
-                    raise ValueError(f"target {pattern!r} is not a valid regular expression: {err}") from None
+                    compile_target(pattern)
+                except TargetError as err:
+                    raise ValueError(str(err)) from None
             elif not pattern:
                 raise ValueError("empty target pattern")
         return value
@@ -155,10 +162,94 @@ def _is_instance(module: nn.Module, types: tuple[type | str, ...]) -> bool:
     return any(type(module).__name__ == t if isinstance(t, str) else isinstance(module, t) for t in types)
 
 
+#: Longest ``re:`` target (characters).
+MAX_REGEX_CHARS = 500
+#: Most repetitions (``*``, ``+``, ``{m,n}`` with n > 1) one path through a ``re:`` target may hold.
+MAX_REGEX_REPEATS = 4
+_REPEATS = {_sre.MAX_REPEAT, _sre.MIN_REPEAT, getattr(_sre, "POSSESSIVE_REPEAT", _sre.MAX_REPEAT)}
+
+
+def compile_target(pattern: str) -> re.Pattern:
+    """Compile a ``re:`` target, refusing the ones whose matching time can explode.
+
+    Backtracking can take exponential time on a repetition of something that can itself
+    repeat or choose (``(.*.*)*X``, ``(.|.)*X``) and polynomial time of a high degree on
+    many repetitions in a row (``.*.*.*.*.*.*X``). Refused: a repetition of a group that holds
+    a repetition or an alternation, a backreference, more than :data:`MAX_REGEX_REPEATS`
+    repetitions along one path, more than :data:`MAX_REGEX_CHARS` characters. Module names
+    are matched whole (``re.fullmatch``), so ``.*`` is rarely needed at both ends.
+
+    Parameters
+    ----------
+    pattern : str
+        ``"re:<regex>"``.
+
+    Raises
+    ------
+    TargetError
+        Invalid or refused regex; the message says why and what to write instead.
+    """
+    body = pattern[3:]
+    if len(body) > MAX_REGEX_CHARS:
+        raise TargetError(f"target regex of {len(body)} characters; at most {MAX_REGEX_CHARS}")
+    try:
+        regex = re.compile(body)
+        parsed = _sre_parse.parse(body)
+    except (re.error, RecursionError, OverflowError) as err:
+        raise TargetError(f"target {pattern[:80]!r} is not a valid regular expression: {err}") from None
+    try:
+        cost = _regex_cost(parsed)
+    except ValueError as err:
+        raise TargetError(f"target {pattern[:80]!r}: {err}; matching could take exponential time, "
+                          "list the names or use a pattern without nested repetition") from None
+    if cost > MAX_REGEX_REPEATS:
+        raise TargetError(f"target {pattern[:80]!r} holds {cost} repetitions in a row (at most {MAX_REGEX_REPEATS}); "
+                          "matching could take very long: simplify it or list several targets")
+    return regex
+
+
+def _regex_cost(items) -> int:  # noqa: ANN001 - a parsed regex (re._parser.SubPattern)
+    """Repetitions along the costliest path of a parsed regex; ValueError for a refused construct."""
+    total = 0
+    for op, av in items:
+        if op in _REPEATS:
+            low, high, sub = av
+            inner = _regex_cost(sub)
+            if high > 1 and (inner or _has_branch(sub)):
+                raise ValueError("a repetition of a group that itself repeats or alternates")
+            total += (1 if high > 1 else 0) + inner
+        elif op is _sre.SUBPATTERN:
+            total += _regex_cost(av[-1])
+        elif op is _sre.BRANCH:
+            total += max(_regex_cost(branch) for branch in av[1])
+        elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
+            total += _regex_cost(av[1])
+        elif op is getattr(_sre, "ATOMIC_GROUP", None):
+            total += _regex_cost(av)
+        elif op in (_sre.GROUPREF, getattr(_sre, "GROUPREF_EXISTS", None)):
+            raise ValueError("a backreference")
+    return total
+
+
+def _has_branch(items) -> bool:  # noqa: ANN001
+    for op, av in items:
+        if op is _sre.BRANCH:
+            return True
+        if op is _sre.SUBPATTERN and _has_branch(av[-1]):
+            return True
+    return False
+
+
 def match_names(pattern: str, names: Iterable[str]) -> list[str]:
-    """The ``names`` that ``pattern`` matches, in order: an ``fnmatch`` glob, or a regex prefixed ``re:`` (``re.fullmatch``)."""
+    """The ``names`` that ``pattern`` matches, in order: an ``fnmatch`` glob, or a regex prefixed ``re:`` (``re.fullmatch``).
+
+    Raises
+    ------
+    TargetError
+        A ``re:`` target :func:`compile_target` refuses.
+    """
     if pattern.startswith("re:"):
-        regex = re.compile(pattern[3:])
+        regex = compile_target(pattern)
         return [name for name in names if regex.fullmatch(name)]
     return [name for name in names if fnmatch.fnmatchcase(name, pattern)]
 

@@ -155,3 +155,24 @@ def test_fuzzed_recipes_are_accepted_or_typed_errors():
     untyped = [k for k in outcomes if k.startswith("untyped")]
     assert not untyped, untyped
     assert outcomes["accepted"] > 10 and outcomes["typed"] > 100
+
+
+# --------------------------------------------------------------------------- regex targets (finding 5)
+
+
+@pytest.mark.parametrize("target", ["re:(.*.*)*X", "re:(.|.)*X", "re:(a+)+$", "re:.*.*.*.*.*.*X", "re:(x)\\1", "re:" + "a" * 600])
+def test_regex_targets_that_can_explode_are_refused(target, tiny_bert):
+    from optimum_lowrank.api import match_names
+
+    with pytest.raises(RecipeError, match="target"):
+        load_recipe({"version": 1, "passes": [{"pass": "svd", "targets": [target], "rank": 2}]})
+    names = [name for name, _ in tiny_bert.named_modules()] + ["encoder.layer." + "a" * 60]
+    with pytest.raises(LowRankError):
+        match_names(target, names)  # a direct API call is guarded too, and fails at once
+
+
+@pytest.mark.parametrize("target", ["re:.*intermediate\\.dense", "re:encoder\\.layer\\.\\d+\\..*(query|key|value|dense)", "re:.*attention\\.self\\.(query|value)"])
+def test_ordinary_regex_targets_still_work(target, tiny_bert):
+    from optimum_lowrank.api import match_names
+
+    assert match_names(target, [name for name, _ in tiny_bert.named_modules()])

@@ -240,6 +240,35 @@ def _has_branch(items) -> bool:  # noqa: ANN001
     return False
 
 
+def _check_known_behaviour(pattern: str, name: str, module: nn.Module, types: tuple[type | str, ...]) -> None:
+    """Refuse a module whose class subclasses a target type and overrides its ``forward``.
+
+    A pass replaces a target by a layer that computes what the base class computes; a
+    subclass with its own ``forward`` (Gemma's ``Gemma3TextScaledWordEmbedding`` multiplies the
+    looked-up rows by ``sqrt(hidden_size)``, a quantized ``Linear`` dequantises) would silently
+    lose that behaviour. The exact class, a class named in ``types`` by name, or a subclass
+    that keeps the base ``forward`` is accepted.
+
+    Raises
+    ------
+    TargetError
+        Naming the module, its class and the base class whose behaviour it changes.
+    """
+    cls = type(module)
+    for target in types:
+        if isinstance(target, str):
+            if cls.__name__ == target:
+                return
+        elif cls is target or (isinstance(module, target) and cls.forward is target.forward):
+            return
+    base = next(t for t in types if not isinstance(t, str) and isinstance(module, t))
+    raise TargetError(
+        f"target {pattern!r} matches {name!r}, a {cls.__module__}.{cls.__qualname__}: a subclass of "
+        f"{base.__module__}.{base.__qualname__} with its own forward, which this pass would drop "
+        f"(the pass handles {_type_names(types)} exactly); leave it out of the targets"
+    )
+
+
 def match_names(pattern: str, names: Iterable[str]) -> list[str]:
     """The ``names`` that ``pattern`` matches, in order: an ``fnmatch`` glob, or a regex prefixed ``re:`` (``re.fullmatch``).
 
@@ -288,6 +317,8 @@ def resolve_targets(model: nn.Module, patterns: tuple[str, ...], types: tuple[ty
                 f"modules of a supported type ({_type_names(types)}) include: {shown or '(none)'}"
             )
         fitting = [name for name in matched if _is_instance(modules[name], types)]
+        for name in fitting:
+            _check_known_behaviour(pattern, name, modules[name], types)
         if not fitting:
             found = sorted({type(modules[name]).__name__ for name in matched})
             raise TargetError(

@@ -401,6 +401,10 @@ def _load_gguf(gguf: Path, source: str, tokenizer: PreTrainedTokenizerBase | Non
         _convert_gguf(gguf, cache)
         source = f"{source}; converted to {cache} in {time.perf_counter() - start:.1f} s"
         loaded = _load_folder(cache, source, tokenizer)
+    if tokenizer is None:  # transformers' GGUF tokenizer conversion can be wrong with only a warning
+        from optimum_lowrank.vocab import check_tokenizer
+
+        loaded.source += f"; {check_tokenizer(loaded.tokenizer, str(gguf))}"
     model = loaded.model
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -424,7 +428,8 @@ def load_model(
         - a local folder with a ``config.json``: loaded with ``AutoModelForCausalLM``
           when the config describes a decoder (``*ForCausalLM`` in ``architectures``,
           ``is_decoder``, or a decoder-only ``model_type``), else ``AutoModel``;
-        - a local ``.gguf`` file: dequantised to float32 once (about 24 s for
+        - a local ``.gguf`` file (its tokenizer checked on English text, see
+          :func:`~optimum_lowrank.vocab.check_tokenizer`): dequantised to float32 once (about 24 s for
           SmolLM2-135M) and cached as safetensors in :func:`gguf_cache_dir`; later
           loads read the cache (about 1 s). Loading one calls
           ``torch.set_flush_denormal(True)`` for the process (its dequantised weights
@@ -444,7 +449,7 @@ def load_model(
     Raises
     ------
     ModelLoadError
-        If the path does not exist, a folder lacks ``config.json``, an alias's
+        If the path does not exist, a GGUF file's tokenizer fails its check, a folder lacks ``config.json``, an alias's
         package is not installed, a hub id cannot be resolved, no tokenizer can be
         found for a loaded model, or transformers fails to load the files.
     """

@@ -331,6 +331,49 @@ def test_damaged_gguf_cache_entry_is_converted_again(tmp_path: Path, monkeypatch
     assert not leftover.exists()
 
 
+def _bpe_tokenizer(merges: bool = True, decoder: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (1,000 entries) trained on Python's docs; optionally without its merges or decoder."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+
+    from optimum_lowrank.data import default_text
+
+    tok = Tokenizer(BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([default_text()[0][:60_000]], trainer)
+    if not merges:  # what a conversion that loses the merges gives: the same vocabulary, pieces of one byte
+        vocab = json.loads(tok.to_str())["model"]["vocab"]
+        broken = Tokenizer(BPE(vocab=vocab, merges=[]))
+        broken.pre_tokenizer, broken.decoder = tok.pre_tokenizer, tok.decoder
+        tok = broken
+    if not decoder:
+        tok.decoder = None
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_tokenizer_check_catches_a_broken_conversion() -> None:
+    """Issue 15, finding 11: a GGUF tokenizer that splits words into small pieces used to be accepted."""
+    from optimum_lowrank.vocab import check_tokenizer
+
+    assert "whole-word pieces emitted" in check_tokenizer(_bpe_tokenizer(), "good.gguf")
+    with pytest.raises(ModelLoadError, match="splits words its vocabulary holds whole"):
+        check_tokenizer(_bpe_tokenizer(merges=False), "no-merges.gguf")
+    with pytest.raises(ModelLoadError, match="does not round-trip"):
+        check_tokenizer(_bpe_tokenizer(decoder=False), "no-decoder.gguf")
+
+
+def test_gguf_load_checks_its_tokenizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPTIMUM_LOWRANK_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny-llama.gguf"
+    _write_tiny_gguf(path)
+    assert "tokenizer checked on English prose" in load_model(path).source
+    monkeypatch.setattr(models, "_load_tokenizer", lambda folder, **_: _bpe_tokenizer(decoder=False))
+    with pytest.raises(ModelLoadError, match="does not round-trip"):
+        load_model(path)
+
+
 # ----------------------------------------------------------------------------- real models
 
 

@@ -286,6 +286,7 @@ def _finetune_windows(recipe: Recipe, loaded: LoadedModel) -> torch.Tensor:
 
 def _context(recipe: Recipe, loaded: LoadedModel) -> PassContext:
     from optimum_lowrank.data import load_text, token_windows
+    from optimum_lowrank.errors import DataError
 
     cal = recipe.calibration
 
@@ -297,7 +298,14 @@ def _context(recipe: Recipe, loaded: LoadedModel) -> PassContext:
         from optimum_lowrank.vocab import token_counts as count_tokens
 
         text, source = load_text(cal.data)
-        return count_tokens(loaded.tokenizer, text, source)
+        counts = count_tokens(loaded.tokenizer, text, source)
+        needed = cal.num_samples * cal.seq_len
+        if counts.tokens < needed:  # the report says "N windows of L tokens": the text must hold them
+            raise DataError(
+                f"calibration text {source}: {counts.tokens:,} tokens, fewer than calibration.num_samples x seq_len = "
+                f"{cal.num_samples} x {cal.seq_len} = {needed:,}; give a longer text or lower num_samples / seq_len"
+            )
+        return counts
 
     if cal.data is None:
         description = "pydoc_data.topics (English prose shipped with Python; no data named in the recipe)"

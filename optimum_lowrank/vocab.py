@@ -42,6 +42,8 @@ class TokenCounts:
 
     counts: Tensor
     source: str
+    #: Tokens in the text (before the special tokens get their assigned count); 0 if unknown.
+    tokens: int = 0
 
     @property
     def total(self) -> int:
@@ -53,7 +55,7 @@ class TokenCounts:
         check_vocabulary(self.counts.shape[0], vocab_size, what)
         counts = torch.zeros(vocab_size, dtype=torch.float64)
         counts[: self.counts.shape[0]] = self.counts
-        return TokenCounts(counts, self.source)
+        return TokenCounts(counts, self.source, self.tokens)
 
 
 def check_vocabulary(tokenizer_size: int, vocab_size: int, what: str = "embedding") -> None:
@@ -157,7 +159,7 @@ def token_counts(tokenizer, text: str, description: str = "calibration text", *,
     if special:  # [CLS]/[SEP]/BOS frame every input but never occur in raw text: rank them first
         counts = counts.clone()
         counts[special] = torch.maximum(counts[special], counts.max().expand(len(special)))
-    return TokenCounts(counts, f"{source} ({total:,} tokens; special tokens {special} counted as the most frequent)")
+    return TokenCounts(counts, f"{source} ({total:,} tokens; special tokens {special} counted as the most frequent)", total)
 
 
 #: Version of the token-count cache entries; entries of other versions are rebuilt.

@@ -402,7 +402,7 @@ def _load_gguf(gguf: Path, source: str, tokenizer: PreTrainedTokenizerBase | Non
         source = f"{source}; converted to {cache} in {time.perf_counter() - start:.1f} s"
         loaded = _load_folder(cache, source, tokenizer)
     if tokenizer is None:  # transformers' GGUF tokenizer conversion can be wrong with only a warning
-        from optimum_lowrank.vocab import check_tokenizer
+        from optimum_lowrank.tokenizer_check import check_tokenizer
 
         loaded.source += f"; {check_tokenizer(loaded.tokenizer, str(gguf))}"
     model = loaded.model
@@ -429,7 +429,7 @@ def load_model(
           when the config describes a decoder (``*ForCausalLM`` in ``architectures``,
           ``is_decoder``, or a decoder-only ``model_type``), else ``AutoModel``;
         - a local ``.gguf`` file (its tokenizer checked on English text, see
-          :func:`~optimum_lowrank.vocab.check_tokenizer`): dequantised to float32 once (about 24 s for
+          :func:`~optimum_lowrank.tokenizer_check.check_tokenizer`): dequantised to float32 once (about 24 s for
           SmolLM2-135M) and cached as safetensors in :func:`gguf_cache_dir`; later
           loads read the cache (about 1 s). Loading one calls
           ``torch.set_flush_denormal(True)`` for the process (its dequantised weights

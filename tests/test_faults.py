@@ -160,3 +160,19 @@ def test_interrupt_prints_one_line_exits_128_plus_signal_and_cleans_up(signum, c
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
     assert list((tmp_path / "tmp").iterdir()) == [], "the private temp folder is removed"
+
+
+@pytest.mark.parametrize("content", [b'{"linear": {"4/32"', b"\xff\xfe", b"[1, 2]"])
+def test_damaged_json_cache_entry_is_recomputed_with_a_warning(content, tmp_path):
+    """A search cache entry cut short by a kill used to fail every later run (JSONDecodeError)."""
+    from optimum_lowrank.output import read_json_cache, write_json_cache
+    from optimum_lowrank.search.sensitivity import Sensitivity
+
+    entry = tmp_path / "search" / "sens-x.json"
+    entry.parent.mkdir()
+    entry.write_bytes(content)
+    with pytest.warns(UserWarning, match="unreadable .*recomputing"):
+        assert read_json_cache(entry, Sensitivity.from_json) is None
+    assert not entry.exists()
+    write_json_cache(entry, {"a": 1})
+    assert read_json_cache(entry) == {"a": 1} and [p.name for p in entry.parent.iterdir()] == ["sens-x.json"]

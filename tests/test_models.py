@@ -355,7 +355,7 @@ def _bpe_tokenizer(merges: bool = True, decoder: bool = True) -> PreTrainedToken
 
 def test_tokenizer_check_catches_a_broken_conversion() -> None:
     """Issue 15, finding 11: a GGUF tokenizer that splits words into small pieces used to be accepted."""
-    from optimum_lowrank.vocab import check_tokenizer
+    from optimum_lowrank.tokenizer_check import check_tokenizer
 
     assert "whole-word pieces emitted" in check_tokenizer(_bpe_tokenizer(), "good.gguf")
     with pytest.raises(ModelLoadError, match="splits words its vocabulary holds whole"):

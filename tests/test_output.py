@@ -60,6 +60,12 @@ def test_symlink_output_is_refused(tmp_path):
         check_output(tmp_path / "link", overwrite=True)
 
 
+def test_output_under_a_file_is_refused_up_front(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="not a writable folder"):
+        check_output(tmp_path / "file" / "out", overwrite=False)
+
+
 def test_unwritable_parent_is_refused_up_front(tmp_path):
     if os.geteuid() == 0:
         pytest.skip("root writes anywhere")

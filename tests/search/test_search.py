@@ -21,9 +21,10 @@ from optimum_lowrank.evaluation import STSBEvaluator
 from optimum_lowrank.pipeline import optimize
 from optimum_lowrank.recipe import load_recipe
 from optimum_lowrank.search import search
+from optimum_lowrank.output import MARKER
 from tests.search.conftest import word_tokenizer
 
-OUTPUTS = {"recipe.yaml", "search.json", "search.png", "allocation.png", "allocation.md", "onnx"}
+OUTPUTS = {"recipe.yaml", "search.json", "search.png", "allocation.png", "allocation.md", "onnx", MARKER}
 
 
 def _bert_config(sts_files, **extra):

@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from optimum_lowrank.errors import LowRankError  # noqa: E402
-from optimum_lowrank.recipe import load_recipe  # noqa: E402
-from tests.test_recipe_hostile import RECIPES, mutate  # noqa: E402
+from optimum_lowrank.errors import LowRankError
+from optimum_lowrank.recipe import load_recipe
+from tests.test_recipe_hostile import RECIPES, mutate
 
 
 def main() -> int:

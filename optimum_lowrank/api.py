@@ -28,7 +28,7 @@ from functools import cached_property
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 from torch import nn
 
 from optimum_lowrank.errors import TargetError
@@ -208,12 +208,12 @@ def compile_target(pattern: str) -> re.Pattern:
     return regex
 
 
-def _regex_cost(items) -> int:  # noqa: ANN001 - a parsed regex (re._parser.SubPattern)
+def _regex_cost(items) -> int:
     """Repetitions along the costliest path of a parsed regex; ValueError for a refused construct."""
     total = 0
     for op, av in items:
         if op in _REPEATS:
-            low, high, sub = av
+            _low, high, sub = av
             inner = _regex_cost(sub)
             if high > 1 and (inner or _has_branch(sub)):
                 raise ValueError("a repetition of a group that itself repeats or alternates")
@@ -231,7 +231,7 @@ def _regex_cost(items) -> int:  # noqa: ANN001 - a parsed regex (re._parser.SubP
     return total
 
 
-def _has_branch(items) -> bool:  # noqa: ANN001
+def _has_branch(items) -> bool:
     for op, av in items:
         if op is _sre.BRANCH:
             return True

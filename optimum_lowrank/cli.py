@@ -146,11 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 - warnings' signature
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=file or sys.stderr)
 
 
-def _terminate(signum: int, frame) -> None:  # noqa: ANN001 - signal's signature
+def _terminate(signum: int, frame) -> None:
     raise Interrupted(signum)
 
 

@@ -254,7 +254,7 @@ def private_tempdir() -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def read_json_cache(path: Path, parse=None):  # noqa: ANN001, ANN201 - parse: any callable of the loaded JSON
+def read_json_cache(path: Path, parse=None):
     """The JSON cached at ``path`` (through ``parse`` if given), or None when absent; an entry that
     does not read or parse (a run killed while writing it, a hand edit) is removed with a warning."""
     if not path.is_file():
@@ -262,13 +262,13 @@ def read_json_cache(path: Path, parse=None):  # noqa: ANN001, ANN201 - parse: an
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         return parse(data) if parse is not None else data
-    except Exception as err:  # noqa: BLE001 - JSONDecodeError, UnicodeDecodeError, KeyError, TypeError from parse ...
+    except Exception as err:  # noqa: BLE001 - JSONDecodeError, UnicodeDecodeError, KeyError or TypeError from parse
         warnings.warn(f"the cache entry {path} is unreadable ({type(err).__name__}: {str(err)[:120]}); recomputing it", stacklevel=2)
         path.unlink(missing_ok=True)
         return None
 
 
-def write_json_cache(path: Path, data) -> None:  # noqa: ANN001 - JSON-serialisable data
+def write_json_cache(path: Path, data) -> None:
     """Write ``data`` to ``path`` atomically (a temporary file beside it, then renamed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(3).hex()}")

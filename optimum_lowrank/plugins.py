@@ -156,7 +156,7 @@ class Registry:
                 impl.function(register=self)
             except LowRankError:
                 raise
-            except Exception as err:  # noqa: BLE001 - a third-party hook may raise anything
+            except Exception as err:  # a third-party hook may raise anything
                 if impl.plugin_name in BUILTIN_PLUGINS:
                     raise
                 self._classes = {k: v for k, v in self._classes.items() if v[1] != impl.plugin_name}

@@ -85,7 +85,7 @@ def test_blocking_a_broken_plugin_silences_it(broken, monkeypatch, capsys):
 
 
 class _Tokenizer:
-    all_special_ids = [0]
+    all_special_ids = (0,)
 
     def get_vocab(self):
         return {f"w{i}": i for i in range(16)}

@@ -121,8 +121,9 @@ def test_corrupt_token_count_cache_is_rebuilt_with_a_warning(damage, tmp_path, m
 
 _RUN = textwrap.dedent(
     """
-    import os, sys, time
+    import os, signal, sys, time
     from pathlib import Path
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job (CI, nohup ... &) starts with SIGINT ignored
     import optimum_lowrank.pipeline as pipeline
     from optimum_lowrank.cli import main
 
@@ -154,7 +155,10 @@ def test_interrupt_prints_one_line_exits_128_plus_signal_and_cleans_up(signum, c
         time.sleep(0.1)
     assert started.exists(), child.communicate()[1]
     child.send_signal(signum)
-    _, err = child.communicate(timeout=60)
+    try:
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()  # no-op once it has exited
     assert child.returncode == code, err
     assert err.strip().splitlines()[-1] == "error: interrupted", err
     assert "Traceback" not in err

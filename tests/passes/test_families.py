@@ -88,3 +88,20 @@ def test_a_scaled_embedding_subclass_is_refused_by_every_embedding_pass(pass_opt
         apply_passes(model, recipe, PassContext(kind="decoder"))
     with pytest.raises(TargetError, match="Gemma3TextScaledWordEmbedding"):  # a broad glob does not slip it through
         apply_passes(model, load_recipe({"version": 1, "passes": [{"pass": "svd", "targets": ["*"], "rank": 4}]}), PassContext(kind="decoder"))
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "qwen2", "gemma3"])
+def test_calibrated_linear_passes_on_every_family(family, one_thread):
+    """activation_svd at full energy keeps the dense output; softlm (a few steps) stays finite and smaller."""
+    build, linears, _ = FAMILIES[family]
+    torch.manual_seed(0)
+    model = build().eval()
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    context = PassContext(kind="encoder" if family == "bert" else "decoder", calibration_loader=lambda: torch.randint(0, 96, (4, 16)))
+    exact = load_recipe({"version": 1, "passes": [{"pass": "activation_svd", "targets": [linears], "energy": 1.0, "min_layer_saving": 0.0}]})
+    compressed, _ = apply_passes(model, exact, context)
+    torch.testing.assert_close(_output(compressed, ids), _output(model, ids), rtol=1e-3, atol=1e-3)
+    lossy = load_recipe({"version": 1, "passes": [{"pass": "softlm", "targets": [linears], "target_params_ratio": 0.8, "steps": 2}]})
+    compressed, reports = apply_passes(model, lossy, context)
+    assert reports[0].model_params_after < reports[0].model_params_before
+    assert torch.isfinite(_output(compressed, ids)).all()

@@ -28,16 +28,24 @@ from functools import cached_property
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 from torch import nn
 
 from optimum_lowrank.errors import TargetError
+
+try:  # Python 3.11+
+    from re import _constants as _sre
+    from re import _parser as _sre_parse
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_constants as _sre
+    import sre_parse as _sre_parse
 from optimum_lowrank.report import LayerReport
+from optimum_lowrank.strict import StrictScalars
 
 __all__ = ["CompressionPass", "PassConfig", "PassContext", "count_parameters", "match_names", "resolve_targets"]
 
 
-class PassConfig(BaseModel):
+class PassConfig(StrictScalars):
     """Base of every pass config: frozen, unknown keys rejected.
 
     Attributes
@@ -64,9 +72,9 @@ class PassConfig(BaseModel):
         for pattern in value:
             if pattern.startswith("re:"):
                 try:
-                    re.compile(pattern[3:])
-                except re.error as err:
-                    raise ValueError(f"target {pattern!r} is not a valid regular expression: {err}") from None
+                    compile_target(pattern)
+                except TargetError as err:
+                    raise ValueError(str(err)) from None
             elif not pattern:
                 raise ValueError("empty target pattern")
         return value
@@ -154,10 +162,123 @@ def _is_instance(module: nn.Module, types: tuple[type | str, ...]) -> bool:
     return any(type(module).__name__ == t if isinstance(t, str) else isinstance(module, t) for t in types)
 
 
+#: Longest ``re:`` target (characters).
+MAX_REGEX_CHARS = 500
+#: Most repetitions (``*``, ``+``, ``{m,n}`` with n > 1) one path through a ``re:`` target may hold.
+MAX_REGEX_REPEATS = 4
+_REPEATS = {_sre.MAX_REPEAT, _sre.MIN_REPEAT, getattr(_sre, "POSSESSIVE_REPEAT", _sre.MAX_REPEAT)}
+
+
+def compile_target(pattern: str) -> re.Pattern:
+    """Compile a ``re:`` target, refusing the ones whose matching time can explode.
+
+    Backtracking can take exponential time on a repetition of something that can itself
+    repeat or choose (``(.*.*)*X``, ``(.|.)*X``) and polynomial time of a high degree on
+    many repetitions in a row (``.*.*.*.*.*.*X``). Refused: a repetition of a group that holds
+    a repetition or an alternation, a backreference, more than :data:`MAX_REGEX_REPEATS`
+    repetitions along one path, more than :data:`MAX_REGEX_CHARS` characters. Module names
+    are matched whole (``re.fullmatch``), so ``.*`` is rarely needed at both ends.
+
+    Parameters
+    ----------
+    pattern : str
+        ``"re:<regex>"``.
+
+    Raises
+    ------
+    TargetError
+        Invalid or refused regex; the message says why and what to write instead.
+    """
+    body = pattern[3:]
+    if len(body) > MAX_REGEX_CHARS:
+        raise TargetError(f"target regex of {len(body)} characters; at most {MAX_REGEX_CHARS}")
+    try:
+        regex = re.compile(body)
+        parsed = _sre_parse.parse(body)
+    except (re.error, RecursionError, OverflowError) as err:
+        raise TargetError(f"target {pattern[:80]!r} is not a valid regular expression: {err}") from None
+    try:
+        cost = _regex_cost(parsed)
+    except ValueError as err:
+        raise TargetError(f"target {pattern[:80]!r}: {err}; matching could take exponential time, "
+                          "list the names or use a pattern without nested repetition") from None
+    if cost > MAX_REGEX_REPEATS:
+        raise TargetError(f"target {pattern[:80]!r} holds {cost} repetitions in a row (at most {MAX_REGEX_REPEATS}); "
+                          "matching could take very long: simplify it or list several targets")
+    return regex
+
+
+def _regex_cost(items) -> int:
+    """Repetitions along the costliest path of a parsed regex; ValueError for a refused construct."""
+    total = 0
+    for op, av in items:
+        if op in _REPEATS:
+            _low, high, sub = av
+            inner = _regex_cost(sub)
+            if high > 1 and (inner or _has_branch(sub)):
+                raise ValueError("a repetition of a group that itself repeats or alternates")
+            total += (1 if high > 1 else 0) + inner
+        elif op is _sre.SUBPATTERN:
+            total += _regex_cost(av[-1])
+        elif op is _sre.BRANCH:
+            total += max(_regex_cost(branch) for branch in av[1])
+        elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
+            total += _regex_cost(av[1])
+        elif op is getattr(_sre, "ATOMIC_GROUP", None):
+            total += _regex_cost(av)
+        elif op in (_sre.GROUPREF, getattr(_sre, "GROUPREF_EXISTS", None)):
+            raise ValueError("a backreference")
+    return total
+
+
+def _has_branch(items) -> bool:
+    for op, av in items:
+        if op is _sre.BRANCH:
+            return True
+        if op is _sre.SUBPATTERN and _has_branch(av[-1]):
+            return True
+    return False
+
+
+def _check_known_behaviour(pattern: str, name: str, module: nn.Module, types: tuple[type | str, ...]) -> None:
+    """Refuse a module whose class subclasses a target type and overrides its ``forward``.
+
+    A pass replaces a target by a layer that computes what the base class computes; a
+    subclass with its own ``forward`` (Gemma's ``Gemma3TextScaledWordEmbedding`` multiplies the
+    looked-up rows by ``sqrt(hidden_size)``, a quantized ``Linear`` dequantises) would silently
+    lose that behaviour. The exact class, a class named in ``types`` by name, or a subclass
+    that keeps the base ``forward`` is accepted.
+
+    Raises
+    ------
+    TargetError
+        Naming the module, its class and the base class whose behaviour it changes.
+    """
+    cls = type(module)
+    for target in types:
+        if isinstance(target, str):
+            if cls.__name__ == target:
+                return
+        elif cls is target or (isinstance(module, target) and cls.forward is target.forward):
+            return
+    base = next(t for t in types if not isinstance(t, str) and isinstance(module, t))
+    raise TargetError(
+        f"target {pattern!r} matches {name!r}, a {cls.__module__}.{cls.__qualname__}: a subclass of "
+        f"{base.__module__}.{base.__qualname__} with its own forward, which this pass would drop "
+        f"(the pass handles {_type_names(types)} exactly); leave it out of the targets"
+    )
+
+
 def match_names(pattern: str, names: Iterable[str]) -> list[str]:
-    """The ``names`` that ``pattern`` matches, in order: an ``fnmatch`` glob, or a regex prefixed ``re:`` (``re.fullmatch``)."""
+    """The ``names`` that ``pattern`` matches, in order: an ``fnmatch`` glob, or a regex prefixed ``re:`` (``re.fullmatch``).
+
+    Raises
+    ------
+    TargetError
+        A ``re:`` target :func:`compile_target` refuses.
+    """
     if pattern.startswith("re:"):
-        regex = re.compile(pattern[3:])
+        regex = compile_target(pattern)
         return [name for name in names if regex.fullmatch(name)]
     return [name for name in names if fnmatch.fnmatchcase(name, pattern)]
 
@@ -196,6 +317,8 @@ def resolve_targets(model: nn.Module, patterns: tuple[str, ...], types: tuple[ty
                 f"modules of a supported type ({_type_names(types)}) include: {shown or '(none)'}"
             )
         fitting = [name for name in matched if _is_instance(modules[name], types)]
+        for name in fitting:
+            _check_known_behaviour(pattern, name, modules[name], types)
         if not fitting:
             found = sorted({type(modules[name]).__name__ for name in matched})
             raise TargetError(

@@ -4,16 +4,21 @@
 recipe holding a ``search:`` section, runs :func:`optimum_lowrank.search.search`.
 
 Errors print one line (``error: ...``) and exit with status 2 (bad input) or 1
-(accuracy gate failed, objective not met, export failed). Heavy imports happen inside the commands.
+(accuracy gate failed, objective not met, export failed). SIGINT (Ctrl-C) and SIGTERM
+stop a run, remove its temporary files, print ``error: interrupted`` and exit with 130 / 143.
+Warnings (a plugin left out, ...) print one line each (``warning: ...``). Heavy imports
+happen inside the commands.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import warnings
 from collections.abc import Sequence
 
-from optimum_lowrank.errors import AccuracyError, LowRankError, ObjectiveNotMetError, RecipeError
+from optimum_lowrank.errors import AccuracyError, Interrupted, LowRankError, ObjectiveNotMetError, RecipeError
 
 __all__ = ["main"]
 
@@ -141,13 +146,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
+def _terminate(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous_show = warnings.showwarning
+    warnings.showwarning = _one_line_warning
+    previous_term = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        previous_term = None
     try:
         return args.func(args)
     except LowRankError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1 if type(err).__name__ in ("ExportError",) else 2
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM through _terminate; the with-blocks have cleaned up
+        signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+        print("error: interrupted", file=sys.stderr)
+        return 128 + int(signum)
+    finally:
+        warnings.showwarning = previous_show
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
 
 
 if __name__ == "__main__":  # pragma: no cover

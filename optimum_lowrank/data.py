@@ -161,6 +161,20 @@ def _file_stamp(file: str) -> tuple[str, int, int] | None:
     return str(path), info.st_mtime_ns, info.st_size
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False where the name itself is invalid (too long, NUL bytes)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _shown(path: Path, limit: int = 200) -> str:
+    """``repr`` of a path, cut to ``limit`` characters."""
+    text = repr(str(path))
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
 def _read_file(path: Path) -> str:
     return path.read_text(encoding="utf-8")
 
@@ -174,14 +188,14 @@ def _load_text_uncached(source: str | os.PathLike | None) -> tuple[str, str]:
     if text_source.startswith(_TSV_PREFIX):
         return _load_tsv_text(text_source[len(_TSV_PREFIX):])
     path = Path(text_source).expanduser()
-    if not path.exists():
-        raise DataError(f"text file {str(path)!r} does not exist")
-    if not path.is_file():
-        raise DataError(f"text source {str(path)!r} is not a file")
+    if not _is_file(path):
+        raise DataError(f"text file {_shown(path)} does not exist or is not a file")
     try:
         text = _read_file(path)
     except UnicodeDecodeError as exc:
-        raise DataError(f"text file {str(path)!r} is not UTF-8: {exc}") from exc
+        raise DataError(f"text file {_shown(path)} is not UTF-8: {exc}") from exc
+    except OSError as exc:
+        raise DataError(f"cannot read the text file {_shown(path)}: {exc.strerror or exc}") from exc
     if not text.strip():
         raise DataError(f"text file {str(path)!r} is empty")
     return text, f"{path.name} ({len(text):,} characters, {path.resolve()})"
@@ -272,9 +286,14 @@ def load_sts_pairs(path: str | os.PathLike) -> list[tuple[str, str, float]]:
         score that is not a finite number (the message gives the line number).
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"STS pairs file {str(path)!r} does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    if not _is_file(path):
+        raise DataError(f"STS pairs file {_shown(path)} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"STS pairs file {_shown(path)} is not UTF-8: {exc}") from exc
+    except OSError as exc:
+        raise DataError(f"cannot read the STS pairs file {_shown(path)}: {exc.strerror or exc}") from exc
     rows = [(number, line.split("\t")) for number, line in enumerate(lines, 1) if line.strip()]
     if not rows:
         raise DataError(f"STS pairs file {str(path)!r} is empty")

@@ -61,8 +61,31 @@ class ExportError(LowRankError):
     """ONNX export, checking, parity or quantization failed."""
 
 
-class OutputExistsError(LowRankError):
-    """The output folder exists and is not empty (pass ``overwrite=True``)."""
+class OutputError(LowRankError):
+    """The output path cannot be written: a filesystem root, the home folder, the working
+    directory or an ancestor of it, a symbolic link, a file, or an unwritable place."""
+
+
+class OutputExistsError(OutputError):
+    """The output folder exists and is not empty (pass ``overwrite=True``), or holds files
+    this project did not write (no marker file), which are never replaced."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised by the CLI's SIGTERM handler so that a run unwinds (and removes its temporary
+    files) as on Ctrl-C. A ``KeyboardInterrupt``, so ``except Exception`` never swallows it.
+
+    Attributes
+    ----------
+    signum : int
+        The signal number; the CLI exits with ``128 + signum`` (130, 143).
+    """
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(f"interrupted ({signal.Signals(signum).name})")
+        self.signum = signum
 
 
 class AccuracyError(LowRankError):

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
+
+from optimum_lowrank.strict import StrictScalars
 
 __all__ = ["ExportConfig", "LatencyConfig", "Strict", "WeightOnlyConfig", "WeightOnlyOverride"]
 
 
-class Strict(BaseModel):
+class Strict(StrictScalars):
     """Base of every recipe section: unknown keys are errors, values are frozen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

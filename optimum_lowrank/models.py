@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from optimum_lowrank.errors import ModelLoadError
+from optimum_lowrank.output import remove_stale
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -186,6 +189,21 @@ def _finish(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+def _finished_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """``model`` itself if it is float32, on the CPU and in eval mode; else such a copy (``model`` untouched)."""
+    import copy
+
+    import torch
+
+    tensors = [*model.parameters(), *model.buffers()]
+    ready = (
+        not any(module.training for module in model.modules())
+        and all(t.device.type == "cpu" for t in tensors)
+        and all(t.dtype == torch.float32 for t in tensors if t.is_floating_point())
+    )
+    return model if ready else _finish(copy.deepcopy(model))
+
+
 def _load_tokenizer(path: str | os.PathLike, **kwargs) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
@@ -311,10 +329,13 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     del loaded
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    remove_stale(target.parent, f".{target.name}.")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         plain.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        manifest = {"format": _GGUF_CACHE_FORMAT, "files": {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}}
+        (tmp / _MANIFEST).write_text(json.dumps(manifest))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache entry is ordinary data
         try:
             os.rename(tmp, target)
@@ -326,6 +347,38 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+_MANIFEST = "optimum-lowrank-cache.json"
+
+
+def _cache_entry_problem(entry: Path) -> str | None:
+    """None if the GGUF cache entry is complete; ``"absent"``; or what is wrong with it.
+
+    An entry holds :data:`_MANIFEST` (format version and the size of every file, written
+    last); an entry written before the manifest existed must hold ``config.json`` and
+    ``model.safetensors``.
+    """
+    if not entry.exists():
+        return "absent"
+    if not entry.is_dir():
+        return "not a folder"
+    manifest_path = entry / _MANIFEST
+    if not manifest_path.is_file():
+        missing = [name for name in ("config.json", "model.safetensors") if not (entry / name).is_file()]
+        return f"no {', '.join(missing)}" if missing else None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = dict(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"unreadable manifest: {type(err).__name__}"
+    if manifest.get("format") != _GGUF_CACHE_FORMAT:
+        return f"cache format {manifest.get('format')!r}, expected {_GGUF_CACHE_FORMAT}"
+    for name, size in files.items():
+        path = entry / str(name)
+        if not path.is_file() or path.stat().st_size != size:
+            return f"{name} is missing or has the wrong size"
+    return None
+
+
 def _load_gguf(gguf: Path, source: str, tokenizer: PreTrainedTokenizerBase | None) -> LoadedModel:
     import torch
 
@@ -333,13 +386,25 @@ def _load_gguf(gguf: Path, source: str, tokenizer: PreTrainedTokenizerBase | Non
     # slower without flushing them to zero.
     torch.set_flush_denormal(True)
     cache = gguf_cache_dir(gguf)
-    if not (cache / "config.json").is_file():
+    problem = _cache_entry_problem(cache)
+    loaded = None
+    if problem is None:
+        try:
+            loaded = _load_folder(cache, f"{source}; cached at {cache}", tokenizer)
+        except ModelLoadError as err:
+            problem = f"it does not load ({str(err)[:200]})"
+    if loaded is None:
+        if problem != "absent":
+            warnings.warn(f"the GGUF cache entry {cache} is damaged ({problem}); converting again", stacklevel=3)
+            shutil.rmtree(cache, ignore_errors=True)
         start = time.perf_counter()
         _convert_gguf(gguf, cache)
         source = f"{source}; converted to {cache} in {time.perf_counter() - start:.1f} s"
-    else:
-        source = f"{source}; cached at {cache}"
-    loaded = _load_folder(cache, source, tokenizer)
+        loaded = _load_folder(cache, source, tokenizer)
+    if tokenizer is None:  # transformers' GGUF tokenizer conversion can be wrong with only a warning
+        from optimum_lowrank.tokenizer_check import check_tokenizer
+
+        loaded.source += f"; {check_tokenizer(loaded.tokenizer, str(gguf))}"
     model = loaded.model
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -357,11 +422,14 @@ def load_model(
     spec : str, PathLike or PreTrainedModel
         One of:
 
-        - a loaded ``PreTrainedModel`` (converted in place to float32, CPU, eval);
+        - a loaded ``PreTrainedModel``: used as is when it is already float32, on the
+          CPU and in eval mode, else a float32 CPU eval-mode copy is made; the caller's
+          model (dtype, device, mode, parameters) is never modified;
         - a local folder with a ``config.json``: loaded with ``AutoModelForCausalLM``
           when the config describes a decoder (``*ForCausalLM`` in ``architectures``,
           ``is_decoder``, or a decoder-only ``model_type``), else ``AutoModel``;
-        - a local ``.gguf`` file: dequantised to float32 once (about 24 s for
+        - a local ``.gguf`` file (its tokenizer checked on English text, see
+          :func:`~optimum_lowrank.tokenizer_check.check_tokenizer`): dequantised to float32 once (about 24 s for
           SmolLM2-135M) and cached as safetensors in :func:`gguf_cache_dir`; later
           loads read the cache (about 1 s). Loading one calls
           ``torch.set_flush_denormal(True)`` for the process (its dequantised weights
@@ -381,7 +449,7 @@ def load_model(
     Raises
     ------
     ModelLoadError
-        If the path does not exist, a folder lacks ``config.json``, an alias's
+        If the path does not exist, a GGUF file's tokenizer fails its check, a folder lacks ``config.json``, an alias's
         package is not installed, a hub id cannot be resolved, no tokenizer can be
         found for a loaded model, or transformers fails to load the files.
     """
@@ -398,7 +466,7 @@ def load_model(
                     f"(model.name_or_path {name!r} is not a local folder to load one from)"
                 )
         name = getattr(spec, "name_or_path", "") or "in memory"
-        return LoadedModel(_finish(spec), tokenizer, model_kind(spec), f"{type(spec).__name__} ({name})")
+        return LoadedModel(_finished_copy(spec), tokenizer, model_kind(spec), f"{type(spec).__name__} ({name})")
 
     if not isinstance(spec, (str, os.PathLike)):
         raise ModelLoadError(f"cannot load a model from a {type(spec).__name__}; expected {_ACCEPTED}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,7 +20,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from optimum_lowrank.api import PassContext, count_parameters
-from optimum_lowrank.errors import AccuracyError, ExportError, OutputExistsError, RecipeError
+from optimum_lowrank.errors import AccuracyError, ExportError, RecipeError
+from optimum_lowrank.output import check_output as _check_output
+from optimum_lowrank.output import private_tempdir
+from optimum_lowrank.output import staging as _staging
 from optimum_lowrank.progress import Progress, silenced
 from optimum_lowrank.recipe import Recipe, load_recipe
 from optimum_lowrank.report import AccuracyReport, ExportReport, OptimizationReport, PassReport
@@ -62,7 +64,9 @@ def optimize(
     tokenizer : PreTrainedTokenizerBase, optional
         Required when ``model`` is an in-memory model whose tokenizer cannot be found.
     overwrite : bool
-        Replace an existing non-empty ``output`` folder (only once everything succeeded).
+        Replace an existing non-empty ``output`` folder that this project wrote (it holds
+        the marker file :data:`optimum_lowrank.output.MARKER`), only once everything
+        succeeded; a folder holding anything else is never replaced.
     registry : PassRegistry, optional
         Where pass ids are looked up; defaults to every installed plugin.
     progress : bool
@@ -81,7 +85,11 @@ def optimize(
     ModelLoadError, DataError
         The model or the evaluation/calibration data cannot be loaded.
     OutputExistsError
-        ``output`` exists, is not empty and ``overwrite`` is False.
+        ``output`` exists, is not empty and ``overwrite`` is False, or holds files this
+        project did not write (see :mod:`optimum_lowrank.output`); checked before the model loads.
+    OutputError
+        ``output`` is ``/``, the home folder, the working directory or an ancestor of it,
+        a symbolic link, a file, or not writable; checked before the model loads.
     AccuracyError
         The gate failed; carries the report. Nothing is written.
     ExportError
@@ -97,7 +105,7 @@ def optimize(
     and set back at exit; where the probe cannot tell, it is set back to False
     (torch's default).
     """
-    with _restored_torch_state(), silenced(not progress):
+    with _restored_torch_state(), silenced(not progress), private_tempdir():
         return _optimize(model, recipe, output, tokenizer=tokenizer, overwrite=overwrite, registry=registry, progress=progress)
 
 
@@ -263,40 +271,6 @@ def _flush_denormal_enabled() -> bool:
     return torch.tensor([1e-39], dtype=torch.float32).mul(1.0).item() == 0.0
 
 
-def _check_output(output: str | os.PathLike | None, overwrite: bool) -> Path | None:
-    if output is None:
-        return None
-    out_dir = Path(output).absolute()
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise OutputExistsError(f"output {out_dir} exists and is not a folder")
-        if any(out_dir.iterdir()) and not overwrite:
-            raise OutputExistsError(f"output folder {out_dir} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
-    return out_dir
-
-
-@contextmanager
-def _staging(out_dir: Path | None) -> Iterator[Path]:
-    """A temporary folder renamed to ``out_dir`` if the block succeeds, removed otherwise."""
-    parent = out_dir.parent if out_dir is not None else None
-    if parent is not None:
-        parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-" if out_dir else "optimum-lowrank-", dir=parent))
-    try:
-        yield staging
-        if out_dir is not None:
-            backup = None
-            if out_dir.exists():
-                backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-                out_dir.rename(backup)
-            staging.rename(out_dir)
-            if backup is not None:
-                shutil.rmtree(backup, ignore_errors=True)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-
-
 def _finetune_windows(recipe: Recipe, loaded: LoadedModel) -> torch.Tensor:
     """``finetune.num_samples`` fresh windows: the calibration text's windows after the calibration ones."""
     from optimum_lowrank.data import load_text
@@ -314,6 +288,7 @@ def _context(recipe: Recipe, loaded: LoadedModel) -> PassContext:
     from optimum_lowrank.data import load_text, token_windows
 
     cal = recipe.calibration
+    notes: list[str] = []
 
     def calibration_ids() -> torch.Tensor:
         text, _ = load_text(cal.data)
@@ -323,7 +298,14 @@ def _context(recipe: Recipe, loaded: LoadedModel) -> PassContext:
         from optimum_lowrank.vocab import token_counts as count_tokens
 
         text, source = load_text(cal.data)
-        return count_tokens(loaded.tokenizer, text, source)
+        counts = count_tokens(loaded.tokenizer, text, source)
+        needed = cal.num_samples * cal.seq_len
+        if counts.tokens < needed:  # the report announces "N windows of L tokens": say what the counts rest on
+            notes.append(
+                f"token counts come from the whole calibration text, {counts.tokens:,} tokens ({source}): fewer than "
+                f"calibration.num_samples x seq_len = {cal.num_samples} x {cal.seq_len} = {needed:,}"
+            )
+        return counts
 
     if cal.data is None:
         description = "pydoc_data.topics (English prose shipped with Python; no data named in the recipe)"
@@ -336,6 +318,7 @@ def _context(recipe: Recipe, loaded: LoadedModel) -> PassContext:
         calibration_loader=calibration_ids,
         calibration_description=description,
         seed=recipe.seed,
+        notes=notes,
         token_counts_loader=token_counts if loaded.tokenizer is not None else None,
     )
 

@@ -7,11 +7,19 @@ Environment variables
     loaded from the ``optimum_lowrank`` entry-point group (built-ins still are).
 ``OPTIMUM_LOWRANK_BLOCK_PLUGINS``
     Comma-separated plugin names (entry-point names) that are never loaded.
+
+A third-party plugin that fails to import, implements a hook that does not exist
+(a misspelled name) or raises in its registration hook is left out: one warning
+line names it, the error and the environment variable that blocks it, and every
+command that does not need it keeps working (:func:`broken_plugins` lists them;
+an unknown pass id mentions them).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -137,11 +145,22 @@ class Registry:
         return out
 
     def collect(self, pm: pluggy.PluginManager) -> Self:
-        """Call every plugin's :attr:`hook`, recording which plugin registered what."""
+        """Call every plugin's :attr:`hook`, recording which plugin registered what.
+
+        A third-party plugin whose hook raises anything but a :class:`LowRankError` is left
+        out (what it registered is dropped) with a warning, see :func:`broken_plugins`.
+        """
         for impl in getattr(pm.hook, self.hook).get_hookimpls():
             self._current_plugin = impl.plugin_name
             try:
                 impl.function(register=self)
+            except LowRankError:
+                raise
+            except Exception as err:  # a third-party hook may raise anything
+                if impl.plugin_name in BUILTIN_PLUGINS:
+                    raise
+                self._classes = {k: v for k, v in self._classes.items() if v[1] != impl.plugin_name}
+                _report_broken(impl.plugin_name, f"its {self.hook} hook raised", err)
             finally:
                 self._current_plugin = "<direct>"
         return self
@@ -236,6 +255,60 @@ def plugin_label(plugin: str) -> str:
     return "built in" if plugin in BUILTIN_PLUGINS else f"plugin {plugin!r}"
 
 
+class PluginWarning(UserWarning):
+    """A third-party plugin could not be loaded and was left out."""
+
+
+_BROKEN: dict[str, str] = {}
+
+
+def broken_plugins() -> dict[str, str]:
+    """Plugins left out in this process, by name: the one-line reason of each."""
+    return dict(_BROKEN)
+
+
+def broken_note() -> str:
+    """``"; plugins not loaded: ..."`` for error messages, or ``""`` when every plugin loaded."""
+    if not _BROKEN:
+        return ""
+    return "; plugins not loaded: " + "; ".join(_BROKEN.values())
+
+
+def _report_broken(name: str, what: str, err: BaseException) -> None:
+    text = str(err).splitlines()[0] if str(err).strip() else ""
+    text = text if len(text) <= 160 else text[:157] + "..."
+    line = (f"plugin {name!r} was not loaded: {what}: {type(err).__name__}{': ' + text if text else ''} "
+            f"(to skip it without this warning: {BLOCK_PLUGINS_ENV}={name})")
+    _BROKEN[name] = line
+    warnings.warn(line, PluginWarning, stacklevel=2)
+
+
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def _load_entrypoints(pm: pluggy.PluginManager) -> None:
+    """Register each entry-point plugin that loads and whose hooks all exist; report the others."""
+    for ep in _entry_points():
+        if pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as err:  # noqa: BLE001 - importing a plugin may raise anything
+            _report_broken(ep.name, "importing it failed", err)
+            continue
+        try:
+            pm.register(plugin, name=ep.name)
+            pm.check_pending()
+        except Exception as err:  # noqa: BLE001 - pluggy's validation errors, or anything the plugin raises
+            if pm.has_plugin(ep.name):
+                pm.unregister(name=ep.name)
+            _report_broken(ep.name, "it does not fit the hook specifications", err)
+            continue
+        if ep.dist is not None:
+            pm._plugin_distinfo.append((plugin, ep.dist))  # what load_setuptools_entrypoints records
+
+
 def _blocked() -> set[str]:
     return {name.strip() for name in os.environ.get(BLOCK_PLUGINS_ENV, "").split(",") if name.strip()}
 
@@ -252,7 +325,9 @@ def get_plugin_manager(load_entrypoints: bool | None = None) -> pluggy.PluginMan
     Raises
     ------
     pluggy.PluginValidationError
-        If a plugin implements a hook that does not exist (e.g. a misspelled name).
+        If a built-in plugin implements a hook that does not exist. A third-party plugin
+        that fails to import or to validate (e.g. a misspelled hook name) is left out with
+        a :class:`PluginWarning` naming it, the error and ``OPTIMUM_LOWRANK_BLOCK_PLUGINS``.
     """
     import importlib
 
@@ -267,7 +342,7 @@ def get_plugin_manager(load_entrypoints: bool | None = None) -> pluggy.PluginMan
     if load_entrypoints is None:
         load_entrypoints = os.environ.get(DISABLE_AUTOLOAD_ENV, "") in ("", "0")
     if load_entrypoints:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        _load_entrypoints(pm)
     pm.check_pending()
     return pm
 

@@ -31,6 +31,7 @@ from optimum_lowrank.api import PassConfig
 from optimum_lowrank.errors import RecipeError, UnknownMetricError, UnknownPassError
 from optimum_lowrank.export_config import ExportConfig, LatencyConfig, Strict, WeightOnlyConfig, WeightOnlyOverride
 from optimum_lowrank.search.config import SearchConfig
+from optimum_lowrank.strict import StrictYAMLError, excerpt, load_yaml
 
 if TYPE_CHECKING:  # pragma: no cover
     from optimum_lowrank.plugins import MetricRegistry, PassRegistry
@@ -239,8 +240,8 @@ class Recipe(_Strict):
             raise RecipeError(f"a recipe is a mapping with keys version, passes, ...; got {type(data).__name__}")
         if "version" not in data:
             raise RecipeError(f"recipe: missing required key 'version' (supported: {list(SUPPORTED_VERSIONS)})")
-        if data["version"] not in SUPPORTED_VERSIONS:
-            raise RecipeError(f"recipe: unknown version {data['version']!r} (supported: {list(SUPPORTED_VERSIONS)})")
+        if type(data["version"]) is not int or data["version"] not in SUPPORTED_VERSIONS:
+            raise RecipeError(f"recipe: unknown version {excerpt(data['version'])} (supported: {list(SUPPORTED_VERSIONS)}); an integer")
         raw_passes = data.get("passes", [])
         if raw_passes is None:
             raw_passes = []
@@ -293,14 +294,18 @@ def _check_quantizer(name: str) -> None:
 
 
 def _parse_step(index: int, raw: Any, registry: PassRegistry) -> PassStep:
+    from optimum_lowrank.plugins import broken_note
+
     where = f"passes[{index}]"
     if not isinstance(raw, dict) or "pass" not in raw:
-        raise RecipeError(f"{where}: each pass is a mapping with a 'pass' id; got {raw!r}")
+        raise RecipeError(f"{where}: each pass is a mapping with a 'pass' id; got {excerpt(raw)}")
     pass_id = raw["pass"]
+    if not isinstance(pass_id, str):
+        raise UnknownPassError(f"{where}: 'pass' is a pass id (a string); got {excerpt(pass_id)}; registered passes: {', '.join(registry.names())}")
     options = {k: v for k, v in raw.items() if k != "pass"}
     pass_cls = registry.get(pass_id)
     if pass_cls is None:
-        raise UnknownPassError(f"{where}: unknown pass {pass_id!r}; registered passes: {', '.join(registry.names()) or '(none)'}")
+        raise UnknownPassError(f"{where}: unknown pass {excerpt(pass_id)}; registered passes: {', '.join(registry.names()) or '(none)'}{broken_note()}")
     try:
         config = pass_cls.config_class.model_validate(options)
     except ValidationError as err:
@@ -311,11 +316,13 @@ def _parse_step(index: int, raw: Any, registry: PassRegistry) -> PassStep:
 def _parse_accuracy(raw: Any, metrics: MetricRegistry) -> AccuracyConfig:
     """Validate ``accuracy:`` with the ``config_class`` of the metric it names."""
     if not isinstance(raw, dict) or "metric" not in raw:
-        raise RecipeError(f"accuracy: a mapping with a 'metric' id and its threshold; got {raw!r}; metrics: {_metric_choices(metrics)}")
+        raise RecipeError(f"accuracy: a mapping with a 'metric' id and its threshold; got {excerpt(raw)}; metrics: {_metric_choices(metrics)}")
     metric = raw["metric"]
+    if not isinstance(metric, str):
+        raise UnknownMetricError(f"accuracy: metric: Input should be {_metric_choices(metrics)}, got {excerpt(metric)}")
     evaluator_class = metrics.get(metric)
     if evaluator_class is None:
-        raise UnknownMetricError(f"accuracy: metric: Input should be {_metric_choices(metrics)}, got {metric!r}")
+        raise UnknownMetricError(f"accuracy: metric: Input should be {_metric_choices(metrics)}, got {excerpt(metric)}")
     config_class = evaluator_class.config_class
     wanted = config_class.threshold_field
     thresholds = {entry.evaluator_class.config_class.threshold_field for _, entry in metrics.entries()}
@@ -349,22 +356,26 @@ def fields_most_specific_first(model: type[BaseModel]) -> list[str]:
 
 
 def format_validation_error(err: ValidationError, where: str, model: type[BaseModel]) -> str:
-    """One readable message per problem, naming the field and, for unknown keys, the allowed ones."""
+    """One readable message per problem (at most 10), naming the field and, for unknown keys, the
+    allowed ones; input values are shown as bounded excerpts (:func:`~optimum_lowrank.strict.excerpt`)."""
     lines = []
     for problem in err.errors():
-        loc = ".".join(str(part) for part in problem["loc"])
+        loc = ".".join(excerpt(part, 40) if not isinstance(part, (str, int)) else str(part)[:40] for part in problem["loc"])
         if problem["type"] == "extra_forbidden":
             owner = _owner_model(model, problem["loc"][:-1])
             allowed = ", ".join(fields_most_specific_first(owner)) if owner else "?"
             section = ".".join(str(part) for part in problem["loc"][:-1])
-            lines.append(f"{where}{': ' + section if section else ''}: unknown key {problem['loc'][-1]!r}; allowed keys: {allowed}")
+            lines.append(f"{where}{': ' + section if section else ''}: unknown key {excerpt(problem['loc'][-1])}; allowed keys: {allowed}")
         elif problem["type"] == "literal_error":
-            lines.append(f"{where}: {loc}: {problem['msg']}, got {problem['input']!r}")
+            lines.append(f"{where}: {loc}: {problem['msg']}, got {excerpt(problem['input'])}")
         elif problem["type"] in ("value_error", "assertion_error"):
             msg = problem["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
             lines.append(f"{where}{': ' + loc if loc else ''}: {msg}")
         else:
-            lines.append(f"{where}: {loc}: {problem['msg']}, got {problem['input']!r}")
+            lines.append(f"{where}: {loc}: {problem['msg']}, got {excerpt(problem['input'])}")
+        if len(lines) >= 10:
+            lines.append(f"... ({len(err.errors()) - 10} more problems)")
+            break
     return "; ".join(lines)
 
 
@@ -390,8 +401,12 @@ def load_recipe(
     Parameters
     ----------
     source : Recipe, dict, path to a YAML file, or a YAML string
-        A string naming an existing file or ending in ``.yaml``/``.yml`` is a
-        path; any other string is parsed as YAML text.
+        An ``os.PathLike`` is a path. A string is a path only when it is one line of
+        at most :data:`MAX_PATH_CHARS` bytes that ends in
+        ``.yaml``/``.yml`` or names an existing file; any other string is YAML text.
+        The YAML is read strictly (:func:`~optimum_lowrank.strict.load_yaml`): no
+        aliases, no duplicate keys, at most 32 levels of nesting, integers of at
+        most 30 digits; a file is UTF-8 text of at most 1 MiB.
     registry : PassRegistry, optional
         Where pass ids are looked up (default: every installed plugin's passes).
     metrics : MetricRegistry, optional
@@ -400,22 +415,67 @@ def load_recipe(
     Raises
     ------
     RecipeError
-        Missing file, malformed YAML, or any validation problem.
+        Missing or unreadable file, text that is not UTF-8, malformed YAML, a YAML
+        alias, a duplicate key, or any validation problem; messages show bounded
+        excerpts of the input, never the whole of it.
     """
     if isinstance(source, Recipe):
         return source
     if isinstance(source, dict):
         return Recipe.from_dict(source, registry, metrics)
-    text = str(source)
-    if isinstance(source, os.PathLike) or text.endswith((".yaml", ".yml")) or Path(text).is_file():
-        path = Path(source)
-        if not path.is_file():
-            raise RecipeError(f"recipe file not found: {path}")
-        text, where = path.read_text(encoding="utf-8"), str(path)
+    if not isinstance(source, (str, os.PathLike)):
+        raise RecipeError(f"a recipe is a Recipe, a dict, a path or YAML text; got {type(source).__name__}")
+    if _is_path(source):
+        text, where = _read_recipe_file(Path(source)), str(source)
     else:
-        where = "recipe text"
+        text, where = source, "recipe text"
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
+    except StrictYAMLError as err:
+        raise RecipeError(f"{where}: {err}") from None
     except yaml.YAMLError as err:
-        raise RecipeError(f"malformed YAML in {where}: {err}") from None
+        raise RecipeError(f"malformed YAML in {excerpt(where, 300)}: {excerpt(str(err), 600)}") from None
+    except (RecursionError, MemoryError, ValueError) as err:
+        raise RecipeError(f"{where}: cannot read the YAML: {type(err).__name__}: {excerpt(str(err), 200)}") from None
     return Recipe.from_dict(data, registry, metrics)
+
+
+#: Longest string :func:`load_recipe` takes for a path (bytes); longer strings are YAML text.
+MAX_PATH_CHARS = 4096
+
+
+def _is_path(source: str | os.PathLike) -> bool:
+    """The rule of :func:`load_recipe`: a path-like, or a one-line string of at most
+    :data:`MAX_PATH_CHARS` bytes that ends in ``.yaml``/``.yml`` or
+    names an existing file."""
+    if isinstance(source, os.PathLike):
+        return True
+    if "\n" in source or len(source.encode("utf-8", "surrogateescape")) > MAX_PATH_CHARS:
+        return False
+    if source.endswith((".yaml", ".yml")):
+        return True
+    try:
+        return Path(source).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _read_recipe_file(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {path}") from None
+    except IsADirectoryError:
+        raise RecipeError(f"recipe path {path} is a folder, not a YAML file") from None
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"cannot read the recipe file {excerpt(str(path), 300)}: {err.__class__.__name__}: {excerpt(str(err), 200)}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe file {path} is {len(data):,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"recipe file {path} is not UTF-8 text (byte {err.start}: {data[err.start:err.start + 4]!r})") from None
+
+
+#: Largest recipe file :func:`load_recipe` reads (bytes).
+MAX_RECIPE_BYTES = 1 << 20

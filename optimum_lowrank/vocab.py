@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,8 @@ class TokenCounts:
 
     counts: Tensor
     source: str
+    #: Tokens in the text (before the special tokens get their assigned count); 0 if unknown.
+    tokens: int = 0
 
     @property
     def total(self) -> int:
@@ -52,7 +55,7 @@ class TokenCounts:
         check_vocabulary(self.counts.shape[0], vocab_size, what)
         counts = torch.zeros(vocab_size, dtype=torch.float64)
         counts[: self.counts.shape[0]] = self.counts
-        return TokenCounts(counts, self.source)
+        return TokenCounts(counts, self.source, self.tokens)
 
 
 def check_vocabulary(tokenizer_size: int, vocab_size: int, what: str = "embedding") -> None:
@@ -119,7 +122,9 @@ def token_counts(tokenizer, text: str, description: str = "calibration text", *,
     description : str
         Names the text in the result's ``source`` and in errors.
     cache : bool
-        Read/write ``<cache>/token_counts/<tokenizer hash>-<text hash>.pt``.
+        Read/write ``<cache>/token_counts/<tokenizer hash>-<text hash>.pt``: a dict with the
+        format version, the counts and their SHA-256. An entry that does not load or whose
+        checksum, format or shape is off is rebuilt with a warning.
 
     Returns
     -------
@@ -138,19 +143,15 @@ def token_counts(tokenizer, text: str, description: str = "calibration text", *,
     key = f"{_tokenizer_fingerprint(tokenizer)}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
     path = _cache_dir() / f"{key}.pt"
     source = f"{description}, tokenized by {type(tokenizer).__name__}"
-    if cache and path.is_file():
-        counts = torch.load(path, weights_only=True)
-    else:
+    counts = _read_cached_counts(path) if cache else None
+    if counts is None:
         ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         if not ids:
             raise DataError(f"{description}: the text produces no tokens")
         size = max(len(tokenizer), max(ids) + 1)
         counts = count_ids(torch.tensor(ids), size, description).counts
         if cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(f".{os.getpid()}.tmp")
-            torch.save(counts, partial)
-            partial.replace(path)
+            _write_cached_counts(path, counts)
     if float(counts.sum()) == 0:
         raise DataError(f"{description}: the text produces no tokens")
     total = int(counts.sum())
@@ -158,7 +159,60 @@ def token_counts(tokenizer, text: str, description: str = "calibration text", *,
     if special:  # [CLS]/[SEP]/BOS frame every input but never occur in raw text: rank them first
         counts = counts.clone()
         counts[special] = torch.maximum(counts[special], counts.max().expand(len(special)))
-    return TokenCounts(counts, f"{source} ({total:,} tokens; special tokens {special} counted as the most frequent)")
+    return TokenCounts(counts, f"{source} ({total:,} tokens; special tokens {special} counted as the most frequent)", total)
+
+
+#: Version of the token-count cache entries; entries of other versions are rebuilt.
+_COUNTS_FORMAT = 2
+
+
+def _counts_digest(counts: Tensor) -> str:
+    return hashlib.sha256(counts.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _read_cached_counts(path: Path) -> Tensor | None:
+    """The counts cached at ``path``, or None (absent; corrupt or stale entries are removed with a warning)."""
+    if not path.is_file():
+        return None
+    try:
+        entry = torch.load(path, weights_only=True)
+        counts = entry.get("counts") if isinstance(entry, dict) else None
+        valid = (
+            isinstance(entry, dict)
+            and entry.get("format") == _COUNTS_FORMAT
+            and isinstance(counts, Tensor)
+            and counts.dim() == 1
+            and counts.numel() > 0
+            and bool(torch.isfinite(counts).all())
+            and bool((counts >= 0).all())
+            and entry.get("sha256") == _counts_digest(counts)
+        )
+        problem = None if valid else "wrong format, shape or checksum"
+    except Exception as err:  # noqa: BLE001 - a damaged file can fail in many ways (EOFError, UnpicklingError, ...)
+        problem, counts = f"{type(err).__name__}: {str(err)[:120]}", None
+    if problem is None:
+        return counts
+    warnings.warn(f"the token-count cache entry {path} is unreadable ({problem}); recounting", stacklevel=3)
+    path.unlink(missing_ok=True)
+    return None
+
+
+def _write_cached_counts(path: Path, counts: Tensor) -> None:
+    from optimum_lowrank.output import pid_alive
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in path.parent.glob("*.tmp"):  # partial writes of killed runs: <key>.<pid>.tmp
+        pid = leftover.suffixes[-2][1:] if len(leftover.suffixes) >= 2 else ""
+        if pid.isdigit() and not pid_alive(int(pid)):
+            leftover.unlink(missing_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        torch.save({"format": _COUNTS_FORMAT, "counts": counts, "sha256": _counts_digest(counts)}, partial)
+        partial.replace(path)
+    except OSError as err:  # a read-only or full cache only costs the next run a recount
+        warnings.warn(f"cannot write the token-count cache {path}: {err}", stacklevel=3)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def row_weights(counts: Tensor, exponent: float) -> Tensor:
@@ -224,3 +278,4 @@ def usage_report(original: Tensor, approx: Tensor, counts: Tensor, exact: Tensor
             out[f"{group}_cosine"] = float(cos[mask].mean())
             out[f"{group}_relative_error"] = float((diff[mask].sum() / ref[mask].sum().clamp_min(1e-30)).sqrt())
     return out
+

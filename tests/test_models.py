@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -147,14 +148,25 @@ def test_model_kind() -> None:
 # ----------------------------------------------------------------------------- loading
 
 
-def test_loaded_model_is_made_float32_eval(tokenizer: PreTrainedTokenizerFast) -> None:
-    model = _tiny_bert().half().train()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_loaded_model_is_made_float32_eval_on_a_copy(tokenizer: PreTrainedTokenizerFast, dtype: torch.dtype) -> None:
+    model = _tiny_bert().to(dtype).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     loaded = load_model(model, tokenizer)
     assert isinstance(loaded, LoadedModel)
-    assert loaded.model is model and loaded.tokenizer is tokenizer and loaded.kind == "encoder"
+    assert loaded.tokenizer is tokenizer and loaded.kind == "encoder"
     assert not loaded.model.training
     assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
     assert "BertModel" in loaded.source
+    # the caller's model is untouched (issue 15, finding 7): dtype, mode, parameters
+    assert loaded.model is not model and model.training and all(m.training for m in model.modules())
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_ready_float32_eval_model_is_not_copied(tokenizer: PreTrainedTokenizerFast) -> None:
+    model = _tiny_bert()
+    assert load_model(model, tokenizer).model is model
 
 
 def test_saved_encoder_folder(tmp_path: Path, tokenizer: PreTrainedTokenizerFast) -> None:
@@ -294,6 +306,72 @@ def test_gguf_converted_once_and_cached(tmp_path: Path, monkeypatch: pytest.Monk
     # A modified file (new mtime) gets a fresh cache entry.
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     assert gguf_cache_dir(path) != cache
+
+
+def test_damaged_gguf_cache_entry_is_converted_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPTIMUM_LOWRANK_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny-llama.gguf"
+    _write_tiny_gguf(path)
+    cache = gguf_cache_dir(path)
+    reference = load_model(path).model.state_dict()
+    (cache / "config.json").unlink()  # issue 15, finding 4: "Directory not empty", forever
+    with pytest.warns(UserWarning, match="damaged .*config.json.*converting again"):
+        again = load_model(path)
+    assert "converted to" in again.source
+    weights = cache / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="damaged .*model.safetensors"):
+        third = load_model(path)
+    for name, tensor in reference.items():
+        assert torch.equal(third.model.state_dict()[name], tensor)
+    leftover = cache.parent / f".{cache.name}.tmp-999999999-x"  # a killed conversion's folder
+    leftover.mkdir()
+    shutil.rmtree(cache)
+    load_model(path)
+    assert not leftover.exists()
+
+
+def _bpe_tokenizer(merges: bool = True, decoder: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (1,000 entries) trained on Python's docs; optionally without its merges or decoder."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+
+    from optimum_lowrank.data import default_text
+
+    tok = Tokenizer(BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([default_text()[0][:60_000]], trainer)
+    if not merges:  # what a conversion that loses the merges gives: the same vocabulary, pieces of one byte
+        vocab = json.loads(tok.to_str())["model"]["vocab"]
+        broken = Tokenizer(BPE(vocab=vocab, merges=[]))
+        broken.pre_tokenizer, broken.decoder = tok.pre_tokenizer, tok.decoder
+        tok = broken
+    if not decoder:
+        tok.decoder = None
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_tokenizer_check_catches_a_broken_conversion() -> None:
+    """Issue 15, finding 11: a GGUF tokenizer that splits words into small pieces used to be accepted."""
+    from optimum_lowrank.tokenizer_check import check_tokenizer
+
+    assert "whole-word pieces emitted" in check_tokenizer(_bpe_tokenizer(), "good.gguf")
+    with pytest.raises(ModelLoadError, match="splits words its vocabulary holds whole"):
+        check_tokenizer(_bpe_tokenizer(merges=False), "no-merges.gguf")
+    with pytest.raises(ModelLoadError, match="does not round-trip"):
+        check_tokenizer(_bpe_tokenizer(decoder=False), "no-decoder.gguf")
+
+
+def test_gguf_load_checks_its_tokenizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPTIMUM_LOWRANK_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny-llama.gguf"
+    _write_tiny_gguf(path)
+    assert "tokenizer checked on English prose" in load_model(path).source
+    monkeypatch.setattr(models, "_load_tokenizer", lambda folder, **_: _bpe_tokenizer(decoder=False))
+    with pytest.raises(ModelLoadError, match="does not round-trip"):
+        load_model(path)
 
 
 # ----------------------------------------------------------------------------- real models

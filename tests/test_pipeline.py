@@ -198,6 +198,19 @@ def test_usage_aware_embedding_recipe_end_to_end(small_bert, minilm, tmp_path):
     assert "exact rows cover" in layer.note and report.export.parity["passed"] is True
 
 
+def test_token_counts_from_a_short_text_are_reported(small_bert, minilm, tmp_path):
+    """Issue 15, finding 8: a 16-token text was accepted while the report claimed '8 windows of 128 tokens'."""
+    text = tmp_path / "cal.txt"
+    text.write_text("the cat sat on the mat and the dog sat on the log.")
+    recipe = {
+        "version": 1,
+        "passes": [{"pass": "svd", "targets": ["embeddings.word_embeddings"], "compression_ratio": 4, "keep_top_k": 8}],
+        "calibration": {"data": str(text), "num_samples": 8, "seq_len": 128},
+    }
+    report = optimize(small_bert, recipe, tokenizer=minilm.tokenizer, progress=False)
+    assert any("token counts come from the whole calibration text, 14 tokens" in note and "8 x 128 = 1,024" in note for note in report.notes), report.notes
+
+
 def _flush_denormal() -> bool:
     """Torch has no getter: a float32 denormal times one is zero only when denormals are flushed."""
     return torch.tensor([1e-39], dtype=torch.float32).mul(1.0).item() == 0.0

@@ -50,8 +50,10 @@ def check_parity(
     """Compare the PyTorch model with its ONNX graph on random tokens, output by output.
 
     For each sequence length, random token ids (fixed ``seed``) and an
-    attention mask of ones go through ONNX Runtime CPU (decoders with empty
-    past key/values) and through the model (with ``use_cache=True`` when the
+    attention mask of ones, and then, at the longest length, a batch of 2 whose
+    second row is right-padded to half the length (a real attention mask with
+    zeros), go through ONNX Runtime CPU (decoders with empty past key/values)
+    and through the model (with ``use_cache=True`` when the
     graph returns ``present.*``, else ``use_cache=False`` for causal LMs).
     Every graph output is compared with its PyTorch counterpart:
     ``logits``, ``last_hidden_state``, ``pooler_output`` ... by name, and
@@ -112,8 +114,11 @@ def check_parity(
     per_shape: dict[str, float] = {}
     per_output = dict.fromkeys(names, 0.0)
     scale = 0.0
-    for seq_len in seq_lengths:
-        feeds = build_dummy_feeds(session, batch_size, seq_len, vocab_size, seed)
+    runs = [(f"batch={batch_size},seq={seq_len}", build_dummy_feeds(session, batch_size, seq_len, vocab_size, seed)) for seq_len in seq_lengths]
+    padded = _right_padded_feeds(session, max(seq_lengths), vocab_size, seed)
+    if padded is not None:
+        runs.append(padded)
+    for label, feeds in runs:
         try:
             got = session.run(names, feeds)
         except Exception as exc:
@@ -135,7 +140,7 @@ def check_parity(
             diff = _max_abs_diff(name, np.asarray(array), want)
             per_output[name] = max(per_output[name], diff)
             shape_diff = max(shape_diff, diff)
-        per_shape[f"batch={batch_size},seq={seq_len}"] = shape_diff
+        per_shape[label] = shape_diff
     bound = atol + rtol * scale
     failed = [name for name, diff in per_output.items() if not diff <= bound]
     max_diff = max(per_shape.values()) if per_shape else math.inf
@@ -143,6 +148,21 @@ def check_parity(
         max_diff, atol, not failed and max_diff <= bound, per_shape, rtol=rtol, reference_max_abs=scale,
         per_output=per_output, failed_outputs=failed,
     )
+
+
+def _right_padded_feeds(session: Any, seq_len: int, vocab_size: int, seed: int) -> tuple[str, dict[str, np.ndarray]] | None:
+    """A batch of 2 whose second row is right-padded to half its length (attention mask zeros), or
+    None when the graph takes no ``attention_mask`` or ``seq_len`` < 2."""
+    if seq_len < 2 or "attention_mask" not in {meta.name for meta in session.get_inputs()}:
+        return None
+    feeds = build_dummy_feeds(session, 2, seq_len, vocab_size, seed + 1)
+    mask = feeds["attention_mask"]
+    if mask.shape != (2, seq_len):  # a graph fed a past: leave it
+        return None
+    mask = mask.copy()
+    mask[1, seq_len // 2:] = 0
+    feeds["attention_mask"] = mask
+    return f"batch=2,seq={seq_len},right-padded to {seq_len // 2}", feeds
 
 
 def _max_abs_diff(name: str, got: np.ndarray, want: np.ndarray) -> float:
@@ -219,7 +239,8 @@ class ParityResult:
         ``max_abs_diff <= atol + rtol * reference_max_abs`` (so every output is
         within that bound and ``failed_outputs`` is empty).
     per_shape : dict[str, float]
-        Largest difference over all outputs per input shape, keyed ``"batch=B,seq=S"``.
+        Largest difference over all outputs per input shape, keyed ``"batch=B,seq=S"``
+        (``"batch=2,seq=S,right-padded to S/2"`` for the padded batch).
     rtol : float
         Tolerance relative to the largest reference output magnitude.
     reference_max_abs : float

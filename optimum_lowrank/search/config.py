@@ -32,6 +32,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from optimum_lowrank.exporters.weight_only import BITS
+from optimum_lowrank.strict import StrictScalars
 
 __all__ = ["KIND_DEFAULTS", "OBJECTIVES", "SEARCH_METRICS", "SearchConfig"]
 
@@ -65,7 +66,7 @@ KIND_DEFAULTS: dict[str, dict[str, object]] = {
 }
 
 
-class SearchConfig(BaseModel):
+class SearchConfig(StrictScalars):
     """The ``search:`` section. Unknown keys are errors naming the allowed ones.
 
     Attributes

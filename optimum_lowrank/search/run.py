@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -41,6 +40,7 @@ import torch
 
 from optimum_lowrank.errors import ObjectiveNotMetError
 from optimum_lowrank.models import cache_root
+from optimum_lowrank.output import private_tempdir, read_json_cache, write_json_cache
 from optimum_lowrank.pipeline import _check_output, _restored_torch_state, _save_tokenizer, _staging
 from optimum_lowrank.progress import Progress, bar, silenced
 from optimum_lowrank.search.allocate import Choice, DamageModel, GraphLayout, Unit, fill_gap, greedy_path, pick_index
@@ -108,7 +108,7 @@ def search(
     which steps were read from the cache.
     """
     config = parse_search_config(config)
-    with _restored_torch_state(), silenced(not progress):
+    with _restored_torch_state(), silenced(not progress), private_tempdir():
         return _search(model, config, output, tokenizer=tokenizer, overwrite=overwrite, progress=progress)
 
 
@@ -214,16 +214,16 @@ def _references(setup: SearchSetup, fp32: Path, work: Path, search_eval, gate_ev
 
     key = cache_key(model=fingerprint, references=True, **setup.reference_parts())
     cache = cache_root() / "search" / f"ref-{key}.json"
-    if cache.is_file():
-        return {**json.loads(cache.read_text()), "cached": True}
+    cached = read_json_cache(cache)
+    if isinstance(cached, dict):
+        return {**cached, "cached": True}
     int8 = quantize_onnx(fp32, work / "dynamic_int8.onnx", "dynamic_int8")
     refs = {
         "original_fp32": {"size_mb": onnx_size_mb(fp32), "search": search_eval.evaluate_onnx(fp32), "gate": gate_eval.evaluate_onnx(fp32)},
         "dynamic_int8": {"size_mb": onnx_size_mb(int8), "search": search_eval.evaluate_onnx(int8), "gate": gate_eval.evaluate_onnx(int8)},
     }
     int8.unlink()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(refs))
+    write_json_cache(cache, refs)
     return {**refs, "cached": False}
 
 

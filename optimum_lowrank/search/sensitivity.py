@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from optimum_lowrank.evaluation.base import hidden_state, mean_pool, torch_forward
 from optimum_lowrank.exporters.nbits import dequantize, pack
 from optimum_lowrank.exporters.weight_only import fit_block, layer_algorithm
+from optimum_lowrank.output import read_json_cache, write_json_cache
 from optimum_lowrank.progress import bar
 
 __all__ = ["Probe", "Sensitivity", "fake_quantize", "key", "measure_sensitivity", "model_fingerprint"]
@@ -378,8 +379,8 @@ def measure_sensitivity(
     Sensitivity
         Linear keys ``"bits/block"`` (``"hqq4/64"`` for HQQ, :func:`key`), embedding keys ``"ratio/bits/block"``.
     """
-    if cache_file is not None and cache_file.is_file():
-        result = Sensitivity.from_json(json.loads(cache_file.read_text()))
+    result = read_json_cache(cache_file, Sensitivity.from_json) if cache_file is not None else None
+    if result is not None:
         result.cached = True
         return result
     started = time.perf_counter()
@@ -438,10 +439,7 @@ def measure_sensitivity(
                     progress.update()
     result.seconds = time.perf_counter() - started
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result.to_json()))
-        tmp.replace(cache_file)
+        write_json_cache(cache_file, result.to_json())
     return result
 
 

@@ -142,7 +142,7 @@ def test_lowrank_bert_exports_and_matches(bert_export) -> None:
     result = check_parity(model, path, seq_lengths=(8, 32, 128), batch_size=2)
     assert result.passed
     assert result.max_abs_diff < 1e-4
-    assert set(result.per_shape) == {"batch=2,seq=8", "batch=2,seq=32", "batch=2,seq=128"}
+    assert set(result.per_shape) == {"batch=2,seq=8", "batch=2,seq=32", "batch=2,seq=128", "batch=2,seq=128,right-padded to 64"}
     json.dumps(result.to_dict())
 
 
@@ -154,14 +154,34 @@ def test_parity_reports_a_mismatch(bert_export) -> None:
     result = check_parity(changed, path, seq_lengths=(8,), atol=1e-3)
     assert not result.passed
     assert result.max_abs_diff == pytest.approx(0.01, rel=1e-3)
-    assert result.per_shape == {"batch=2,seq=8": result.max_abs_diff}
+    assert result.per_shape["batch=2,seq=8"] == result.max_abs_diff
 
 
 def test_parity_caps_lengths_at_max_positions(bert_export) -> None:
     model, path = bert_export
     result = check_parity(model, path, seq_lengths=(8, 500), batch_size=1)
-    assert set(result.per_shape) == {"batch=1,seq=8", "batch=1,seq=128"}
+    assert set(result.per_shape) == {"batch=1,seq=8", "batch=1,seq=128", "batch=2,seq=128,right-padded to 64"}
     assert result.passed
+
+
+class _IgnoresMask(torch.nn.Module):
+    """The model, but blind to the attention mask (what a graph that drops the mask computes)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.inner, self.config = model, model.config
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return self.inner(input_ids=input_ids, **kwargs)
+
+
+def test_parity_runs_a_right_padded_batch(bert_export) -> None:
+    """Issue 15, finding 9: with all-ones masks a graph that ignored padding would pass."""
+    model, path = bert_export
+    result = check_parity(_IgnoresMask(model), path, seq_lengths=(8, 32), batch_size=2, atol=1e-4)
+    assert result.per_shape["batch=2,seq=8"] < 1e-4 and result.per_shape["batch=2,seq=32"] < 1e-4
+    assert result.per_shape["batch=2,seq=32,right-padded to 16"] > 1e-3
+    assert not result.passed
 
 
 def test_parity_result_to_dict_handles_inf() -> None:

@@ -18,12 +18,13 @@ from onnx import numpy_helper
 from optimum_lowrank.cli import main
 from optimum_lowrank.errors import ObjectiveNotMetError
 from optimum_lowrank.evaluation import STSBEvaluator
+from optimum_lowrank.output import MARKER
 from optimum_lowrank.pipeline import optimize
 from optimum_lowrank.recipe import load_recipe
 from optimum_lowrank.search import search
 from tests.search.conftest import word_tokenizer
 
-OUTPUTS = {"recipe.yaml", "search.json", "search.png", "allocation.png", "allocation.md", "onnx"}
+OUTPUTS = {"recipe.yaml", "search.json", "search.png", "allocation.png", "allocation.md", "onnx", MARKER}
 
 
 def _bert_config(sts_files, **extra):

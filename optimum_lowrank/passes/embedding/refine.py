@@ -24,6 +24,7 @@ import optimum_lowrank.finetune as finetune
 from optimum_lowrank.api import PassContext
 from optimum_lowrank.errors import DataError, PassError
 from optimum_lowrank.progress import bar
+from optimum_lowrank.strict import StrictScalars
 
 __all__ = [
     "RefineConfig",
@@ -203,7 +204,7 @@ class _Original(nn.Module):
             return self._model(**inputs)
 
 
-class RefineConfig(BaseModel):
+class RefineConfig(StrictScalars):
     """Output-aware refinement of a compressed embedding (see :func:`refine_embedding`).
 
     Attributes

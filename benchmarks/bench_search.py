@@ -139,7 +139,7 @@ def markdown(path: Path) -> None:
             print(f"| {r['run']} | determinism check: identical candidates, allocation and gate figure: {r['identical_to_first_run']} "
                   f"| | | | | | | {len(r.get('candidates', []))} | {r['seconds']:.0f} |")
             continue
-        objective = ", ".join(f"{k} {v:g}" for k, v in r["objective"].items())
+        objective = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in r["objective"].items())
         if "error" in r:
             print(f"| {r['run']} | {objective} | - | error: {r['error'][:120]} | | | | | {len(r['candidates'])} | {r['seconds']:.0f} |")
             continue

@@ -128,8 +128,9 @@ class SearchConfig(StrictScalars):
         estimated from the next as ``damage * (error_top / error_next) ** 2`` (relative weight
         error; quadratic model of small perturbations), which halves the cost.
     max_rounds : int in [1, 20]
-        Candidates exported, quantized and scored with ONNX Runtime (one more is allowed to check
-        the largest candidate when none passed).
+        Candidates exported, quantized and scored with ONNX Runtime along the chosen path (one more
+        is allowed to check the largest candidate when none passed), plus at most one on another
+        (block size, algorithm) path that now predicts a smaller graph within the budget.
     enforce_gate : bool
         A chosen graph that fails the objective on the gate data raises
         :class:`~optimum_lowrank.errors.ObjectiveNotMetError` (nothing written). False: it is

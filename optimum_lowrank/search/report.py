@@ -151,7 +151,7 @@ class SearchReport:
             r = refs.get(name, {})
             lines.append(f"  {name:<28} {r.get('size_mb', math.nan):8.2f} {r.get('search', math.nan):10.4g} {r.get('gate', math.nan):10.4g}")
         for c in self.candidates:
-            tag = "  <- chosen" if self.chosen is not None and c.index == self.chosen.index else ""
+            tag = "  <- chosen" if c is self.chosen else ""
             lines.append(f"  round {c.round}: point {c.index:<14} {c.size_mb:8.2f} {c.search:10.4g} {'' if c.gate is None else f'{c.gate:10.4g}'}{tag}")
         lines.append("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()))
         return "\n".join(lines)

@@ -122,3 +122,38 @@ def test_fill_gap_keeps_the_big_step_and_gives_layers_their_bits_back():
     assert [(p.nbytes, p.picks) for p in extra] == [(260, (1, 0, 1)), (300, (0, 0, 1))]  # b first: most damage per byte
     assert extra[0].step == "gap: b: 4-bit -> 8-bit" and extra[1].damage == pytest.approx(1.0)
     assert fill_gap(units, path[3], limit_bytes=250, fixed_bytes=0) == []
+
+
+def test_cross_check_verifies_another_path_that_now_predicts_a_smaller_graph(monkeypatch):
+    from types import SimpleNamespace
+
+    from optimum_lowrank.search import run
+    from optimum_lowrank.search.allocate import PathPoint
+    from optimum_lowrank.search.report import Candidate
+
+    def path(*points):
+        return [PathPoint(i, (), nbytes, proxy, "") for i, (nbytes, proxy) in enumerate(points)]
+
+    # block 64 was verified (its guess failed, 120 MB passed); block 32 predicts 116 MB at almost no damage
+    paths = {(64, "hqq"): ([], path((130e6, 0.0), (120e6, 0.04), (115e6, 0.0485))), (32, "hqq"): ([], path((116e6, 0.0005), (100e6, 0.2)))}
+    setup = SimpleNamespace(config=SearchConfig(max_increase=0.05))
+    evaluated = []
+
+    def evaluate(setup, units, point, block, algorithm, *args, name):
+        evaluated.append((block, algorithm, point.index))
+        return Candidate(index=point.index, ratio=1.0, embedding_bits=8, bits={}, predicted_bytes=point.nbytes, nbytes=int(point.nbytes),
+                         proxy=point.damage, search=20.0, damage=0.001, seconds=0.0)
+
+    monkeypatch.setattr(run, "_evaluate", evaluate)
+    report = SimpleNamespace(candidates=[])
+    chosen = Candidate(index=1, ratio=1.0, embedding_bits=8, bits={}, predicted_bytes=120e6, nbytes=120_000_000, proxy=0.04, search=20.4,
+                       damage=0.049, seconds=0.0)
+    variant, candidate = run._cross_check(setup, paths, (64, "hqq"), DamageModel("log", 1.0), chosen, None, None, None, None, 19.45, report, None)
+    assert variant == (32, "hqq") and evaluated == [(32, "hqq", 0)] and candidate.passed and report.candidates == [candidate]
+    # nothing smaller predicted within the budget: no extra round
+    smaller = Candidate(index=1, ratio=1.0, embedding_bits=8, bits={}, predicted_bytes=110e6, nbytes=110_000_000, proxy=0.04, search=20.4,
+                        damage=0.049, seconds=0.0)
+    assert run._cross_check(setup, paths, (64, "hqq"), DamageModel("log", 1.0), smaller, None, None, None, None, 19.45, report, None) is None
+    assert run._cross_check(SimpleNamespace(config=SearchConfig(size_mb=100)), paths, (64, "hqq"), DamageModel("log", 1.0), None,
+                            None, None, None, None, 19.45, report, None) is None
+    assert len(evaluated) == 1

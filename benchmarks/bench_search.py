@@ -59,6 +59,8 @@ RUNS = {
     "smollm2-max-increase-5": ("smollm2", {"max_increase": 0.05}),
     # HQQ (float zero points) as a second algorithm: smaller on this Q4_1-derived model, but slow to decode
     "smollm2-max-increase-5-hqq": ("smollm2", {"max_increase": 0.05, "algorithms": ["rtn", "hqq"]}),
+    # the same after the cross-check round was added (run.py: _cross_check)
+    "smollm2-max-increase-5-hqq-xc": ("smollm2", {"max_increase": 0.05, "algorithms": ["rtn", "hqq"]}),
 }
 SHIPPED = {
     "minilm": ["minilm-edge.yaml", "minilm-svd.yaml", "minilm-embeddings-10x.yaml", "minilm-tt-embedding.yaml",

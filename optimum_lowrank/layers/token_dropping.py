@@ -19,7 +19,7 @@ replaces a ``BertEncoder`` and runs its layers on the tokens still kept.
 
 The ``last_hidden_state`` returned keeps the input length when ``restore_positions``
 (dropped tokens keep the state they had when dropped, scattered back to their
-positions), which mean pooling needs; a classifier that reads [CLS] only can skip it.
+positions; padding positions keep their embedding output), which mean pooling needs; a classifier that reads [CLS] only can skip it.
 
 References
 ----------

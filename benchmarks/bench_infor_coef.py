@@ -34,16 +34,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from optimum_lowrank.api import PassContext, count_parameters  # noqa: E402
-from optimum_lowrank.data import shared_data_dir  # noqa: E402
-from optimum_lowrank.evaluation.classification import ClassificationAccuracyEvaluator  # noqa: E402
-from optimum_lowrank.exporters.onnx import export_onnx, onnx_size_mb  # noqa: E402
-from optimum_lowrank.exporters.quantize import quantize_onnx  # noqa: E402
-from optimum_lowrank.exporters.runtime import make_session  # noqa: E402
-from optimum_lowrank.layers.token_dropping import TokenDroppingEncoder  # noqa: E402
-from optimum_lowrank.models import load_model  # noqa: E402
-from optimum_lowrank.plugins import get_registry  # noqa: E402
-from optimum_lowrank.tasks import load_labelled_tsv  # noqa: E402
+from optimum_lowrank.api import PassContext, count_parameters
+from optimum_lowrank.data import shared_data_dir
+from optimum_lowrank.evaluation.classification import ClassificationAccuracyEvaluator
+from optimum_lowrank.exporters.onnx import export_onnx, onnx_size_mb
+from optimum_lowrank.exporters.quantize import quantize_onnx
+from optimum_lowrank.exporters.runtime import make_session
+from optimum_lowrank.layers.token_dropping import TokenDroppingEncoder
+from optimum_lowrank.models import load_model
+from optimum_lowrank.plugins import get_registry
+from optimum_lowrank.tasks import load_labelled_tsv
 
 RESULTS = ROOT / "benchmarks" / "results" / "infor_coef.json"
 
@@ -208,7 +208,63 @@ def main() -> None:
     if "tokens" in wanted:
         only, seconds, notes = train(base, [tokens], tokenizer, args.work / f"tokens-k{args.target_keep}-t{args.token_steps}.pt")
         measure(f"token_downsampling only keep={args.target_keep}", only, tokenizer, evaluator, sentences, seconds, notes, args.work, rows)
+    if "minilm-stsb" in wanted:
+        stsb_rows(args, rows)
     print(f"wrote {RESULTS}")
+
+
+def stsb_rows(args, rows: list) -> None:
+    """The sentence-embedding MiniLM: structured_prune on the distillation objective
+    (mean-pooled outputs of the original on STS-B train sentences), gated on STS-B dev."""
+    from optimum_lowrank.data import load_sts_pairs, token_windows
+    from optimum_lowrank.evaluation.sentence import STSBEvaluator
+
+    data = shared_data_dir()
+    loaded = load_model("minilm")
+    pairs = load_sts_pairs(data / "stsb" / "sts-dev.tsv")
+    evaluator = STSBEvaluator(loaded.tokenizer, pairs, pairs_description="sts-dev.tsv")
+    train_text = " ".join(s for a, b, _ in load_sts_pairs(data / "stsb" / "sts-train.tsv") for s in (a, b))
+    windows = token_windows(loaded.tokenizer, train_text, 32, 4096)
+    sentences = [a for a, _, _ in pairs[: args.latency_sentences]]
+    entry = {"pass": "structured_prune", "targets": ["re:encoder\\.layer\\.\\d+"], "target_sparsity": args.sparsity,
+             "steps": args.prune_steps, "finetune_steps": args.finetune_steps, "batch_size": 32, "lr": 3e-5, "distill_hidden": 1.0}
+    cache = args.work / f"minilm-stsb-s{args.sparsity}-p{args.prune_steps}-f{args.finetune_steps}.pt"
+    for name, model, seconds in (("minilm (sentence embedding)", loaded.model, {}),):
+        _stsb_measure(name, model, loaded.tokenizer, evaluator, sentences, seconds, args.work, rows)
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=False)
+        pruned, seconds = saved["model"], saved["seconds"]
+    else:
+        pruned = copy.deepcopy(loaded.model)
+        context = PassContext(kind="encoder", tokenizer=loaded.tokenizer, calibration_loader=lambda: windows, seed=0)
+        t0 = time.perf_counter()
+        get_registry().get("structured_prune")({k: v for k, v in entry.items() if k != "pass"}).run(pruned, context)
+        seconds = {"structured_prune": time.perf_counter() - t0}
+        torch.save({"model": pruned, "seconds": seconds}, cache)
+    _stsb_measure(f"minilm structured_prune s={args.sparsity} (distill)", pruned, loaded.tokenizer, evaluator, sentences, seconds, args.work, rows)
+
+
+def _stsb_measure(name, model, tokenizer, evaluator, sentences, seconds, work: Path, rows: list) -> None:
+    folder = work / name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "")
+    fp32 = export_onnx(model, folder, "feature-extraction")
+    graphs = {"fp32": fp32, "int8": quantize_onnx(fp32, folder / "model_quantized.onnx", "dynamic_int8")}
+    width = model.config.hidden_size
+    flops = 0.0
+    for text in sentences:
+        n = tokenizer(text, return_tensors="pt")["input_ids"].shape[1]
+        for layer in model.encoder.layer:
+            attn = getattr(layer.attention, "self", None)
+            a = 0 if attn is None else attn.num_attention_heads * attn.attention_head_size
+            f = getattr(getattr(layer.intermediate, "dense", None), "out_features", 0)
+            flops += 8 * n * width * a + 4 * n * n * a + 4 * n * width * f
+    for precision, path in graphs.items():
+        row = {"row": name, "precision": precision, "stsb_spearman": evaluator.evaluate_onnx(path),
+               **latency(path, tokenizer, sentences), "gflops": flops / len(sentences) / 1e9,
+               "params": count_parameters(model), "size_mb": onnx_size_mb(path), "train_seconds": seconds}
+        rows.append(row)
+        RESULTS.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1) + "\n")
+        print(f"{name:<34} {precision:<5} STS-B {row['stsb_spearman']:6.2f}  median {row['median_ms']:6.2f} ms  "
+              f"mean {row['mean_ms']:6.2f} ms  {row['gflops']:.3f} GFLOPs  {row['size_mb']:6.1f} MB", flush=True)
 
 
 if __name__ == "__main__":

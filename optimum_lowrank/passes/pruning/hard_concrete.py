@@ -71,7 +71,7 @@ class HardConcrete(nn.Module):
         """Inference gates, shape (size,): the expected number of closed gates,
         ``round(sum(1 - prob_open))``, are set to exactly 0 (lowest ``log_alpha`` first);
         the others take the clamped stretched mean ``clamp(sigmoid(log_alpha) * (r - l) + l, 0, 1)``."""
-        closed = int(round(float((1 - self.prob_open()).sum())))
+        closed = round(float((1 - self.prob_open()).sum()))
         values = (torch.sigmoid(self.log_alpha) * (LIMIT_HIGH - LIMIT_LOW) + LIMIT_LOW).clamp(0.0, 1.0)
         if closed > 0:
             values[torch.argsort(self.log_alpha)[:closed]] = 0.0

@@ -28,7 +28,7 @@ from optimum_lowrank.api import PassContext
 from optimum_lowrank.errors import PassError
 from optimum_lowrank.tasks import LabelledData, check_num_labels, encode_batches, load_labelled_tsv
 
-__all__ = ["TrainingOptions", "TaskObjective", "NonFiniteLossError"]
+__all__ = ["NonFiniteLossError", "TaskObjective", "TrainingOptions", "check_finite", "warmup_schedule"]
 
 
 class NonFiniteLossError(PassError):

@@ -26,7 +26,7 @@ from optimum_lowrank.errors import PassError
 from optimum_lowrank.layers.pruned import BiasOnlyAttention, BiasOnlyOutput, PassThrough
 from optimum_lowrank.passes.pruning.hard_concrete import HardConcrete
 
-__all__ = ["LayerGates", "install_gates", "expected_sparsity", "remove_closed"]
+__all__ = ["LayerGates", "expected_sparsity", "install_gates", "remove_closed", "set_gate_values"]
 
 #: Module class names this pass knows how to gate and shrink.
 SUPPORTED_LAYERS = ("BertLayer",)

@@ -62,7 +62,7 @@ def test_deterministic_gates_close_the_expected_number():
     with torch.no_grad():
         gate.log_alpha.copy_(torch.linspace(-6, 6, 10))
     z = gate.deterministic()
-    closed = int(round(float((1 - gate.prob_open().detach()).sum())))
+    closed = round(float((1 - gate.prob_open().detach()).sum()))
     assert int((z == 0).sum()) == closed and closed > 0
     assert torch.all(z[:closed] == 0) and torch.all((z >= 0) & (z <= 1))
 

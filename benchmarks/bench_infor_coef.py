@@ -173,11 +173,13 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=100, help="steps after the units are removed")
     parser.add_argument("--sparsity", type=float, default=0.6)
     parser.add_argument("--target-keep", type=float, default=0.5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--torch-threads", type=int, default=1, help="training threads (1: no OpenMP spinning on a shared CPU)")
     parser.add_argument("--latency-sentences", type=int, default=200)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench_infor_coef")
     parser.add_argument("--rows", default="original,pruned,pruned+tokens,tokens")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.torch_threads)
     args.work.mkdir(parents=True, exist_ok=True)
     data = shared_data_dir()
     train_tsv, dev_tsv = str(data / "sst2" / "train.tsv"), str(data / "sst2" / "dev.tsv")
@@ -189,20 +191,20 @@ def main() -> None:
     wanted = args.rows.split(",")
     rows: list = []
     prune = {"pass": "structured_prune", "targets": ["re:bert\\.encoder\\.layer\\.\\d+"], "target_sparsity": args.sparsity,
-             "data": train_tsv, "steps": args.prune_steps, "finetune_steps": args.finetune_steps, "batch_size": 32,
+             "data": train_tsv, "steps": args.prune_steps, "finetune_steps": args.finetune_steps, "batch_size": args.batch_size,
              "lr": 3e-5, "distill_alpha": 0.7}
     tokens = {"pass": "token_downsampling", "targets": ["bert.encoder"], "data": train_tsv, "steps": args.token_steps,
-              "batch_size": 32, "target_keep": args.target_keep, "lr": 2e-5, "predictor_lr": 1e-3}
+              "batch_size": args.batch_size, "target_keep": args.target_keep, "lr": 2e-5, "predictor_lr": 1e-3}
     print(f"{loaded.source}; torch accuracy {evaluator.evaluate_torch(base):.2f}", flush=True)
     if "original" in wanted:
         measure("original (minilm-sst2)", base, tokenizer, evaluator, sentences, {}, [], args.work, rows)
-    tag = f"s{args.sparsity}-p{args.prune_steps}-f{args.finetune_steps}"
+    tag = f"s{args.sparsity}-p{args.prune_steps}-f{args.finetune_steps}-b{args.batch_size}"
     if "pruned" in wanted or "pruned+tokens" in wanted:
         pruned, seconds, notes = train(base, [prune], tokenizer, args.work / f"pruned-{tag}.pt")
         if "pruned" in wanted:
             measure(f"structured_prune s={args.sparsity}", pruned, tokenizer, evaluator, sentences, seconds, notes, args.work, rows)
         if "pruned+tokens" in wanted:
-            both, seconds2, notes2 = train(pruned, [tokens], tokenizer, args.work / f"pruned-{tag}-tokens-k{args.target_keep}-t{args.token_steps}.pt")
+            both, seconds2, notes2 = train(pruned, [tokens], tokenizer, args.work / f"pruned-{tag}-tokens-k{args.target_keep}-t{args.token_steps}-b{args.batch_size}.pt")
             measure(f"+ token_downsampling keep={args.target_keep}", both, tokenizer, evaluator, sentences,
                     {**seconds, **seconds2}, notes + notes2, args.work, rows)
     if "tokens" in wanted:

@@ -507,43 +507,15 @@ def task_cache_dir(alias: str) -> Path:
 
 
 def _load_task_alias(alias: str, tokenizer: PreTrainedTokenizerBase | None) -> LoadedModel:
-    """Load (building and caching it the first time) a task model of :data:`TASK_ALIASES`."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
+    """Load (building and caching it the first time, see :func:`~optimum_lowrank.tasks.build_task_model`) a task model."""
     from optimum_lowrank.data import shared_data_dir
-    from optimum_lowrank.tasks import finetune_classifier, load_labelled_tsv
+    from optimum_lowrank.tasks import build_task_model
 
     cache = task_cache_dir(alias)
     base, task_file, steps, batch_size, lr, seed = TASK_ALIASES[alias]
     if not (cache / "config.json").is_file():
-        folder = resolve_alias(base)
-        data = load_labelled_tsv(shared_data_dir() / task_file)
-        torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(folder), num_labels=data.num_labels, dtype=torch.float32, local_files_only=True
-        )
-        tok = _load_tokenizer(folder)
-        with torch.random.fork_rng():
-            stats = finetune_classifier(model, tok, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
-        try:
-            model.save_pretrained(str(tmp), safe_serialization=True)
-            tok.save_pretrained(str(tmp))
-            (tmp / "finetune.json").write_text(
-                f'{{"steps": {steps}, "batch_size": {batch_size}, "lr": {lr}, "seed": {seed}, '
-                f'"seconds": {stats["seconds"]:.1f}, "final_loss": {stats["final_loss"]:.4f}}}\n'
-            )
-            os.chmod(tmp, 0o755)
-            try:
-                os.rename(tmp, cache)
-            except OSError:
-                if not (cache / "config.json").is_file():
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        stats = build_task_model(resolve_alias(base), shared_data_dir() / task_file, cache,
+                                 steps=steps, batch_size=batch_size, lr=lr, seed=seed)
         source = f"{alias} (fine-tuned on {task_file} in {stats['seconds']:.0f} s, cached at {cache})"
     else:
         source = f"{alias} (cached at {cache})"

@@ -12,9 +12,12 @@ Nothing heavy happens at import time.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["LabelledData", "check_num_labels", "encode_batches", "finetune_classifier", "load_labelled_tsv"]
+__all__ = ["LabelledData", "build_task_model", "check_num_labels", "encode_batches", "finetune_classifier", "load_labelled_tsv"]
 
 #: Header names tried, in order, when the text columns are not given.
 TEXT_COLUMN_CANDIDATES: tuple[tuple[str, ...], ...] = (
@@ -302,3 +305,40 @@ def finetune_classifier(
         p.requires_grad_(saved[id(p)])
     tail = losses[-50:]
     return {"steps": steps, "seconds": time.perf_counter() - start, "final_loss": sum(tail) / len(tail)}
+
+
+def build_task_model(base: Path, task_file: Path, target: Path, *, steps: int, batch_size: int, lr: float, seed: int) -> dict:
+    """Fine-tune a classification head (and body) on ``task_file`` from the model folder
+    ``base`` and save model + tokenizer to ``target`` atomically (a temporary folder renamed).
+
+    Returns
+    -------
+    dict
+        :func:`finetune_classifier`'s statistics, also written to ``target/finetune.json``.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    data = load_labelled_tsv(task_file)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(base), num_labels=data.num_labels, dtype=torch.float32, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+        stats = finetune_classifier(model, tokenizer, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "finetune.json").write_text(json.dumps({"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, **stats}) + "\n")
+        os.chmod(tmp, 0o755)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return stats

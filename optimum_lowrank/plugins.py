@@ -59,6 +59,8 @@ BUILTIN_PLUGINS = (
     "optimum_lowrank.passes.embedding.autoencoder",
     "optimum_lowrank.passes.embedding.tt",
     "optimum_lowrank.passes.embedding.fourier",
+    "optimum_lowrank.passes.pruning.structured",
+    "optimum_lowrank.passes.tokens.downsampling",
     "optimum_lowrank.evaluation",
     "optimum_lowrank.exporters.quantizers",
 )

@@ -11,7 +11,8 @@
 The contract, on :func:`tiny_bert` with the pass's ``example_options``:
 
 1. the config round-trips through a YAML recipe unchanged;
-2. the model's parameter count goes down;
+2. the model's parameter count goes down (for a pass with ``reduces_parameters = False``,
+   one that saves compute instead, it grows by at most 25%);
 3. the outputs stay close to the original's (mean cosine of the last hidden
    states >= ``min_cosine``), and the caller's model is not modified;
 4. the compressed model exports to ONNX and ONNX Runtime matches PyTorch on
@@ -148,7 +149,10 @@ def check_pass_contract(
     model = tiny_bert()
     compressed = _compress(model, recipe, tiny_context(), registry)
     before, after = count_parameters(model), count_parameters(compressed)
-    assert after < before, f"parameter count did not go down: {before} -> {after}"
+    if pass_class.reduces_parameters:
+        assert after < before, f"parameter count did not go down: {before} -> {after}"
+    else:  # a compute-saving pass (token dropping) may add a little
+        assert after <= 1.25 * before, f"a compute-saving pass added more than 25% parameters: {before} -> {after}"
 
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -35,3 +35,40 @@ def correlated_inputs(n_tokens: int = 2000, features: int = 24, seed: int = 0) -
 
 def params_ratio(reports) -> float:
     return sum(r.params_after for r in reports) / sum(r.params_before for r in reports)
+
+
+TASK_WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "film", "the", "a", "very", "not"]
+
+
+def tiny_classifier(seed: int = 0, num_labels: int = 2):
+    """A random 2-layer BertForSequenceClassification (vocab 64, hidden 64, 4 heads, intermediate 128), eval mode."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                        max_position_embeddings=64, num_labels=num_labels)
+    return BertForSequenceClassification(config).eval()
+
+
+def word_tokenizer(tmp_path):
+    """A real BertTokenizer over [PAD] [UNK] [CLS] [SEP] [MASK] and :data:`TASK_WORDS`."""
+    from transformers import BertTokenizer
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TASK_WORDS]) + "\n")
+    return BertTokenizer(str(vocab))
+
+
+def sentiment_tsv(path, rows: int = 24, seed: int = 0):
+    """A labelled TSV like SST-2 (header ``label<TAB>text_a``): label 1 for positive words."""
+    import random
+
+    rng = random.Random(seed)
+    lines = ["label\ttext_a"]
+    for _ in range(rows):
+        label = rng.randint(0, 1)
+        words = ["good", "great", "fine"] if label else ["bad", "awful", "poor"]
+        text = " ".join(rng.choice(words + ["the", "movie", "very", "a", "film"]) for _ in range(rng.randint(3, 9)))
+        lines.append(f"{label}\t{text}")
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -63,7 +63,7 @@ def test_recipe_file_and_missing_file(tmp_path):
         ("version: 1\npasses: [{pass: svd, targets: [a], rank: 2, tied_head: drop}]", "tied_head: Input should be 'shared' or 'untie'"),
         ("version: 1\naccuracy: {metric: perplexity, max_drop: 1}", "takes the threshold 'max_increase', not max_drop"),
         ("version: 1\naccuracy: {metric: perplexity}", "needs the threshold 'max_increase'"),
-        ("version: 1\naccuracy: {metric: bleu, max_drop: 1}", "metric: Input should be 'perplexity', 'stsb_spearman' or 'cosine_agreement'"),
+        ("version: 1\naccuracy: {metric: bleu, max_drop: 1}", "metric: Input should be 'perplexity', 'stsb_spearman', 'cosine_agreement' or 'accuracy'"),
         ("version: 1\naccuracy: {metric: stsb_spearman, max_drop: 1}", "needs 'data'"),
         ("version: 1\naccuracy: {metric: cosine_agreement, min_cosine: 1.5}", "min_cosine: Input should be less than or equal to 1"),
         ("version: 1\nexport: {quantize: int3}", "export.quantize: unknown quantizer 'int3'; registered: dynamic_int8, .*none, static_int8, weight_int4, weight_int8, weight_only"),
@@ -101,7 +101,7 @@ def test_shipped_recipes_validate(path):
 def test_unknown_metric_lists_the_registered_ones_by_plugin():
     with pytest.raises(
         UnknownMetricError,
-        match="accuracy: metric: Input should be 'perplexity', 'stsb_spearman' or 'cosine_agreement' \\(built in\\), "
+        match="accuracy: metric: Input should be 'perplexity', 'stsb_spearman', 'cosine_agreement' or 'accuracy' \\(built in\\), "
         "or 'top1_agreement' \\(plugin 'rsvd'\\), got 'bleu'",
     ):
         load_recipe("version: 1\naccuracy: {metric: bleu, max_drop: 1}")

@@ -26,7 +26,10 @@ def test_every_embedding_pass_runs_the_tied_llama_clauses():
 @pytest.mark.parametrize("name", REGISTRY.names())
 def test_pass_contract(name, tmp_path):
     result = check_pass_contract(REGISTRY.get(name), tmp_path)
-    assert result.params_after < result.params_before
+    if REGISTRY.get(name).reduces_parameters:
+        assert result.params_after < result.params_before
+    else:  # token_downsampling saves compute and adds its predictors
+        assert result.params_before < result.params_after <= 1.25 * result.params_before
     assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-4
     if name in EMBEDDING_PASSES:  # the tied Llama: the head shares the compressed table, ORT matches on logits and present.*
         assert result.tied is not None and result.tied.params_after < result.tied.params_before

@@ -10,7 +10,9 @@ through the ``lowrank_register_metrics`` hook like any plugin's:
 - ``stsb_spearman`` (:class:`STSBEvaluator`, :class:`STSBConfig`): encoders, higher
   is better (x100);
 - ``cosine_agreement`` (:class:`CosineAgreementEvaluator`, :class:`CosineAgreementConfig`):
-  encoders, data-free, higher is better (1.0 for the original model).
+  encoders, data-free, higher is better (1.0 for the original model);
+- ``accuracy`` (:class:`ClassificationAccuracyEvaluator`, :class:`AccuracyMetricConfig`):
+  sequence classifiers on a labelled TSV (e.g. SST-2 dev), higher is better (x100).
 
 The pipeline calls :func:`evaluator_from_config` with the recipe's validated
 ``accuracy:`` section; :func:`build_evaluator` builds one from keyword options.
@@ -25,6 +27,7 @@ from pydantic import ValidationError
 
 from optimum_lowrank.errors import RecipeError, UnknownMetricError
 from optimum_lowrank.evaluation.base import Evaluator
+from optimum_lowrank.evaluation.classification import AccuracyMetricConfig, ClassificationAccuracyEvaluator
 from optimum_lowrank.evaluation.perplexity import PerplexityConfig, PerplexityEvaluator
 from optimum_lowrank.evaluation.sentence import CosineAgreementConfig, CosineAgreementEvaluator, STSBConfig, STSBEvaluator
 from optimum_lowrank.hookspecs import hookimpl
@@ -38,6 +41,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "METRICS",
+    "AccuracyMetricConfig",
+    "ClassificationAccuracyEvaluator",
     "CosineAgreementConfig",
     "CosineAgreementEvaluator",
     "Evaluator",
@@ -49,7 +54,7 @@ __all__ = [
     "evaluator_from_config",
 ]
 
-_BUILTIN: tuple[type[Evaluator], ...] = (PerplexityEvaluator, STSBEvaluator, CosineAgreementEvaluator)
+_BUILTIN: tuple[type[Evaluator], ...] = (PerplexityEvaluator, STSBEvaluator, CosineAgreementEvaluator, ClassificationAccuracyEvaluator)
 
 #: Names of the built-in metrics; plugins add more (see :func:`~optimum_lowrank.plugins.get_metric_registry`).
 METRICS: tuple[str, ...] = tuple(cls.name for cls in _BUILTIN)

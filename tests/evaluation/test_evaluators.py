@@ -313,7 +313,7 @@ def test_build_evaluator(
     bert: BertModel, llama: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, tmp_path: Path
 ) -> None:
     encoder, decoder = _loaded(bert, tokenizer, "encoder"), _loaded(llama, tokenizer, "decoder")
-    assert METRICS == ("perplexity", "stsb_spearman", "cosine_agreement")
+    assert METRICS == ("perplexity", "stsb_spearman", "cosine_agreement", "accuracy")
 
     ppl = build_evaluator("perplexity", decoder, data=None, reference_model=None, seq_len=32, max_windows=2)
     assert isinstance(ppl, PerplexityEvaluator) and "pydoc" in ppl.description
@@ -326,8 +326,8 @@ def test_build_evaluator(
     cos = build_evaluator("cosine_agreement", encoder, data=None, reference_model=bert, num_samples=2, seq_len=16)
     assert isinstance(cos, CosineAgreementEvaluator)
 
-    with pytest.raises(RecipeError, match="perplexity, stsb_spearman, cosine_agreement"):
-        build_evaluator("accuracy", encoder, data=None, reference_model=bert)
+    with pytest.raises(RecipeError, match="perplexity, stsb_spearman, cosine_agreement, accuracy"):
+        build_evaluator("bleu", encoder, data=None, reference_model=bert)
     with pytest.raises(RecipeError, match="needs a decoder model but tiny encoder is an encoder"):
         build_evaluator("perplexity", encoder, data=None, reference_model=bert)
     with pytest.raises(RecipeError, match="needs an encoder model but tiny decoder is a decoder"):

@@ -1,0 +1,273 @@
+"""Infor-Coef on the SST-2-fine-tuned MiniLM (``minilm-sst2``): structured pruning, then
+token downsampling, measured in ONNX Runtime next to the analytic FLOPs.
+
+Rows (fp32 and dynamic int8 each): the unpruned fine-tuned model; ``structured_prune``;
+``structured_prune`` + ``token_downsampling``; optionally the project's ``svd`` pass at
+about the pruned model's parameter count. For each: SST-2 dev accuracy in ONNX Runtime
+(all 872 sentences, padded batches of 32), ORT CPU latency at batch 1 on real dev
+sentences (2 threads, each sentence unpadded, median and mean over sentences), the
+analytic encoder FLOPs per sentence (kept heads and dimensions, and the measured
+kept-token count per layer on the same sentences), parameters, file size and training time.
+
+Usage::
+
+    python benchmarks/bench_infor_coef.py [--prune-steps 300] [--token-steps 200] [--sparsity 0.6]
+
+Prints a table and writes ``benchmarks/results/infor_coef.json`` after every row.
+Trained models are kept under ``--work`` so a rerun skips the training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from optimum_lowrank.api import PassContext, count_parameters
+from optimum_lowrank.data import shared_data_dir
+from optimum_lowrank.evaluation.classification import ClassificationAccuracyEvaluator
+from optimum_lowrank.exporters.onnx import export_onnx, onnx_size_mb
+from optimum_lowrank.exporters.quantize import quantize_onnx
+from optimum_lowrank.exporters.runtime import make_session
+from optimum_lowrank.layers.token_dropping import TokenDroppingEncoder
+from optimum_lowrank.models import load_model
+from optimum_lowrank.plugins import get_registry
+from optimum_lowrank.tasks import load_labelled_tsv
+
+RESULTS = ROOT / "benchmarks" / "results" / "infor_coef.json"
+
+
+def encoder_flops(model, tokens_per_layer: list[float]) -> float:
+    """Multiply-adds x 2 of the encoder layers (and token predictors) for one sentence.
+
+    ``tokens_per_layer[i]``: tokens layer ``i`` runs on. Per layer with ``n`` tokens,
+    ``a = heads x head_dim`` and FFN width ``f``: Q/K/V/O projections ``8 n D a``,
+    scores and context ``4 n^2 a``, FFN ``4 n D f``; a predictor adds ``2 n D (D + 2)``
+    on the tokens it scores. Embedding look-ups, LayerNorms and the classifier are left out.
+    """
+    encoder = model.bert.encoder
+    width = model.config.hidden_size
+    total = 0.0
+    for i, layer in enumerate(encoder.layer):
+        n = tokens_per_layer[i]
+        attn = getattr(layer.attention, "self", None)
+        a = 0 if attn is None else attn.num_attention_heads * attn.attention_head_size
+        f = getattr(getattr(layer.intermediate, "dense", None), "out_features", 0)
+        total += 8 * n * width * a + 4 * n * n * a + 4 * n * width * f
+        if isinstance(encoder, TokenDroppingEncoder) and hasattr(encoder.predictors[i], "net"):
+            scored = tokens_per_layer[i - 1] if i else tokens_per_layer[0]
+            total += 2 * scored * width * (width + 2)
+    return total
+
+
+def token_counts(model, tokenizer, sentences: list[str]) -> list[list[float]]:
+    """Per sentence, the tokens each layer runs on (batch 1, PyTorch eval)."""
+    out = []
+    encoder = model.bert.encoder
+    with torch.inference_mode():
+        for text in sentences:
+            enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=128)
+            model(**enc)
+            n = enc["input_ids"].shape[1]
+            if isinstance(encoder, TokenDroppingEncoder):
+                kept = iter(encoder.stats["kept_tokens"])
+                per, current = [], float(n)
+                for p in encoder.predictors:
+                    if hasattr(p, "net"):
+                        current = next(kept)
+                    per.append(current)
+                out.append(per)
+            else:
+                out.append([float(n)] * len(encoder.layer))
+    return out
+
+
+def latency(path: Path, tokenizer, sentences: list[str], threads: int = 2, rounds: int = 3) -> dict:
+    """Batch-1 ORT latency over real sentences: per sentence the minimum of ``rounds`` runs (ms)."""
+    session = make_session(path, threads=threads)
+    names = {i.name for i in session.get_inputs()}
+    feeds = []
+    for text in sentences:
+        enc = tokenizer(text, return_tensors="np", truncation=True, max_length=128)
+        feeds.append({k: v.astype(np.int64) for k, v in enc.items() if k in names})
+    for feed in feeds[:10]:
+        session.run(None, feed)
+    times = []
+    for feed in feeds:
+        best = float("inf")
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            session.run(None, feed)
+            best = min(best, time.perf_counter() - t0)
+        times.append(best * 1e3)
+    return {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times)}
+
+
+def train(base, recipe_passes, tokenizer, cache: Path):
+    """Apply ``recipe_passes`` to a copy of ``base`` (or load the cached result)."""
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=False)
+        return saved["model"], saved["seconds"], saved["notes"]
+    registry = get_registry()
+    model = copy.deepcopy(base)
+    context = PassContext(kind="encoder", tokenizer=tokenizer, seed=0)
+    seconds = {}
+    for entry in recipe_passes:
+        options = {k: v for k, v in entry.items() if k != "pass"}
+        t0 = time.perf_counter()
+        registry.get(entry["pass"])(options).run(model, context)
+        seconds[entry["pass"]] = time.perf_counter() - t0
+        print(f"  {entry['pass']}: {seconds[entry['pass']]:.0f} s", flush=True)
+    model.eval()
+    torch.save({"model": model, "seconds": seconds, "notes": context.notes}, cache)
+    return model, seconds, context.notes
+
+
+def measure(name, model, tokenizer, evaluator, sentences, seconds, notes, work: Path, rows: list, quantize=True) -> None:
+    folder = work / name
+    fp32 = export_onnx(model, folder, "text-classification")
+    graphs = {"fp32": fp32}
+    if quantize:
+        graphs["int8"] = quantize_onnx(fp32, folder / "model_quantized.onnx", "dynamic_int8", per_channel=True, reduce_range=True)
+    counts = token_counts(model, tokenizer, sentences)
+    flops = statistics.fmean(encoder_flops(model, c) for c in counts)
+    mean_tokens = [statistics.fmean(c[i] for c in counts) for i in range(len(counts[0]))]
+    for precision, path in graphs.items():
+        row = {
+            "row": name, "precision": precision,
+            "accuracy": evaluator.evaluate_onnx(path),
+            **latency(path, tokenizer, sentences),
+            "gflops": flops / 1e9, "tokens_per_layer": mean_tokens,
+            "params": count_parameters(model), "size_mb": onnx_size_mb(path),
+            "train_seconds": seconds, "notes": notes,
+        }
+        rows.append(row)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1) + "\n")
+        print(f"{name:<34} {precision:<5} acc {row['accuracy']:6.2f}  median {row['median_ms']:6.2f} ms  "
+              f"mean {row['mean_ms']:6.2f} ms  {row['gflops']:.3f} GFLOPs  {row['params'] / 1e6:5.2f} M  {row['size_mb']:6.1f} MB",
+              flush=True)
+
+
+def machine() -> dict:
+    import os
+
+    return {"cpus": os.cpu_count(), "load_1min": os.getloadavg()[0], "torch_threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prune-steps", type=int, default=300)
+    parser.add_argument("--token-steps", type=int, default=200)
+    parser.add_argument("--finetune-steps", type=int, default=100, help="steps after the units are removed")
+    parser.add_argument("--sparsity", type=float, default=0.6)
+    parser.add_argument("--target-keep", type=float, default=0.5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--torch-threads", type=int, default=1, help="training threads (1: no OpenMP spinning on a shared CPU)")
+    parser.add_argument("--latency-sentences", type=int, default=200)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench_infor_coef")
+    parser.add_argument("--rows", default="original,pruned,pruned+tokens,tokens")
+    args = parser.parse_args()
+    torch.set_num_threads(args.torch_threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    data = shared_data_dir()
+    train_tsv, dev_tsv = str(data / "sst2" / "train.tsv"), str(data / "sst2" / "dev.tsv")
+    loaded = load_model("minilm-sst2")
+    base, tokenizer = loaded.model, loaded.tokenizer
+    dev = load_labelled_tsv(dev_tsv)
+    evaluator = ClassificationAccuracyEvaluator(tokenizer, dev, max_length=128)
+    sentences = dev.texts[: args.latency_sentences]
+    wanted = args.rows.split(",")
+    rows: list = []
+    prune = {"pass": "structured_prune", "targets": ["re:bert\\.encoder\\.layer\\.\\d+"], "target_sparsity": args.sparsity,
+             "data": train_tsv, "steps": args.prune_steps, "finetune_steps": args.finetune_steps, "batch_size": args.batch_size,
+             "lr": 3e-5, "distill_alpha": 0.7}
+    tokens = {"pass": "token_downsampling", "targets": ["bert.encoder"], "data": train_tsv, "steps": args.token_steps,
+              "batch_size": args.batch_size, "target_keep": args.target_keep, "lr": 2e-5, "predictor_lr": 1e-3}
+    print(f"{loaded.source}; torch accuracy {evaluator.evaluate_torch(base):.2f}", flush=True)
+    if "original" in wanted:
+        measure("original (minilm-sst2)", base, tokenizer, evaluator, sentences, {}, [], args.work, rows)
+    tag = f"s{args.sparsity}-p{args.prune_steps}-f{args.finetune_steps}-b{args.batch_size}"
+    if "pruned" in wanted or "pruned+tokens" in wanted:
+        pruned, seconds, notes = train(base, [prune], tokenizer, args.work / f"pruned-{tag}.pt")
+        if "pruned" in wanted:
+            measure(f"structured_prune s={args.sparsity}", pruned, tokenizer, evaluator, sentences, seconds, notes, args.work, rows)
+        if "pruned+tokens" in wanted:
+            both, seconds2, notes2 = train(pruned, [tokens], tokenizer, args.work / f"pruned-{tag}-tokens-k{args.target_keep}-t{args.token_steps}-b{args.batch_size}.pt")
+            measure(f"+ token_downsampling keep={args.target_keep}", both, tokenizer, evaluator, sentences,
+                    {**seconds, **seconds2}, notes + notes2, args.work, rows)
+    if "tokens" in wanted:
+        only, seconds, notes = train(base, [tokens], tokenizer, args.work / f"tokens-k{args.target_keep}-t{args.token_steps}.pt")
+        measure(f"token_downsampling only keep={args.target_keep}", only, tokenizer, evaluator, sentences, seconds, notes, args.work, rows)
+    if "minilm-stsb" in wanted:
+        stsb_rows(args, rows)
+    print(f"wrote {RESULTS}")
+
+
+def stsb_rows(args, rows: list) -> None:
+    """The sentence-embedding MiniLM: structured_prune on the distillation objective
+    (mean-pooled outputs of the original on STS-B train sentences), gated on STS-B dev."""
+    from optimum_lowrank.data import load_sts_pairs, token_windows
+    from optimum_lowrank.evaluation.sentence import STSBEvaluator
+
+    data = shared_data_dir()
+    loaded = load_model("minilm")
+    pairs = load_sts_pairs(data / "stsb" / "sts-dev.tsv")
+    evaluator = STSBEvaluator(loaded.tokenizer, pairs, pairs_description="sts-dev.tsv")
+    train_text = " ".join(s for a, b, _ in load_sts_pairs(data / "stsb" / "sts-train.tsv") for s in (a, b))
+    windows = token_windows(loaded.tokenizer, train_text, 32, 4096)
+    sentences = [a for a, _, _ in pairs[: args.latency_sentences]]
+    entry = {"pass": "structured_prune", "targets": ["re:encoder\\.layer\\.\\d+"], "target_sparsity": args.sparsity,
+             "steps": args.prune_steps, "finetune_steps": args.finetune_steps, "batch_size": 32, "lr": 3e-5, "distill_hidden": 1.0}
+    cache = args.work / f"minilm-stsb-s{args.sparsity}-p{args.prune_steps}-f{args.finetune_steps}.pt"
+    for name, model, seconds in (("minilm (sentence embedding)", loaded.model, {}),):
+        _stsb_measure(name, model, loaded.tokenizer, evaluator, sentences, seconds, args.work, rows)
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=False)
+        pruned, seconds = saved["model"], saved["seconds"]
+    else:
+        pruned = copy.deepcopy(loaded.model)
+        context = PassContext(kind="encoder", tokenizer=loaded.tokenizer, calibration_loader=lambda: windows, seed=0)
+        t0 = time.perf_counter()
+        get_registry().get("structured_prune")({k: v for k, v in entry.items() if k != "pass"}).run(pruned, context)
+        seconds = {"structured_prune": time.perf_counter() - t0}
+        torch.save({"model": pruned, "seconds": seconds}, cache)
+    _stsb_measure(f"minilm structured_prune s={args.sparsity} (distill)", pruned, loaded.tokenizer, evaluator, sentences, seconds, args.work, rows)
+
+
+def _stsb_measure(name, model, tokenizer, evaluator, sentences, seconds, work: Path, rows: list) -> None:
+    folder = work / name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "")
+    fp32 = export_onnx(model, folder, "feature-extraction")
+    graphs = {"fp32": fp32, "int8": quantize_onnx(fp32, folder / "model_quantized.onnx", "dynamic_int8")}
+    width = model.config.hidden_size
+    flops = 0.0
+    for text in sentences:
+        n = tokenizer(text, return_tensors="pt")["input_ids"].shape[1]
+        for layer in model.encoder.layer:
+            attn = getattr(layer.attention, "self", None)
+            a = 0 if attn is None else attn.num_attention_heads * attn.attention_head_size
+            f = getattr(getattr(layer.intermediate, "dense", None), "out_features", 0)
+            flops += 8 * n * width * a + 4 * n * n * a + 4 * n * width * f
+    for precision, path in graphs.items():
+        row = {"row": name, "precision": precision, "stsb_spearman": evaluator.evaluate_onnx(path),
+               **latency(path, tokenizer, sentences), "gflops": flops / len(sentences) / 1e9,
+               "params": count_parameters(model), "size_mb": onnx_size_mb(path), "train_seconds": seconds}
+        rows.append(row)
+        RESULTS.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1) + "\n")
+        print(f"{name:<34} {precision:<5} STS-B {row['stsb_spearman']:6.2f}  median {row['median_ms']:6.2f} ms  "
+              f"mean {row['mean_ms']:6.2f} ms  {row['gflops']:.3f} GFLOPs  {row['size_mb']:6.1f} MB", flush=True)
+
+
+if __name__ == "__main__":
+    main()

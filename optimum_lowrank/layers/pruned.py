@@ -1,0 +1,60 @@
+"""Stand-ins for transformer sublayers removed entirely by structured pruning.
+
+When every head of an attention block (or every intermediate dimension of a
+feed-forward block) is pruned, what is left of the residual branch is the output
+projection's bias; these modules compute ``LayerNorm(input + bias)`` with the
+signatures of the BERT modules they replace, so the layer around them runs as before.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["BiasOnlyAttention", "BiasOnlyOutput", "PassThrough"]
+
+
+class BiasOnlyAttention(nn.Module):
+    """Replaces a ``BertAttention`` whose heads were all pruned.
+
+    Parameters
+    ----------
+    bias : Tensor, shape (hidden_size,)
+        What the attention branch still adds (the folded output-projection bias).
+    layer_norm : nn.LayerNorm
+        The block's post-residual LayerNorm (kept as is).
+
+    ``forward(hidden_states, *args, **kwargs) -> (LayerNorm(hidden_states + bias),)``,
+    shape (batch, seq_len, hidden_size).
+    """
+
+    def __init__(self, bias: torch.Tensor, layer_norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(bias.detach().clone())
+        self.LayerNorm = layer_norm
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor]:
+        return (self.LayerNorm(hidden_states + self.bias),)
+
+
+class PassThrough(nn.Module):
+    """Replaces a ``BertIntermediate`` whose dimensions were all pruned: returns its input unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states
+
+
+class BiasOnlyOutput(nn.Module):
+    """Replaces a ``BertOutput`` whose intermediate dimensions were all pruned.
+
+    ``forward(intermediate, input_tensor) -> LayerNorm(input_tensor + bias)``; the first
+    argument (what :class:`PassThrough` returned) is ignored.
+    """
+
+    def __init__(self, bias: torch.Tensor, layer_norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(bias.detach().clone())
+        self.LayerNorm = layer_norm
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(input_tensor + self.bias)

@@ -1,0 +1,204 @@
+"""The training objective shared by the pruning passes: task loss plus distillation.
+
+Two settings, chosen by what the model and the config provide:
+
+- **task** (a ``...ForSequenceClassification`` model and a labelled TSV): cross-entropy
+  on the labels mixed with the KL divergence to the unpruned model's logits at
+  temperature ``T`` (CoFi's prediction-layer distillation), optionally plus an MSE
+  between the student's and the teacher's hidden states layer by layer;
+- **distillation** (a bare encoder, or no labels): the MSE between the student's and
+  the teacher's mean-pooled last hidden states (and optionally every layer's), on
+  the texts of ``data`` or, without data, on the pipeline's calibration windows.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from optimum_lowrank.api import PassContext
+from optimum_lowrank.errors import PassError
+from optimum_lowrank.tasks import LabelledData, check_num_labels, encode_batches, load_labelled_tsv
+
+__all__ = ["NonFiniteLossError", "TaskObjective", "TrainingOptions", "check_finite", "warmup_schedule"]
+
+
+class NonFiniteLossError(PassError):
+    """The training loss became NaN or infinite; the caller's model was left as it was."""
+
+
+class TrainingOptions(BaseModel):
+    """Options shared by ``structured_prune`` and ``token_downsampling`` (recipe keys).
+
+    Attributes
+    ----------
+    data : str or None
+        A labelled TSV with a header (see :func:`optimum_lowrank.tasks.load_labelled_tsv`),
+        e.g. SST-2 ``train.tsv``. None: distil on the calibration windows.
+    max_examples : int >= 1 or None
+        Read only the first ``max_examples`` rows of ``data``.
+    steps : int >= 1
+        Optimisation steps.
+    batch_size : int >= 1
+    lr : float > 0
+        Learning rate of the model's weights (AdamW, weight decay 0.01, 10% warm-up).
+    max_length : int, 8..512
+        Tokens per example.
+    objective : {"auto", "task", "distill"}
+        ``auto``: ``task`` when the model has a classification head and ``data`` is
+        given, else ``distill``.
+    distill_temperature : float > 0
+    distill_alpha : float in [0, 1]
+        Weight of the logit KL against the task cross-entropy (task objective).
+    distill_hidden : float >= 0
+        Weight of the layer-wise hidden-state MSE to the teacher (0: off).
+    seed : int
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: str | None = None
+    max_examples: int | None = Field(None, ge=1)
+    steps: int = Field(200, ge=1, le=1_000_000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    lr: float = Field(3e-5, gt=0, le=1)
+    max_length: int = Field(64, ge=8, le=512)
+    objective: Literal["auto", "task", "distill"] = "auto"
+    distill_temperature: float = Field(2.0, gt=0)
+    distill_alpha: float = Field(0.5, ge=0, le=1)
+    distill_hidden: float = Field(0.0, ge=0)
+    seed: int = 0
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    hidden = getattr(output, "last_hidden_state", None)
+    if hidden is None:
+        states = getattr(output, "hidden_states", None)
+        hidden = states[-1] if states else output[0]
+    return hidden
+
+
+def _pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+class TaskObjective:
+    """Batches and the loss of :class:`TrainingOptions` for ``model``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model to train (a BERT-like encoder, with or without a classification head);
+        a frozen copy is taken as the teacher.
+    options : TrainingOptions
+    context : PassContext
+        Its tokenizer tokenizes ``data``; its calibration windows feed ``distill``
+        without data.
+
+    Raises
+    ------
+    PassError
+        ``objective: task`` without a classification head or without ``data``, or no
+        tokenizer for ``data``.
+    DataError
+        A malformed task file or labels that do not fit the head.
+    """
+
+    def __init__(self, model: nn.Module, options: TrainingOptions, context: PassContext) -> None:
+        self.options = options
+        has_head = hasattr(model, "classifier") and hasattr(getattr(model, "config", None), "num_labels")
+        mode = options.objective
+        if mode == "auto":
+            mode = "task" if has_head and options.data is not None else "distill"
+        if mode == "task" and not has_head:
+            raise PassError(f"objective 'task' needs a ...ForSequenceClassification model, got {type(model).__name__}; use objective: distill")
+        if mode == "task" and options.data is None:
+            raise PassError("objective 'task' needs 'data': a labelled TSV (e.g. sst2/train.tsv)")
+        self.mode = mode
+        self.has_head = has_head
+        self._rng = random.Random(options.seed)
+        self._order: list[int] = []
+        self.data: LabelledData | None = None
+        self._windows: torch.Tensor | None = None
+        if options.data is not None:
+            if context.tokenizer is None:
+                raise PassError("training on 'data' needs the model's tokenizer, but the pipeline gave none")
+            self.data = load_labelled_tsv(options.data, max_rows=options.max_examples)
+            if has_head:
+                check_num_labels(model, self.data)
+            self.tokenizer = context.tokenizer
+        else:
+            self._windows = context.calibration_ids
+        self.description = (f"{mode} objective on " + (self.data.source if self.data is not None
+                                                        else f"{len(self._windows)} calibration windows"))
+        self.teacher = copy.deepcopy(model).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def _size(self) -> int:
+        return len(self.data) if self.data is not None else len(self._windows)
+
+    def batches(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
+        """Endless batches ``(inputs, labels or None)`` from a seeded reshuffle per epoch."""
+        size = self.options.batch_size
+        while True:
+            if len(self._order) < size:
+                extra = list(range(self._size()))
+                self._rng.shuffle(extra)
+                self._order.extend(extra)
+            idx, self._order = self._order[:size], self._order[size:]
+            if self.data is not None:
+                part = LabelledData([self.data.texts[i] for i in idx], [self.data.labels[i] for i in idx], self.data.columns, "")
+                (inputs, labels, _), = encode_batches(self.tokenizer, part, size, self.options.max_length)
+                yield inputs, labels
+            else:
+                ids = self._windows[idx][:, : self.options.max_length]
+                yield {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None
+
+    def loss(self, student: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None,
+             extra_hidden: bool = True) -> torch.Tensor:
+        """The objective's loss on one batch (scalar); ``extra_hidden=False`` skips the layer-wise MSE."""
+        opts = self.options
+        want_hidden = opts.distill_hidden > 0 and extra_hidden
+        with torch.no_grad():
+            teacher = self.teacher(**inputs, output_hidden_states=want_hidden)
+        out = student(**inputs, output_hidden_states=want_hidden)
+        if self.mode == "task":
+            t = opts.distill_temperature
+            ce = F.cross_entropy(out.logits, labels)
+            kd = F.kl_div(F.log_softmax(out.logits / t, -1), F.log_softmax(teacher.logits / t, -1),
+                          log_target=True, reduction="batchmean") * t * t
+            loss = (1 - opts.distill_alpha) * ce + opts.distill_alpha * kd
+        else:
+            mask = inputs["attention_mask"]
+            if self.has_head:  # a classifier without labels: distil its logits
+                loss = F.mse_loss(out.logits, teacher.logits)
+            else:
+                loss = F.mse_loss(_pooled(_hidden(out), mask), _pooled(_hidden(teacher), mask))
+        if want_hidden:
+            pairs = list(zip(out.hidden_states[1:], teacher.hidden_states[1:]))
+            loss = loss + opts.distill_hidden * sum(F.mse_loss(s, t) for s, t in pairs) / len(pairs)
+        return loss
+
+
+def check_finite(loss: torch.Tensor, step: int, what: str) -> None:
+    """Raise :class:`NonFiniteLossError` if ``loss`` is NaN or infinite."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"{what}: the training loss became {value} at step {step}; "
+                                 "training stopped and the model was left as it was (lower lr?)")
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup * steps`` steps, then linear decay to 0."""
+    warm = max(1, int(warmup * steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))

@@ -1,0 +1,1 @@
+"""Passes that save compute by processing fewer tokens: ``token_downsampling`` (Infor-Coef)."""

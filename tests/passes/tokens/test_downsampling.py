@@ -1,0 +1,147 @@
+"""token_downsampling on tiny random BERTs: a fully kept mask is the original model,
+the exported graph (tokens really removed) matches PyTorch in ONNX Runtime, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from optimum_lowrank.api import PassContext
+from optimum_lowrank.errors import PassError
+from optimum_lowrank.exporters.onnx import export_onnx
+from optimum_lowrank.layers.token_dropping import TokenDroppingEncoder, TokenKeepPredictor
+from optimum_lowrank.passes.pruning.objective import NonFiniteLossError, TaskObjective
+from optimum_lowrank.passes.tokens.downsampling import TokenDownsamplingPass
+from optimum_lowrank.testing import tiny_context, tiny_llama
+from tests.helpers import sentiment_tsv, tiny_classifier, word_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _padded():
+    ids = torch.randint(5, 64, (3, 14), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[2, 4:] = 0
+    return ids, mask
+
+
+def _install(model, restore=False):
+    layers = model.bert.encoder.layer
+    encoder = TokenDroppingEncoder(layers, torch.nn.ModuleList([TokenKeepPredictor(64) for _ in layers]), restore_positions=restore)
+    model.bert.encoder = encoder
+    model.eval()
+    return encoder
+
+
+def _dropping(encoder, seed=0):
+    """Random predictor outputs: roughly half the tokens dropped at each layer."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in encoder.predictors:
+            p.net[-1].bias.zero_()
+            p.net[-1].weight.copy_(torch.randn(p.net[-1].weight.shape, generator=g))
+
+
+@pytest.mark.parametrize("restore", [False, True])
+def test_fully_kept_mask_equals_the_original(restore):
+    model = tiny_classifier()
+    ids, mask = _padded()
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    encoder = _install(model, restore)  # predictors start at keep +5 / drop -5: everything kept
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(out.logits, reference.logits, atol=1e-6, rtol=0)
+    assert encoder.stats["kept_tokens"] == [float(mask.sum())] * 2
+    if restore:  # full length, dropped (here: none) and kept tokens at their positions
+        with torch.no_grad():
+            hidden = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        valid = mask.bool()  # padding positions keep their embedding (never processed), which pooling ignores
+        torch.testing.assert_close(hidden[valid], reference.hidden_states[-1][valid], atol=1e-5, rtol=0)
+
+
+def test_dropped_tokens_are_removed_and_rows_of_a_batch_are_exact():
+    model = tiny_classifier()
+    encoder = _install(model)
+    _dropping(encoder)
+    ids, mask = _padded()
+    with torch.no_grad():
+        batch = model(input_ids=ids, attention_mask=mask).logits
+        kept = encoder.stats["kept_tokens"]
+        rows = [model(input_ids=ids[i : i + 1, : int(mask[i].sum())]).logits[0] for i in range(3)]
+    assert kept[0] < float(mask.sum()) and kept[1] <= kept[0]  # tokens dropped, and dropped stays dropped
+    torch.testing.assert_close(torch.stack(rows), batch, atol=1e-5, rtol=0)
+
+
+def test_train_mode_with_hard_decisions_matches_eval_removal():
+    """The straight-through training path (masking) and the inference path (removal) agree."""
+    model = tiny_classifier()
+    encoder = _install(model)
+    with torch.no_grad():
+        for p in encoder.predictors:
+            p.net[-1].bias.copy_(torch.tensor([-1e4, 1e4]))  # decisions certain: Gumbel noise cannot flip them
+        encoder.predictors[1].net[-1].bias.copy_(torch.tensor([1e4, -1e4]))  # layer 1 drops everything but [CLS]
+    ids, mask = _padded()
+    with torch.no_grad():
+        evaluated = model(input_ids=ids, attention_mask=mask).logits
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+            if hasattr(m, "dropout_prob"):  # sdpa attention applies its own dropout
+                m.dropout_prob = 0.0
+        trained = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(trained, evaluated, atol=1e-5, rtol=0)
+
+
+def test_exported_graph_matches_pytorch_in_onnx_runtime_batch_1_and_padded(tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = tiny_classifier()
+    encoder = _install(model)
+    _dropping(encoder)
+    path = export_onnx(model, tmp_path / "onnx", "text-classification")
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert {"TopK", "GatherElements", "Range"} <= ops  # the sequence really shrinks inside the graph
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids, mask = _padded()
+    for rows in ([1], [0, 1, 2]):
+        feeds = {"input_ids": ids[rows].numpy(), "attention_mask": mask[rows].numpy(), "token_type_ids": np.zeros_like(ids[rows].numpy())}
+        got = session.run(["logits"], feeds)[0]
+        with torch.no_grad():
+            want = model(input_ids=ids[rows], attention_mask=mask[rows]).logits.numpy()
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    quantized = tmp_path / "model_quantized.onnx"
+    quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
+    q = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
+    got = q.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "token_type_ids": np.zeros_like(ids.numpy())})[0]
+    assert np.isfinite(got).all() and np.abs(got - model(input_ids=ids, attention_mask=mask).logits.detach().numpy()).max() < 0.5
+
+
+def test_pass_trains_on_labelled_data_and_drops_tokens(tmp_path):
+    model = tiny_classifier()
+    data = sentiment_tsv(tmp_path / "train.tsv", rows=32)
+    context = PassContext(tokenizer=word_tokenizer(tmp_path))
+    reports = TokenDownsamplingPass({"targets": ["bert.encoder"], "data": str(data), "steps": 25, "batch_size": 8,
+                                     "target_keep": 0.3, "predictor_lr": 0.05}).run(model, context)
+    assert isinstance(model.bert.encoder, TokenDroppingEncoder) and not model.bert.encoder.restore_positions
+    assert reports[0].params_after > reports[0].params_before
+    assert reports[0].metrics["kept_fraction_train"] < 0.9
+
+
+def test_decoder_is_a_clear_error_and_a_nan_loss_leaves_the_model(monkeypatch):
+    with pytest.raises(PassError, match="encoders only; LlamaForCausalLM is a decoder"):
+        TokenDownsamplingPass({"targets": ["model"]}).run(tiny_llama(), tiny_context(kind="decoder"))
+    model = tiny_classifier()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(TaskObjective, "loss", lambda self, *a, **k: torch.tensor(float("inf"), requires_grad=True))
+    with pytest.raises(NonFiniteLossError, match="became inf"):
+        TokenDownsamplingPass({"targets": ["bert.encoder"], "steps": 2, "batch_size": 2}).run(model, tiny_context(vocab_size=64))
+    assert type(model.bert.encoder).__name__ == "BertEncoder"
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(PassError, match="layers \\[7\\] out of range"):
+        TokenDownsamplingPass({"targets": ["bert.encoder"], "layers": [7], "steps": 1}).run(tiny_classifier(), tiny_context(vocab_size=64))

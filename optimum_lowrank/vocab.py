@@ -100,7 +100,7 @@ def count_ids(ids: Tensor, vocab_size: int, source: str = "token ids") -> TokenC
 
 
 def _cache_dir() -> Path:
-    from optimum_lowrank.models import cache_root
+    from optimum_lowrank.cache import cache_root
 
     return cache_root() / "token_counts"
 

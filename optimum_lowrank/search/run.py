@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from optimum_lowrank.errors import ObjectiveNotMetError
-from optimum_lowrank.models import cache_root
+from optimum_lowrank.cache import cache_root
 from optimum_lowrank.output import private_tempdir, read_json_cache, write_json_cache
 from optimum_lowrank.pipeline import _check_output, _restored_torch_state, _save_tokenizer, _staging
 from optimum_lowrank.progress import Progress, bar, silenced

@@ -202,3 +202,25 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: float 
     """Linear warm-up over ``warmup * steps`` steps, then linear decay to 0."""
     warm = max(1, int(warmup * steps))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+
+
+def lagrangian_step(loss: torch.Tensor, step: int, what: str, optimizers: tuple[torch.optim.Optimizer, ...], lagrangian,
+                    weights, schedule: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """One step of a constrained objective: check ``loss`` is finite, backpropagate, flip the Lagrange
+    multipliers' gradients (they ascend while the weights descend), clip the weights' gradients to norm 1,
+    step every optimizer and the schedule.
+
+    Raises
+    ------
+    NonFiniteLossError
+        If ``loss`` is NaN or infinite (nothing is stepped).
+    """
+    check_finite(loss, step, what)
+    for optimizer in optimizers:
+        optimizer.zero_grad()
+    loss.backward()
+    lagrangian.flip_gradients()
+    torch.nn.utils.clip_grad_norm_(weights, 1.0)
+    for optimizer in optimizers:
+        optimizer.step()
+    schedule.step()

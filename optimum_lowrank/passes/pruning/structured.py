@@ -27,7 +27,7 @@ from torch import nn
 from optimum_lowrank.api import CompressionPass, PassConfig, PassContext, count_parameters
 from optimum_lowrank.hookspecs import hookimpl
 from optimum_lowrank.passes.pruning.hard_concrete import Lagrangian
-from optimum_lowrank.passes.pruning.objective import TaskObjective, TrainingOptions, check_finite, warmup_schedule
+from optimum_lowrank.passes.pruning.objective import TaskObjective, TrainingOptions, check_finite, lagrangian_step, warmup_schedule
 from optimum_lowrank.passes.pruning.structure import expected_sparsity, install_gates, remove_closed, set_gate_values
 from optimum_lowrank.progress import bar
 from optimum_lowrank.report import LayerReport
@@ -166,15 +166,7 @@ class StructuredPrunePass(CompressionPass):
             sparsity = expected_sparsity(gates)
             target = cfg.target_sparsity * min(1.0, (step + 1) / ramp)
             total = loss + lagrangian(sparsity, target)
-            check_finite(total, step, "structured_prune")
-            optimizer.zero_grad()
-            mask_optimizer.zero_grad()
-            total.backward()
-            lagrangian.flip_gradients()
-            torch.nn.utils.clip_grad_norm_(weights, 1.0)
-            optimizer.step()
-            mask_optimizer.step()
-            schedule.step()
+            lagrangian_step(total, step, "structured_prune", (optimizer, mask_optimizer), lagrangian, weights, schedule)
         work.eval()
         return {"expected_sparsity": float(sparsity.detach())}
 

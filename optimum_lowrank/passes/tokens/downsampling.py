@@ -35,7 +35,7 @@ from optimum_lowrank.errors import PassError
 from optimum_lowrank.hookspecs import hookimpl
 from optimum_lowrank.layers.token_dropping import TokenDroppingEncoder, TokenKeepPredictor
 from optimum_lowrank.passes.pruning.hard_concrete import Lagrangian
-from optimum_lowrank.passes.pruning.objective import TaskObjective, TrainingOptions, check_finite, warmup_schedule
+from optimum_lowrank.passes.pruning.objective import TaskObjective, TrainingOptions, lagrangian_step, warmup_schedule
 from optimum_lowrank.progress import bar
 from optimum_lowrank.report import LayerReport
 
@@ -193,15 +193,7 @@ class TokenDownsamplingPass(CompressionPass):
                 binary = torch.stack([(p * (1 - p)).sum() / valid.sum() for s in terms for p in s["keep_prob"]]).mean()
                 skim = lagrangian(kept, cfg.target_keep) if cfg.target_keep is not None else cfg.beta_skim * kept
                 loss = loss + cfg.beta_norm * norm + cfg.beta_binary * binary + skim
-            check_finite(loss, step, "token_downsampling")
-            optimizer.zero_grad()
-            side.zero_grad()
-            loss.backward()
-            lagrangian.flip_gradients()
-            torch.nn.utils.clip_grad_norm_(weights, 1.0)
-            optimizer.step()
-            side.step()
-            schedule.step()
+            lagrangian_step(loss, step, "token_downsampling", (optimizer, side), lagrangian, weights, schedule)
         work.eval()
         return {"kept_fraction": float(kept.detach())}
 

@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from optimum_lowrank.data import shared_data_dir
+
+#: The shared real data: ``$OPTIMUM_LOWRANK_DATA``, else ``shared/data`` beside the checkout (as the package finds it).
+DATA_DIR = shared_data_dir() or Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +48,7 @@ def tiny_gpt2():
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not DATA_DIR.is_dir():
-        pytest.fail(f"real data folder {DATA_DIR} is missing (shared/data must sit beside the checkout)")
+        pytest.fail(f"real data folder {DATA_DIR} is missing (shared/data must sit beside the checkout, or set OPTIMUM_LOWRANK_DATA)")
     return DATA_DIR
 
 

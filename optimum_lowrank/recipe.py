@@ -42,6 +42,7 @@ __all__ = [
     "ExportConfig",
     "FinetuneConfig",
     "LatencyConfig",
+    "MaxDropConfig",
     "PassStep",
     "Recipe",
     "WeightOnlyConfig",
@@ -173,6 +174,32 @@ class AccuracyConfig(_Strict):
         value : float
             The metric on the compressed model (PyTorch or an ONNX graph).
         """
+
+
+class MaxDropConfig(AccuracyConfig):
+    """Base of the gates of higher-is-better metrics read from a required file: ``max_drop`` points.
+
+    Attributes
+    ----------
+    max_drop : float, 0 <= max_drop <= 100
+        Allowed drop, in the metric's points; the compressed value passes when
+        ``value >= original - max_drop``.
+    data_needed : ClassVar[str]
+        Set by each subclass: what ``data`` must name (said by the error when it is missing).
+    """
+
+    threshold_field: ClassVar[str] = "max_drop"
+    data_needed: ClassVar[str]
+
+    max_drop: float | None = Field(None, ge=0, le=100)
+
+    def check_complete(self) -> None:
+        super().check_complete()
+        if self.data is None:
+            raise ValueError(f"metric {self.metric!r} needs 'data': {self.data_needed}")
+
+    def acceptable(self, original: float, value: float) -> bool:
+        return value >= original - self.threshold[1]
 
 
 @dataclass(frozen=True)
@@ -349,10 +376,12 @@ def _metric_choices(metrics: MetricRegistry) -> str:
 
 
 def fields_most_specific_first(model: type[BaseModel]) -> list[str]:
-    """``targets``, then the fields the class itself declares, then the inherited ones (shared option groups)."""
-    own = [name for name in model.model_fields if name in model.__dict__.get("__annotations__", {})]
-    rest = [name for name in model.model_fields if name not in own and name != "targets"]
-    return (["targets"] if "targets" in model.model_fields else []) + own + rest
+    """``targets`` (passes) or the threshold (metrics' accuracy configs), then the fields the class itself
+    declares, then the inherited ones (shared option groups)."""
+    first = [name for name in ("targets", getattr(model, "threshold_field", None)) if name in model.model_fields]
+    own = [name for name in model.model_fields if name in model.__dict__.get("__annotations__", {}) and name not in first]
+    rest = [name for name in model.model_fields if name not in own and name not in first]
+    return first + own + rest
 
 
 def format_validation_error(err: ValidationError, where: str, model: type[BaseModel]) -> str:

@@ -11,7 +11,7 @@ from pydantic import Field
 from optimum_lowrank.errors import DataError
 from optimum_lowrank.evaluation.base import Evaluator, onnx_feed, open_session, torch_forward
 from optimum_lowrank.progress import bar
-from optimum_lowrank.recipe import AccuracyConfig
+from optimum_lowrank.recipe import MaxDropConfig
 from optimum_lowrank.tasks import LabelledData, check_num_labels, encode_batches, load_labelled_tsv
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["AccuracyMetricConfig", "ClassificationAccuracyEvaluator"]
 
 
-class AccuracyMetricConfig(AccuracyConfig):
+class AccuracyMetricConfig(MaxDropConfig):
     """``accuracy: {metric: accuracy, data: sst2/dev.tsv, max_drop: 1.0}``: the gate for classifiers.
 
     Attributes
@@ -39,19 +39,10 @@ class AccuracyMetricConfig(AccuracyConfig):
         Tokens per example (longer ones are truncated).
     """
 
-    threshold_field: ClassVar[str] = "max_drop"
+    data_needed: ClassVar[str] = "a labelled TSV (e.g. sst2/dev.tsv)"
 
-    max_drop: float | None = Field(None, ge=0, le=100)
     max_examples: int | None = Field(None, ge=1)
     max_length: int = Field(128, ge=8, le=512)
-
-    def check_complete(self) -> None:
-        super().check_complete()
-        if self.data is None:
-            raise ValueError(f"metric {self.metric!r} needs 'data': a labelled TSV (e.g. sst2/dev.tsv)")
-
-    def acceptable(self, original: float, value: float) -> bool:
-        return value >= original - self.threshold[1]
 
 
 class ClassificationAccuracyEvaluator(Evaluator):

@@ -22,7 +22,7 @@ from optimum_lowrank.evaluation.base import (
     torch_forward,
 )
 from optimum_lowrank.progress import bar
-from optimum_lowrank.recipe import AccuracyConfig
+from optimum_lowrank.recipe import AccuracyConfig, MaxDropConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
@@ -81,7 +81,7 @@ def _unsort(embeddings: torch.Tensor, encoded: _EncodedBatches) -> torch.Tensor:
     return out
 
 
-class STSBConfig(AccuracyConfig):
+class STSBConfig(MaxDropConfig):
     """``accuracy: {metric: stsb_spearman, data: sts-dev.tsv, max_drop: 2.0}``: the gate for encoders.
 
     Attributes
@@ -95,18 +95,9 @@ class STSBConfig(AccuracyConfig):
         Use only the first ``max_pairs`` pairs; None: all.
     """
 
-    threshold_field: ClassVar[str] = "max_drop"
+    data_needed: ClassVar[str] = "a STS-B TSV of sentence pairs"
 
-    max_drop: float | None = Field(None, ge=0, le=100)
     max_pairs: int | None = Field(None, ge=1)
-
-    def check_complete(self) -> None:
-        super().check_complete()
-        if self.data is None:
-            raise ValueError(f"metric {self.metric!r} needs 'data': a STS-B TSV of sentence pairs")
-
-    def acceptable(self, original: float, value: float) -> bool:
-        return value >= original - self.threshold[1]
 
 
 class STSBEvaluator(Evaluator):

@@ -33,6 +33,13 @@ def correlated_inputs(n_tokens: int = 2000, features: int = 24, seed: int = 0) -
     return torch.randn(n_tokens, features, generator=g) @ mixing
 
 
+def padded_batch(low: int, high: int, length: int, lengths: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids in [low, high) of shape (len(lengths), length) and an attention mask keeping the first ``lengths[i]`` of row i."""
+    ids = torch.randint(low, high, (len(lengths), length), generator=torch.Generator().manual_seed(seed))
+    mask = (torch.arange(length) < torch.tensor(lengths)[:, None]).long()
+    return ids, mask
+
+
 def params_ratio(reports) -> float:
     return sum(r.params_after for r in reports) / sum(r.params_before for r in reports)
 

@@ -15,7 +15,7 @@ from optimum_lowrank.passes.pruning.structure import expected_sparsity, install_
 from optimum_lowrank.passes.pruning.structured import StructuredPrunePass
 from optimum_lowrank.recipe import load_recipe
 from optimum_lowrank.testing import tiny_bert, tiny_context, tiny_llama
-from tests.helpers import sentiment_tsv, tiny_classifier, word_tokenizer
+from tests.helpers import padded_batch, sentiment_tsv, tiny_classifier, word_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,11 +23,7 @@ LAYERS = ["encoder.layer.0", "encoder.layer.1"]
 
 
 def _inputs():
-    ids = torch.randint(0, 1000, (3, 12), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[1, 7:] = 0
-    mask[2, 3:] = 0
-    return ids, mask
+    return padded_batch(0, 1000, 12, (12, 7, 3), seed=3)
 
 
 def test_pruned_and_removed_model_equals_the_gated_model():

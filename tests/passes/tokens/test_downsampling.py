@@ -14,17 +14,13 @@ from optimum_lowrank.layers.token_dropping import TokenDroppingEncoder, TokenKee
 from optimum_lowrank.passes.pruning.objective import NonFiniteLossError, TaskObjective
 from optimum_lowrank.passes.tokens.downsampling import TokenDownsamplingPass
 from optimum_lowrank.testing import tiny_context, tiny_llama
-from tests.helpers import sentiment_tsv, tiny_classifier, word_tokenizer
+from tests.helpers import padded_batch, sentiment_tsv, tiny_classifier, word_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _padded():
-    ids = torch.randint(5, 64, (3, 14), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[1, 9:] = 0
-    mask[2, 4:] = 0
-    return ids, mask
+    return padded_batch(5, 64, 14, (14, 9, 4), seed=1)
 
 
 def _install(model, restore=False):

@@ -17,7 +17,7 @@ import copy
 import math
 import random
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from torch import nn
 
 from optimum_lowrank.api import PassContext
 from optimum_lowrank.errors import PassError
+from optimum_lowrank.evaluation.base import hidden_state, mean_pool
 from optimum_lowrank.tasks import LabelledData, check_num_labels, encode_batches, load_labelled_tsv
 
 __all__ = ["NonFiniteLossError", "TaskObjective", "TrainingOptions", "check_finite", "warmup_schedule"]
@@ -76,19 +77,6 @@ class TrainingOptions(BaseModel):
     distill_alpha: float = Field(0.5, ge=0, le=1)
     distill_hidden: float = Field(0.0, ge=0)
     seed: int = 0
-
-
-def _hidden(output: Any) -> torch.Tensor:
-    hidden = getattr(output, "last_hidden_state", None)
-    if hidden is None:
-        states = getattr(output, "hidden_states", None)
-        hidden = states[-1] if states else output[0]
-    return hidden
-
-
-def _pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
 class TaskObjective:
@@ -183,7 +171,7 @@ class TaskObjective:
             if self.has_head:  # a classifier without labels: distil its logits
                 loss = F.mse_loss(out.logits, teacher.logits)
             else:
-                loss = F.mse_loss(_pooled(_hidden(out), mask), _pooled(_hidden(teacher), mask))
+                loss = F.mse_loss(mean_pool(hidden_state(out), mask), mean_pool(hidden_state(teacher), mask))
         if want_hidden:
             pairs = list(zip(out.hidden_states[1:], teacher.hidden_states[1:]))
             loss = loss + opts.distill_hidden * sum(F.mse_loss(s, t) for s, t in pairs) / len(pairs)

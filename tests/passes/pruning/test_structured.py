@@ -127,3 +127,18 @@ def test_decoder_layers_and_task_objective_without_head_are_errors():
         StructuredPrunePass({"targets": ["model.layers.*"], "target_sparsity": 0.5}).run(tiny_llama(), tiny_context(kind="decoder"))
     with pytest.raises(PassError, match="objective 'task' needs a ...ForSequenceClassification"):
         StructuredPrunePass({"targets": LAYERS, "target_sparsity": 0.5, "objective": "task"}).run(tiny_bert(), tiny_context())
+
+
+def test_distillation_without_a_head_matches_pooled_outputs():
+    from optimum_lowrank.passes.pruning.objective import TrainingOptions
+
+    teacher = tiny_bert()
+    objective = TaskObjective(teacher, TrainingOptions(objective="distill", distill_hidden=0.0), tiny_context())
+    assert objective.mode == "distill" and not objective.has_head
+    ids, mask = _inputs()
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    assert objective.loss(teacher, inputs, None).item() == pytest.approx(0.0, abs=1e-12)  # the student is the teacher
+    student = tiny_bert()
+    with torch.no_grad():
+        student.encoder.layer[1].output.dense.weight.mul_(0.5)
+    assert objective.loss(student, inputs, None).item() > 1e-6

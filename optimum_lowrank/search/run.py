@@ -178,7 +178,7 @@ def _search(model, config: SearchConfig, output, *, tokenizer, overwrite: bool, 
             for block in config.block_sizes:
                 variant_units = _units(setup, layout, layouts, sensitivity, unmeasured, block, algorithm)
                 paths[(block, algorithm)] = (variant_units, greedy_path(variant_units, layout.fixed_bytes))
-        (block, algorithm), report.block_predictions = _pick_block(setup, paths, damage)
+        (block, algorithm), report.block_predictions = _pick_variant(setup, paths, damage)
         units, path = paths[(block, algorithm)]
         report.units, report.path, report.prior_scale = units, path, damage.scale
         report.block_size, report.algorithm = block, algorithm
@@ -263,7 +263,7 @@ def _units(setup: SearchSetup, layout: GraphLayout, layouts: dict, sensitivity, 
     return units
 
 
-def _pick_block(setup: SearchSetup, paths: dict, damage: DamageModel) -> tuple[tuple[int, str], dict]:
+def _pick_variant(setup: SearchSetup, paths: dict, damage: DamageModel) -> tuple[tuple[int, str], dict]:
     """The (block size, algorithm) whose path predicts the smallest graph within the budget (``size_mb``: the least
     damage within the size, or the smallest graph if none fits); ties go to the smaller block, then to ``rtn``.
     Returns it and every variant's prediction, keyed ``"rtn/64"``."""

@@ -68,6 +68,28 @@ def fake_quantize(rows: Tensor, bits: int, block_size: int, algorithm: str = "rt
     ``rtn``: symmetric round-to-nearest through ORT's own C++ quantizer (:func:`~optimum_lowrank.exporters.nbits.pack`);
     ``hqq``: ORT's HQQ quantizer (asymmetric, float scale and zero point per block), the code
     ``MatMulNBitsQuantizer`` runs for ``algorithm: hqq`` (at 8 bits the exporter uses ``rtn``, and so does this).
+
+    Parameters
+    ----------
+    rows : Tensor, shape (N, K)
+        A weight as ``MatMulNBits`` stores it (out_features rows of in_features values).
+    bits : {2, 4, 8}
+    block_size : int, power of 2 in [16, 256]
+    algorithm : {"rtn", "hqq"}
+
+    Returns
+    -------
+    Tensor, shape (N, K), the dtype of ``rows``
+
+    Raises
+    ------
+    ValueError
+        For another algorithm.
+
+    References
+    ----------
+    Badri and Shaji, "Half-Quadratic Quantization of Large Machine Learning Models" (2023),
+    https://mobiusml.github.io/hqq_blog/.
     """
     block = fit_block(rows.shape[1], block_size)
     algorithm = layer_algorithm(algorithm, bits)  # hqq at 8 bits is exported as rtn

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from optimum_lowrank.errors import AccuracyError, Interrupted, LowRankError, ObjectiveNotMetError, RecipeError
 
-__all__ = ["main"]
+__all__ = ["add_commands", "build_parser", "main", "run"]
 
 
 _SEARCH_FLAGS = ("max_drop", "max_increase", "size_mb", "metric", "data", "search_data", "seed")
@@ -120,9 +120,25 @@ def _annotation(annotation: object) -> str:
     return text.replace("typing.", "")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="optimum-lowrank", description="Low-rank compression of transformers, exported as quantizable ONNX.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser(prog: str = "optimum-lowrank") -> argparse.ArgumentParser:
+    """The ``optimum-lowrank`` parser: :func:`add_commands` on a fresh ``ArgumentParser``."""
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    add_commands(parser)
+    return parser
+
+
+#: One line about the command line, shown by ``optimum-lowrank --help`` and ``optimum-cli lowrank --help``.
+DESCRIPTION = "Low-rank compression of transformers, exported as quantizable ONNX."
+
+
+def add_commands(parser: argparse.ArgumentParser) -> None:
+    """Add the subcommands ``optimize``, ``passes``, ``plugins`` and ``validate`` to ``parser``.
+
+    Shared by ``optimum-lowrank`` and ``optimum-cli lowrank`` (``optimum/commands/register/register_lowrank.py``),
+    so both have the same options. The chosen command's handler is stored as ``args.lowrank_handler``
+    (not ``func``: optimum-cli keeps its own ``func`` default on the parent parser); run it with :func:`run`.
+    """
+    sub = parser.add_subparsers(dest="lowrank_command", required=True)
     opt = sub.add_parser("optimize", help="apply a recipe (or search for one), check accuracy, export ONNX (+ int8)")
     opt.add_argument("--model", required=True, help="alias (minilm, smollm2), model folder, .gguf file or hub id")
     opt.add_argument("--recipe", help="recipe YAML file; without it, search for the smallest model within an objective")
@@ -137,13 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     found.add_argument("--seed", type=int, help="seed of the passes (default 0)")
     opt.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     opt.add_argument("--quiet", action="store_true", help="no progress lines")
-    opt.set_defaults(func=_optimize)
-    sub.add_parser("passes", help="list every registered pass (with its options), metric and quantizer").set_defaults(func=_passes)
-    sub.add_parser("plugins", help="list plugins, their versions and the passes, metrics and quantizers they add").set_defaults(func=_plugins)
+    opt.set_defaults(lowrank_handler=_optimize)
+    sub.add_parser("passes", help="list every registered pass (with its options), metric and quantizer").set_defaults(lowrank_handler=_passes)
+    sub.add_parser("plugins", help="list plugins, their versions and the passes, metrics and quantizers they add").set_defaults(
+        lowrank_handler=_plugins
+    )
     val = sub.add_parser("validate", help="validate a recipe and print it normalised")
     val.add_argument("recipe")
-    val.set_defaults(func=_validate)
-    return parser
+    val.set_defaults(lowrank_handler=_validate)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -155,7 +172,16 @@ def _terminate(signum: int, frame) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """``optimum-lowrank ARGS``: parse ``argv`` (default ``sys.argv[1:]``) and :func:`run` the command."""
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the command parsed by a parser built with :func:`add_commands`; returns the exit status.
+
+    0 success; 1 accuracy gate failed, objective not met or export failed; 2 bad input
+    (any other :class:`~optimum_lowrank.errors.LowRankError`); 128 + signal number when interrupted.
+    """
     previous_show = warnings.showwarning
     warnings.showwarning = _one_line_warning
     previous_term = signal.getsignal(signal.SIGTERM)
@@ -164,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:  # not the main thread: leave SIGTERM alone
         previous_term = None
     try:
-        return args.func(args)
+        return args.lowrank_handler(args)
     except LowRankError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1 if type(err).__name__ in ("ExportError",) else 2

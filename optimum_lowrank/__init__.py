@@ -21,6 +21,7 @@ from optimum_lowrank.api import CompressionPass, PassConfig, PassContext, count_
 from optimum_lowrank.errors import (
     AccuracyError,
     DataError,
+    DuplicateLayerError,
     DuplicateMetricError,
     DuplicatePassError,
     ExportError,
@@ -31,6 +32,7 @@ from optimum_lowrank.errors import (
     PassError,
     RecipeError,
     TargetError,
+    UnknownLayerError,
     UnknownMetricError,
     UnknownPassError,
 )
@@ -42,6 +44,7 @@ from optimum_lowrank.linalg.svd import split_factors, truncated_svd
 from optimum_lowrank.models import LoadedModel
 from optimum_lowrank.pipeline import optimize
 from optimum_lowrank.recipe import AccuracyConfig, Recipe, load_recipe
+from optimum_lowrank.saving import from_pretrained, save_pretrained
 from optimum_lowrank.report import LayerReport, OptimizationReport
 
 __all__ = [
@@ -51,6 +54,7 @@ __all__ = [
     "AccuracyError",
     "CompressionPass",
     "DataError",
+    "DuplicateLayerError",
     "DuplicateMetricError",
     "DuplicatePassError",
     "Evaluator",
@@ -70,9 +74,11 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "TargetError",
+    "UnknownLayerError",
     "UnknownMetricError",
     "UnknownPassError",
     "count_parameters",
+    "from_pretrained",
     "hookimpl",
     "linear_weight",
     "load_recipe",
@@ -80,6 +86,7 @@ __all__ = [
     "open_session",
     "optimize",
     "resolve_targets",
+    "save_pretrained",
     "split_factors",
     "torch_forward",
     "truncated_svd",

@@ -34,20 +34,28 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.recipe is None:
         if not flags:
             raise RecipeError("give --recipe, or an objective (--max-drop, --max-increase or --size-mb) to search")
+        _no_save_pytorch_in_search(args)
         return _search(args, flags)
     if flags:
         raise RecipeError(f"--{', --'.join(k.replace('_', '-') for k in flags)} apply without --recipe (a recipe's 'search:' section holds them)")
     recipe = load_recipe(args.recipe)
     if recipe.search is not None:
+        _no_save_pytorch_in_search(args)
         return _search(args, recipe)
     try:
-        report = optimize(args.model, recipe, args.output, overwrite=args.overwrite, progress=not args.quiet)
+        report = optimize(args.model, recipe, args.output, overwrite=args.overwrite, progress=not args.quiet, save_pytorch=args.save_pytorch)
     except AccuracyError as err:
         print(err.report.table(), file=sys.stderr)
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(report.table())
     return 0
+
+
+def _no_save_pytorch_in_search(args: argparse.Namespace) -> None:
+    if args.save_pytorch:
+        raise RecipeError("--save-pytorch applies to a recipe without 'search:'; a search writes OUTPUT/recipe.yaml: "
+                          "run that recipe with --save-pytorch to keep the PyTorch model")
 
 
 def _search(args: argparse.Namespace, config) -> int:
@@ -153,6 +161,8 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     found.add_argument("--seed", type=int, help="seed of the passes (default 0)")
     opt.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     opt.add_argument("--quiet", action="store_true", help="no progress lines")
+    opt.add_argument("--save-pytorch", action="store_true",
+                     help="also write the compressed PyTorch model to OUTPUT/pytorch/ (optimum_lowrank.from_pretrained loads it)")
     opt.set_defaults(lowrank_handler=_optimize)
     sub.add_parser("passes", help="list every registered pass (with its options), metric and quantizer").set_defaults(lowrank_handler=_passes)
     sub.add_parser("plugins", help="list plugins, their versions and the passes, metrics and quantizers they add").set_defaults(

@@ -41,6 +41,10 @@ class DuplicateQuantizerError(LowRankError):
     """Two plugins register a quantizer under the same id."""
 
 
+class DuplicateLayerError(LowRankError):
+    """Two plugins register a layer class under the same name (see ``lowrank_register_layers``)."""
+
+
 class TargetError(RecipeError):
     """A pass target matches no module, or only modules of a type the pass cannot handle."""
 
@@ -51,6 +55,11 @@ class PassError(LowRankError, ValueError):
 
 class ModelLoadError(LowRankError):
     """A model specification does not resolve to a loadable model."""
+
+
+class UnknownLayerError(ModelLoadError):
+    """A saved compressed model names a layer class that no installed plugin registers, or a model
+    to be saved holds a module of an unregistered class; the message lists the registered ones."""
 
 
 class DataError(LowRankError, ValueError):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
-    from optimum_lowrank.plugins import MetricRegistry, PassRegistry, QuantizerRegistry
+    from optimum_lowrank.plugins import LayerRegistry, MetricRegistry, PassRegistry, QuantizerRegistry
 
 PROJECT_NAME = "optimum_lowrank"
 
@@ -101,4 +101,32 @@ def lowrank_register_quantizers(register: QuantizerRegistry) -> None:
     ------
     DuplicateQuantizerError
         If another plugin already registered a quantizer with the same ``name``.
+    """
+
+
+@hookspec
+def lowrank_register_layers(register: LayerRegistry) -> None:
+    """Register the ``nn.Module`` classes a pass installs, so that compressed models holding them
+    can be saved (:func:`optimum_lowrank.save_pretrained`) and rebuilt (:func:`optimum_lowrank.from_pretrained`).
+
+    Call ``register(MyLayer)`` once per class. ``MyLayer`` defines ``layer_config(self) -> dict``,
+    the keyword arguments of its constructor that rebuild its structure: JSON values (ints,
+    floats, strings, lists, None), tensors it holds (their values are read back from the saved
+    weights) and modules it holds (its children, or modules elsewhere in the model it shares,
+    such as a tied head's embedding). ``MyLayer.from_layer_config(config)`` (a classmethod)
+    builds it when ``MyLayer(**config)`` would not. Registered under the class name.
+
+    Parameters
+    ----------
+    register : LayerRegistry
+        Callable; ``register(layer_class)``, or
+        ``register(layer_class, name=..., to_config=..., from_config=...)`` for a class
+        without those methods.
+
+    Raises
+    ------
+    DuplicateLayerError
+        If another plugin already registered a layer under the same name.
+    LowRankError
+        If the class is not an ``nn.Module`` or has no ``layer_config``.
     """

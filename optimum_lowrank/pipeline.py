@@ -47,6 +47,7 @@ def optimize(
     overwrite: bool = False,
     registry: PassRegistry | None = None,
     progress: bool = True,
+    save_pytorch: bool = False,
 ) -> OptimizationReport:
     """Compress ``model`` as ``recipe`` says, check its accuracy, and export it.
 
@@ -72,6 +73,10 @@ def optimize(
     progress : bool
         Print step lines to stderr; False also turns off every progress bar
         (passes, fine-tuning, evaluation) for the run.
+    save_pytorch : bool
+        Also write the compressed PyTorch model (and the tokenizer) to ``output/pytorch/``
+        (:func:`optimum_lowrank.saving.save_pretrained`'s layout, safetensors weights);
+        :func:`optimum_lowrank.from_pretrained` rebuilds it exactly. Needs ``output``.
 
     Returns
     -------
@@ -81,7 +86,7 @@ def optimize(
     Raises
     ------
     RecipeError, TargetError, PassError
-        Bad recipe, target or option; raised before anything is written.
+        Bad recipe, target or option (or ``save_pytorch`` without ``output``); raised before anything is written.
     ModelLoadError, DataError
         The model or the evaluation/calibration data cannot be loaded.
     OutputExistsError
@@ -106,7 +111,8 @@ def optimize(
     (torch's default).
     """
     with _restored_torch_state(), silenced(not progress), private_tempdir():
-        return _optimize(model, recipe, output, tokenizer=tokenizer, overwrite=overwrite, registry=registry, progress=progress)
+        return _optimize(model, recipe, output, tokenizer=tokenizer, overwrite=overwrite, registry=registry, progress=progress,
+                         save_pytorch=save_pytorch)
 
 
 def _optimize(
@@ -118,6 +124,7 @@ def _optimize(
     overwrite: bool,
     registry: PassRegistry | None,
     progress: bool,
+    save_pytorch: bool = False,
 ) -> OptimizationReport:
     """:func:`optimize` without the restoring of global state."""
     from optimum_lowrank.models import load_model
@@ -128,6 +135,8 @@ def _optimize(
     if recipe.search is not None:
         raise RecipeError("this recipe has a 'search:' section: run it with optimum_lowrank.search.search() or "
                           "`optimum-lowrank optimize --recipe`; the search writes a search-free recipe.yaml that optimize() runs")
+    if save_pytorch and output is None:
+        raise RecipeError("save_pytorch writes output/pytorch/: give an output folder")
     out_dir = _check_output(output, overwrite)
     with say.step("loading model"):
         loaded = load_model(model, tokenizer)
@@ -187,6 +196,8 @@ def _optimize(
         if out_dir is not None:
             with _staging(out_dir) as staging:
                 report.output = str(out_dir)
+                if save_pytorch:
+                    _save_pytorch(compressed, loaded, report, staging, out_dir, say)
                 report.to_json(staging / "report.json")
         return report
 
@@ -199,6 +210,8 @@ def _optimize(
         report.output = None if out_dir is None else str(out_dir)
         if out_dir is not None:
             report.export.files = {k: str(out_dir / Path(v).relative_to(staging)) for k, v in report.export.files.items()}
+            if save_pytorch:
+                _save_pytorch(compressed, loaded, report, staging, out_dir, say)
         report.to_json(staging / "report.json")
         if out_dir is None:
             report.notes.append("no output folder given: the exported files were checked and discarded")
@@ -458,6 +471,16 @@ def _export(
                 result.latency[name] = measure_latency(path, **options).to_dict()
     _save_tokenizer(loaded, onnx_dir)
     return result
+
+
+def _save_pytorch(compressed: torch.nn.Module, loaded: LoadedModel, report: OptimizationReport, staging: Path, out_dir: Path,
+                  say: Progress) -> None:
+    """Write the compressed model to ``staging/pytorch`` (moved to ``out_dir/pytorch`` with the rest)."""
+    from optimum_lowrank.saving import write_pretrained
+
+    with say.step("saving the compressed PyTorch model"):
+        write_pretrained(compressed, staging / "pytorch", tokenizer=loaded.tokenizer, passes=report.passes)
+    report.notes.append(f"compressed PyTorch model saved to {out_dir / 'pytorch'}: optimum_lowrank.from_pretrained(that folder) rebuilds it")
 
 
 def _save_tokenizer(loaded: LoadedModel, onnx_dir: Path) -> None:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pluggy
 
 from optimum_lowrank import hookspecs
-from optimum_lowrank.errors import DuplicateMetricError, DuplicatePassError, DuplicateQuantizerError, LowRankError
+from optimum_lowrank.errors import DuplicateLayerError, DuplicateMetricError, DuplicatePassError, DuplicateQuantizerError, LowRankError
 
 if TYPE_CHECKING:  # pragma: no cover
     from typing_extensions import Self
@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from optimum_lowrank.evaluation.base import Evaluator
 
 __all__ = [
+    "LayerRegistry",
     "MetricRegistry",
     "PassRegistry",
     "RegisteredMetric",
@@ -45,6 +46,7 @@ __all__ = [
     "Registry",
     "get_metric_registry",
     "get_plugin_manager",
+    "get_layer_registry",
     "get_quantizer_registry",
     "get_registry",
 ]
@@ -63,6 +65,7 @@ BUILTIN_PLUGINS = (
     "optimum_lowrank.passes.tokens.downsampling",
     "optimum_lowrank.evaluation",
     "optimum_lowrank.exporters.quantizers",
+    "optimum_lowrank.layers.serial",
 )
 
 
@@ -252,6 +255,76 @@ class QuantizerRegistry(Registry):
             raise LowRankError(f"plugin {self._current_plugin!r} registered {cls!r}, which is not a Quantizer subclass")
 
 
+@dataclass(frozen=True)
+class RegisteredLayer:
+    """A layer class that a saved model may hold, how to read its constructor arguments and rebuild it."""
+
+    layer_class: type
+    plugin: str
+    to_config: Any
+    from_config: Any
+
+
+class LayerRegistry(Registry):
+    """Layer name -> ``nn.Module`` class that :func:`optimum_lowrank.save_pretrained` may write and
+    :func:`optimum_lowrank.from_pretrained` rebuilds; filled by the ``lowrank_register_layers`` hook.
+
+    ``register(MyLayer)`` registers a class that has ``layer_config(self) -> dict`` (its constructor
+    keyword arguments: JSON values, tensors it holds, modules it holds) and optionally a classmethod
+    ``from_layer_config(config) -> MyLayer`` (default ``MyLayer(**config)``), under its class name.
+    ``register(cls, name=..., to_config=..., from_config=...)`` registers a class without those
+    methods (the built-in ``torch.nn`` ones). A model holding an unregistered class cannot be saved.
+    """
+
+    kind = "layer"
+    hook = "lowrank_register_layers"
+    duplicate_error = DuplicateLayerError
+    entry_class = RegisteredLayer
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._adapters: dict[str, tuple[Any, Any]] = {}
+        self._names: dict[type, str] = {}
+
+    def __call__(self, cls: type, *, name: str | None = None, to_config=None, from_config=None) -> type:
+        import torch
+
+        who = f"plugin {self._current_plugin!r}"
+        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+            raise LowRankError(f"{who} registered {cls!r} as a layer, which is not a torch.nn.Module subclass")
+        name = name or cls.__name__
+        to_config = to_config or getattr(cls, "layer_config", None)
+        from_config = from_config or getattr(cls, "from_layer_config", None) or (lambda config: cls(**config))
+        if not callable(to_config):
+            raise LowRankError(f"{who}: layer {cls.__qualname__} needs a `layer_config(self) -> dict` method (its constructor arguments)")
+        if name in self._classes:
+            other, plugin = self._classes[name]
+            raise DuplicateLayerError(
+                f"layer {name!r} registered twice: by plugin {plugin!r} ({other.__qualname__}) and by {who} ({cls.__qualname__})"
+            )
+        self._classes[name] = (cls, self._current_plugin)
+        self._adapters[name] = (to_config, from_config)
+        self._names[cls] = name
+        return cls
+
+    def name_of(self, cls: type) -> str | None:
+        """The name ``cls`` (exactly; not a subclass) is registered under, or None."""
+        return self._names.get(cls)
+
+    def entry(self, name: str) -> RegisteredLayer | None:
+        """Class, plugin and the config functions of the layer registered as ``name``, or None."""
+        if name not in self._classes:
+            return None
+        cls, plugin = self._classes[name]
+        return RegisteredLayer(cls, plugin, *self._adapters[name])
+
+    def collect(self, pm: pluggy.PluginManager) -> Self:
+        super().collect(pm)
+        self._adapters = {k: v for k, v in self._adapters.items() if k in self._classes}
+        self._names = {cls: name for name, (cls, _) in self._classes.items()}
+        return self
+
+
 def plugin_label(plugin: str) -> str:
     """How messages name a plugin: ``built in`` for :data:`BUILTIN_PLUGINS`, else ``plugin 'NAME'``."""
     return "built in" if plugin in BUILTIN_PLUGINS else f"plugin {plugin!r}"
@@ -368,6 +441,11 @@ def get_registry() -> PassRegistry:
 def get_metric_registry() -> MetricRegistry:
     """The registry of every accuracy metric from the default plugin manager (cached per environment settings)."""
     return _default(MetricRegistry)
+
+
+def get_layer_registry() -> LayerRegistry:
+    """The registry of every savable layer class from the default plugin manager (cached per environment settings)."""
+    return _default(LayerRegistry)
 
 
 def get_quantizer_registry() -> QuantizerRegistry:

@@ -87,6 +87,10 @@ class AutoencoderEmbedding(FactorizedEmbedding):
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.decoder(self.latents(input_ids))
 
+    def layer_config(self) -> dict:
+        """Constructor arguments that rebuild this layer's structure (see :mod:`optimum_lowrank.saving`)."""
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "latent_dim": self.latent_dim, "padding_idx": self.padding_idx}
+
     def extra_repr(self) -> str:
         return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, latent_dim={self.latent_dim}"
 
@@ -114,6 +118,10 @@ class AffineFactorHead(nn.Module):
         self.embedding = embedding
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
+
+    def layer_config(self) -> dict:
+        """Constructor arguments that rebuild this layer's structure (see :mod:`optimum_lowrank.saving`)."""
+        return {"embedding": self.embedding, "bias": self.bias}
 
     def forward(self, hidden: Tensor) -> Tensor:
         decoder = self.embedding.decoder

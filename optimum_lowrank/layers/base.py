@@ -69,6 +69,10 @@ class MaterializedHead(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
 
+    def layer_config(self) -> dict:
+        """Constructor arguments that rebuild this layer's structure (see :mod:`optimum_lowrank.saving`)."""
+        return {"embedding": self.embedding, "bias": self.bias}
+
     def forward(self, hidden: Tensor) -> Tensor:
         materialize = getattr(self.embedding, "materialize", None)
         table = materialize(hidden) if callable(materialize) else self.embedding.weight

@@ -144,6 +144,13 @@ class FourierEmbedding(FactorizedEmbedding):
         anchor = runtime_zero(like, torch.long)  # 0, but not a constant
         return self(torch.arange(self.num_embeddings, device=like.device) + anchor)
 
+    def layer_config(self) -> dict:
+        """Constructor arguments that rebuild this layer's structure (see :mod:`optimum_lowrank.saving`)."""
+        return {
+            "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "hidden_dim": self.hidden_dim,
+            "mlp": self.mlp_kind, "eps": self.eps, "padding_idx": self.padding_idx,
+        }
+
     def extra_repr(self) -> str:
         return (
             f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "

@@ -132,6 +132,10 @@ class HybridEmbedding(FactorizedEmbedding):
         exact = self.exact + runtime_zero(like, self.exact.dtype)
         return torch.cat([exact, rest])[self.slot.long()]
 
+    def layer_config(self) -> dict:
+        """Constructor arguments that rebuild this layer's structure (see :mod:`optimum_lowrank.saving`)."""
+        return {"exact": self.exact, "rest": self.rest, "slot": self.slot, "padding_idx": self.padding_idx}
+
     def extra_repr(self) -> str:
         return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, keep_top_k={self.keep_top_k}"
 
@@ -163,6 +167,10 @@ class HybridHead(nn.Module):
         self.embedding, self.rest_head = embedding, rest_head
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
+
+    def layer_config(self) -> dict:
+        """Constructor arguments that rebuild this layer's structure (see :mod:`optimum_lowrank.saving`)."""
+        return {"embedding": self.embedding, "rest_head": self.rest_head, "bias": self.bias}
 
     def forward(self, hidden: Tensor) -> Tensor:
         exact = self.embedding.exact + runtime_zero(hidden, self.embedding.exact.dtype)  # one copy in ONNX

@@ -109,6 +109,10 @@ class LowRankLinear(nn.Module):
                 dense.bias.copy_(self.up.bias)
         return dense
 
+    def layer_config(self) -> dict:
+        """Constructor arguments that rebuild this layer's structure (see :mod:`optimum_lowrank.saving`)."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank, "bias": self.up.bias is not None}
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
@@ -156,6 +160,9 @@ class LowRankEmbedding(FactorizedEmbedding):
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.proj(self.codes(input_ids))
 
+    def layer_config(self) -> dict:
+        """Constructor arguments that rebuild this layer's structure (see :mod:`optimum_lowrank.saving`)."""
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "rank": self.rank, "padding_idx": self.padding_idx}
 
     def extra_repr(self) -> str:
         return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, rank={self.rank}"
@@ -195,6 +202,10 @@ class LowRankHead(nn.Module):
         self.embedding = embedding
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
+
+    def layer_config(self) -> dict:
+        """Constructor arguments that rebuild this layer's structure (see :mod:`optimum_lowrank.saving`)."""
+        return {"embedding": self.embedding, "bias": self.bias}
 
     def forward(self, hidden: Tensor) -> Tensor:
         # deferred: layers.embeddings imports this module

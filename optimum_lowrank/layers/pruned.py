@@ -33,12 +33,20 @@ class BiasOnlyAttention(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone())
         self.LayerNorm = layer_norm
 
+    def layer_config(self) -> dict:
+        """Constructor arguments that rebuild this layer's structure (see :mod:`optimum_lowrank.saving`)."""
+        return {"bias": self.bias, "layer_norm": self.LayerNorm}
+
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor]:
         return (self.LayerNorm(hidden_states + self.bias),)
 
 
 class PassThrough(nn.Module):
     """Replaces a ``BertIntermediate`` whose dimensions were all pruned: returns its input unchanged."""
+
+    def layer_config(self) -> dict:
+        """Constructor arguments that rebuild this layer's structure (see :mod:`optimum_lowrank.saving`)."""
+        return {}
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return hidden_states
@@ -55,6 +63,10 @@ class BiasOnlyOutput(nn.Module):
         super().__init__()
         self.bias = nn.Parameter(bias.detach().clone())
         self.LayerNorm = layer_norm
+
+    def layer_config(self) -> dict:
+        """Constructor arguments that rebuild this layer's structure (see :mod:`optimum_lowrank.saving`)."""
+        return {"bias": self.bias, "layer_norm": self.LayerNorm}
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(input_tensor + self.bias)

@@ -52,11 +52,16 @@ class TokenKeepPredictor(nn.Module):
 
     def __init__(self, hidden_size: int, init_bias: float = 5.0) -> None:
         super().__init__()
+        self.hidden_size, self.init_bias = hidden_size, init_bias
         self.net = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, hidden_size), nn.LayerNorm(hidden_size),
                                  nn.GELU(), nn.Linear(hidden_size, 2))
         with torch.no_grad():
             self.net[-1].weight.mul_(0.01)
             self.net[-1].bias.copy_(torch.tensor([-init_bias, init_bias]))
+
+    def layer_config(self) -> dict:
+        """Constructor arguments that rebuild this layer's structure (see :mod:`optimum_lowrank.saving`)."""
+        return {"hidden_size": self.hidden_size, "init_bias": self.init_bias}
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.net(hidden)
@@ -98,6 +103,11 @@ class TokenDroppingEncoder(nn.Module):
         self.restore_positions = restore_positions
         self.gradient_checkpointing = False
         self.stats: dict = {}
+
+    def layer_config(self) -> dict:
+        """Constructor arguments that rebuild this layer's structure (see :mod:`optimum_lowrank.saving`)."""
+        return {"layers": self.layer, "predictors": self.predictors, "temperature": self.temperature,
+                "restore_positions": self.restore_positions}
 
     @staticmethod
     def _valid(attention_mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:

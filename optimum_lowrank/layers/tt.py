@@ -182,6 +182,13 @@ class TTEmbedding(FactorizedEmbedding):
         zero = runtime_zero(like, self.cores[0].dtype)
         return tt_contract([core + zero for core in self.cores], self.shape, self.ranks)
 
+    def layer_config(self) -> dict:
+        """Constructor arguments that rebuild this layer's structure (see :mod:`optimum_lowrank.saving`)."""
+        return {
+            "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "shape": list(self.shape),
+            "ranks": list(self.ranks), "padding_idx": self.padding_idx,
+        }
+
     def extra_repr(self) -> str:
         return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, shape={self.shape}, ranks={self.ranks}"
 
@@ -334,6 +341,13 @@ class TTMatrixEmbedding(FactorizedEmbedding):
     def materialize(self, like: Tensor) -> Tensor:
         """:attr:`weight` computed at run time, for a head; see :func:`~optimum_lowrank.layers.autoencoder.runtime_zero`."""
         return self.full_table(runtime_zero(like, self.cores[0].dtype))[: self.num_embeddings]
+
+    def layer_config(self) -> dict:
+        """Constructor arguments that rebuild this layer's structure (see :mod:`optimum_lowrank.saving`)."""
+        return {
+            "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "vocab_shape": list(self.vocab_shape),
+            "dim_shape": list(self.shape), "ranks": list(self.ranks), "padding_idx": self.padding_idx,
+        }
 
     def extra_repr(self) -> str:
         return (

@@ -29,17 +29,24 @@ if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
+    "RELATIVE_PATH_RULE",
     "TEXT_CACHE_SIZE",
     "clear_text_cache",
     "default_text",
     "load_sts_pairs",
     "load_text",
+    "resolve_recipe_paths",
     "shared_data_dir",
     "token_windows",
 ]
 
 _DATASETS_PREFIX = "datasets:"
 _TSV_PREFIX = "tsv:"
+
+#: Where a recipe file's relative data paths point; said by every missing-file error.
+RELATIVE_PATH_RULE = "a relative path in a recipe file resolves against the recipe file's folder"
+#: Recipe keys whose string values are data sources (a path, ``tsv:PATH:COLUMNS``, ``datasets:...``).
+DATA_KEYS = ("data", "search_data", "calibration")
 
 #: How many texts :func:`load_text` keeps (least recently used goes first).
 TEXT_CACHE_SIZE = 4
@@ -189,7 +196,7 @@ def _load_text_uncached(source: str | os.PathLike | None) -> tuple[str, str]:
         return _load_tsv_text(text_source[len(_TSV_PREFIX):])
     path = Path(text_source).expanduser()
     if not _is_file(path):
-        raise DataError(f"text file {_shown(path)} does not exist or is not a file")
+        raise DataError(f"text file {_shown(path)} does not exist or is not a file ({RELATIVE_PATH_RULE})")
     try:
         text = _read_file(path)
     except UnicodeDecodeError as exc:
@@ -287,7 +294,7 @@ def load_sts_pairs(path: str | os.PathLike) -> list[tuple[str, str, float]]:
     """
     path = Path(path).expanduser()
     if not _is_file(path):
-        raise DataError(f"STS pairs file {_shown(path)} does not exist")
+        raise DataError(f"STS pairs file {_shown(path)} does not exist ({RELATIVE_PATH_RULE})")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
@@ -326,6 +333,68 @@ def load_sts_pairs(path: str | os.PathLike) -> list[tuple[str, str, float]]:
     if not pairs:
         raise DataError(f"STS pairs file {str(path)!r} has a header but no pairs")
     return pairs
+
+
+def resolve_recipe_paths(recipe: object, folder: Path) -> list[str]:
+    """Make the relative data paths of a recipe read from a file in ``folder`` absolute, in place.
+
+    Every string under a key of :data:`DATA_KEYS` (at any depth: ``calibration.data``,
+    ``accuracy.data``, a pass's ``data``, ``search.data`` / ``search_data`` / ``calibration``)
+    is a data source. A relative file path, alone or inside ``tsv:PATH:COLUMNS[:header]``, is
+    resolved against ``folder``; ``datasets:...``, absolute and ``~`` paths are left as they
+    are. For recipes written before this rule: when the path does not exist there but does
+    relative to the working directory, that file is used and a warning says how to write it.
+
+    Parameters
+    ----------
+    recipe : the parsed YAML (dicts and lists); modified in place.
+    folder : Path
+        The recipe file's folder, absolute.
+
+    Returns
+    -------
+    list of str
+        The warnings (one per path resolved against the working directory).
+    """
+    notes: list[str] = []
+
+    def resolve(path_text: str, key: str) -> str:
+        path = Path(path_text)
+        if not path_text or path.is_absolute() or path_text.startswith("~"):
+            return path_text
+        beside = Path(os.path.normpath(folder / path))
+        here = Path(os.path.normpath(Path.cwd() / path))
+        if not beside.exists() and here.exists():
+            notes.append(
+                f"recipe {key}: {path_text!r} is not in the recipe's folder ({beside} does not exist); using {here} "
+                f"relative to the working directory. {RELATIVE_PATH_RULE[0].upper()}{RELATIVE_PATH_RULE[1:]}: "
+                f"write {os.path.relpath(here, folder)!r}"
+            )
+            return str(here)
+        return str(beside)
+
+    def source(value: str, key: str) -> str:
+        if value.startswith(_DATASETS_PREFIX):
+            return value
+        if value.startswith(_TSV_PREFIX):
+            path_text, columns, header = _split_tsv(value[len(_TSV_PREFIX):])
+            return f"{_TSV_PREFIX}{resolve(path_text, key)}:{columns}{':header' if header else ''}"
+        return resolve(value, key)
+
+    def walk(node: object, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                name = f"{where}.{key}" if where else str(key)
+                if key in DATA_KEYS and isinstance(value, str):
+                    node[key] = source(value, name)
+                else:
+                    walk(value, name)
+        elif isinstance(node, list):
+            for index, item in enumerate(node):
+                walk(item, f"{where}[{index}]")
+
+    walk(recipe, "")
+    return notes
 
 
 def shared_data_dir() -> Path | None:

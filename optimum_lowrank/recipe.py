@@ -19,6 +19,7 @@ Example
 from __future__ import annotations
 
 import os
+import warnings
 from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, model_validator
 
 from optimum_lowrank.api import PassConfig
+from optimum_lowrank.data import resolve_recipe_paths
 from optimum_lowrank.errors import RecipeError, UnknownMetricError, UnknownPassError
 from optimum_lowrank.export_config import ExportConfig, LatencyConfig, Strict, WeightOnlyConfig, WeightOnlyOverride
 from optimum_lowrank.search.config import SearchConfig
@@ -454,8 +456,9 @@ def load_recipe(
         return Recipe.from_dict(source, registry, metrics)
     if not isinstance(source, (str, os.PathLike)):
         raise RecipeError(f"a recipe is a Recipe, a dict, a path or YAML text; got {type(source).__name__}")
+    folder = None
     if _is_path(source):
-        text, where = _read_recipe_file(Path(source)), str(source)
+        text, where, folder = _read_recipe_file(Path(source)), str(source), Path(source).expanduser().absolute().parent
     else:
         text, where = source, "recipe text"
     try:
@@ -466,6 +469,9 @@ def load_recipe(
         raise RecipeError(f"malformed YAML in {excerpt(where, 300)}: {excerpt(str(err), 600)}") from None
     except (RecursionError, MemoryError, ValueError) as err:
         raise RecipeError(f"{where}: cannot read the YAML: {type(err).__name__}: {excerpt(str(err), 200)}") from None
+    if folder is not None:
+        for note in resolve_recipe_paths(data, folder):
+            warnings.warn(f"{where}: {note}", stacklevel=2)
     return Recipe.from_dict(data, registry, metrics)
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from optimum_lowrank.data import RELATIVE_PATH_RULE
 from optimum_lowrank.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -113,7 +114,7 @@ def load_labelled_tsv(
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise DataError(f"task file {str(path)!r} does not exist")
+        raise DataError(f"task file {str(path)!r} does not exist ({RELATIVE_PATH_RULE})")
     if max_rows is not None and max_rows < 1:
         raise DataError(f"max_rows must be >= 1, got {max_rows}")
     lines = path.read_text(encoding="utf-8").splitlines()

@@ -4,7 +4,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL ?= minilm
 RECIPE ?= recipes/minilm-auto.yaml
-OUTPUT ?= out/$(MODEL)
+# One folder per model and recipe, so a run never replaces another recipe's output:
+# out/<model>-<recipe stem>, or out/<recipe stem> when the stem already starts with the model
+# (recipes/minilm-auto.yaml -> out/minilm-auto; MODEL=minilm RECIPE=recipes/baseline.yaml -> out/minilm-baseline).
+RECIPE_STEM := $(basename $(notdir $(RECIPE)))
+OUTPUT ?= out/$(if $(filter $(MODEL)-%,$(RECIPE_STEM)),$(RECIPE_STEM),$(MODEL)-$(RECIPE_STEM))
 
 .PHONY: setup run test bench clean
 
@@ -20,6 +24,7 @@ $(VENV)/.installed: pyproject.toml examples/plugins/optimum-lowrank-rsvd/pyproje
 	$(BIN)/pip install --quiet --no-deps -e examples/plugins/optimum-lowrank-rsvd
 	touch $@
 
+# --overwrite replaces only this model and recipe's own earlier output (OUTPUT above)
 run: setup
 	$(BIN)/optimum-lowrank optimize --model $(MODEL) --recipe $(RECIPE) --output $(OUTPUT) --overwrite
 

@@ -102,11 +102,11 @@ def _metrics_and_quantizers() -> None:
 
 
 def _plugins(args: argparse.Namespace) -> int:
-    from optimum_lowrank.plugins import MetricRegistry, PassRegistry, QuantizerRegistry, get_plugin_manager
+    from optimum_lowrank.plugins import LayerRegistry, MetricRegistry, PassRegistry, QuantizerRegistry, get_plugin_manager
 
     pm = get_plugin_manager()
     by_plugin: dict[str, list[str]] = {}
-    for registry in (PassRegistry(), MetricRegistry(), QuantizerRegistry()):
+    for registry in (PassRegistry(), MetricRegistry(), QuantizerRegistry(), LayerRegistry()):
         for plugin, names in registry.collect(pm).by_plugin().items():
             by_plugin.setdefault(plugin, []).extend(f"{name} ({registry.kind})" for name in names)
     versions = {pm.get_name(plugin): f"{dist.project_name} {dist.version}" for plugin, dist in pm.list_plugin_distinfo()}
@@ -165,7 +165,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
                      help="also write the compressed PyTorch model to OUTPUT/pytorch/ (optimum_lowrank.from_pretrained loads it)")
     opt.set_defaults(lowrank_handler=_optimize)
     sub.add_parser("passes", help="list every registered pass (with its options), metric and quantizer").set_defaults(lowrank_handler=_passes)
-    sub.add_parser("plugins", help="list plugins, their versions and the passes, metrics and quantizers they add").set_defaults(
+    sub.add_parser("plugins", help="list plugins, their versions and the passes, metrics, quantizers and layers they add").set_defaults(
         lowrank_handler=_plugins
     )
     val = sub.add_parser("validate", help="validate a recipe and print it normalised")

@@ -44,8 +44,8 @@ from optimum_lowrank.linalg.svd import split_factors, truncated_svd
 from optimum_lowrank.models import LoadedModel
 from optimum_lowrank.pipeline import optimize
 from optimum_lowrank.recipe import AccuracyConfig, Recipe, load_recipe
-from optimum_lowrank.saving import from_pretrained, save_pretrained
 from optimum_lowrank.report import LayerReport, OptimizationReport
+from optimum_lowrank.saving import from_pretrained, save_pretrained
 
 __all__ = [
     "QuantizationRequest",

@@ -43,7 +43,8 @@ def _optimize(args: argparse.Namespace) -> int:
         _no_save_pytorch_in_search(args)
         return _search(args, recipe)
     try:
-        report = optimize(args.model, recipe, args.output, overwrite=args.overwrite, progress=not args.quiet, save_pytorch=args.save_pytorch)
+        report = optimize(args.model, recipe, args.output, overwrite=args.overwrite, progress=not args.quiet,
+                          save_pytorch=args.save_pytorch)
     except AccuracyError as err:
         print(err.report.table(), file=sys.stderr)
         print(f"error: {err}", file=sys.stderr)
@@ -164,7 +165,8 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--save-pytorch", action="store_true",
                      help="also write the compressed PyTorch model to OUTPUT/pytorch/ (optimum_lowrank.from_pretrained loads it)")
     opt.set_defaults(lowrank_handler=_optimize)
-    sub.add_parser("passes", help="list every registered pass (with its options), metric and quantizer").set_defaults(lowrank_handler=_passes)
+    passes = sub.add_parser("passes", help="list every registered pass (with its options), metric and quantizer")
+    passes.set_defaults(lowrank_handler=_passes)
     sub.add_parser("plugins", help="list plugins, their versions and the passes, metrics, quantizers and layers they add").set_defaults(
         lowrank_handler=_plugins
     )

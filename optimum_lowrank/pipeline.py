@@ -480,7 +480,7 @@ def _save_pytorch(compressed: torch.nn.Module, loaded: LoadedModel, report: Opti
 
     with say.step("saving the compressed PyTorch model"):
         write_pretrained(compressed, staging / "pytorch", tokenizer=loaded.tokenizer, passes=report.passes)
-    report.notes.append(f"compressed PyTorch model saved to {out_dir / 'pytorch'}: optimum_lowrank.from_pretrained(that folder) rebuilds it")
+    report.notes.append(f"compressed PyTorch model saved to {out_dir / 'pytorch'} (optimum_lowrank.from_pretrained rebuilds it)")
 
 
 def _save_tokenizer(loaded: LoadedModel, onnx_dir: Path) -> None:

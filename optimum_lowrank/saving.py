@@ -310,7 +310,7 @@ def _built_by_owner(path: str, owned: dict[str, bool]) -> bool:
 def _encode(value: Any, paths: dict[int, str], keys: dict[int, str], where: str, arguments: list[str]) -> Any:
     if isinstance(value, torch.Tensor):
         if id(value) not in keys:
-            raise UnknownLayerError(f"cannot save {where}: its layer_config() holds a tensor that is not one of the model's weights or buffers")
+            raise UnknownLayerError(f"cannot save {where}: its layer_config() holds a tensor that is not a weight or buffer of the model")
         return {"$tensor": keys[id(value)]}
     if isinstance(value, nn.Module):
         if id(value) not in paths:
@@ -323,7 +323,8 @@ def _encode(value: Any, paths: dict[int, str], keys: dict[int, str], where: str,
         return [_encode(v, paths, keys, where, arguments) for v in value]
     if isinstance(value, _PLAIN):
         return value
-    raise UnknownLayerError(f"cannot save {where}: its layer_config() holds a {type(value).__name__}; allowed: JSON values, tensors, modules")
+    raise UnknownLayerError(f"cannot save {where}: its layer_config() holds a {type(value).__name__}"
+                            f"; allowed: JSON values, tensors, modules")
 
 
 def _structure(value: Any) -> Any:

@@ -28,7 +28,7 @@ def _command(name: str) -> list[str]:
 
 def _run(name: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    return subprocess.run([*_command(name), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([*_command(name), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,6 @@ def test_the_register_module_is_packaged_as_a_namespace_portion():
     """setuptools' namespace-aware finder, with pyproject's include list, ships the register module
     (a fresh ``pip install -e .`` / wheel then exposes ``optimum-cli lowrank``)."""
     import tomllib
-
     from setuptools import find_namespace_packages
 
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]

@@ -19,7 +19,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 def _use_block() -> list[str]:
     """The lines of the first bash block of README's "Use" section, comments removed."""
     section = README.split("\n## Use\n", 1)[1]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    block = re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1)
     return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
 
 

@@ -75,10 +75,11 @@ def test_a_missing_file_error_shows_the_resolved_path_and_the_rule(layout, monke
 
 
 def test_recipes_written_against_the_working_directory_still_load_with_a_warning(layout, monkeypatch):
-    recipes, data, elsewhere = layout
+    recipes, data, _ = layout
     monkeypatch.chdir(data.parent)  # the old rule: relative to where the command runs
     path = _write(recipes, "calibration: {data: data/calib.txt}\n")
-    with pytest.warns(UserWarning, match=r"calibration\.data: 'data/calib.txt' is not in the recipe's folder.*write '\.\./data/calib\.txt'"):
+    expected = r"calibration\.data: 'data/calib.txt' is not in the recipe's folder.*write '\.\./data/calib\.txt'"
+    with pytest.warns(UserWarning, match=expected):
         recipe = load_recipe(path)
     assert recipe.calibration.data == str(data / "calib.txt")
 

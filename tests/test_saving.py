@@ -104,7 +104,9 @@ CASES: dict[str, tuple[str, Callable, set[str]]] = {
     "fourier": ("tiny_llama", _fourier, {"FourierEmbedding", "MaterializedHead"}),
     "hybrid": ("tiny_llama", _hybrid, {"HybridEmbedding", "HybridHead", "LowRankEmbedding", "LowRankHead"}),
     "pruned": ("tiny_bert", _pruned, {"BiasOnlyAttention", "BiasOnlyOutput", "PassThrough", "torch.nn.Linear"}),
-    "token_dropping": ("tiny_bert", _token_dropping, {"TokenDroppingEncoder", "TokenKeepPredictor", "torch.nn.ModuleList", "torch.nn.Identity"}),
+    "token_dropping": (
+        "tiny_bert", _token_dropping, {"TokenDroppingEncoder", "TokenKeepPredictor", "torch.nn.ModuleList", "torch.nn.Identity"},
+    ),
 }
 
 

@@ -71,10 +71,10 @@ def test_real_minilm_round_trip_is_exact(data_dir, tmp_path):
 def test_cli_save_pytorch_on_a_tiny_llama(tiny_llama, tmp_path):
     folder = tmp_path / "llama"
     tiny_llama.save_pretrained(folder)
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {f"w{i}": i for i in range(127)} | {"[UNK]": 127}
     backend = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))

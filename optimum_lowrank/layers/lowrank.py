@@ -162,7 +162,9 @@ class LowRankEmbedding(FactorizedEmbedding):
 
     def layer_config(self) -> dict:
         """Constructor arguments that rebuild this layer's structure (see :mod:`optimum_lowrank.saving`)."""
-        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "rank": self.rank, "padding_idx": self.padding_idx}
+        return {
+            "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "rank": self.rank, "padding_idx": self.padding_idx,
+        }
 
     def extra_repr(self) -> str:
         return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, rank={self.rank}"

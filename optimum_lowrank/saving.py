@@ -185,7 +185,10 @@ def from_pretrained(folder: str | os.PathLike, *, registry: LayerRegistry | None
             f"{folder}: layer class {', '.join(map(repr, unknown))} is not registered by any installed plugin "
             f"(registered: {', '.join(registry.names())}); install the plugin that provides it"
         )
-    weights_path = folder / saved.get("weights", WEIGHTS_NAME)
+    weights_name = saved.get("weights", WEIGHTS_NAME)
+    if not isinstance(weights_name, str) or Path(weights_name).name != weights_name or not weights_name.endswith(".safetensors"):
+        raise ModelLoadError(f"{folder}: 'weights' must name a .safetensors file in the folder, got {weights_name!r}")
+    weights_path = folder / weights_name
     if not weights_path.is_file():
         raise ModelLoadError(f"{folder}: the weights file {weights_path.name} is missing")
     tensors = load_file(str(weights_path))

@@ -27,6 +27,7 @@ from optimum_lowrank.output import staging as _staging
 from optimum_lowrank.progress import Progress, silenced
 from optimum_lowrank.recipe import Recipe, load_recipe
 from optimum_lowrank.report import AccuracyReport, ExportReport, OptimizationReport, PassReport
+from optimum_lowrank.report_files import ORIGINAL_FP32, ORIGINAL_INT8, write_report_files
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -59,8 +60,9 @@ def optimize(
         See :mod:`optimum_lowrank.recipe`.
     output : path, optional
         Folder to write ``onnx/model.onnx``, ``onnx/model_quantized.onnx`` (when
-        quantizing) and ``report.json``. Without it, exported files are checked
-        and then discarded.
+        quantizing), the model card ``onnx/README.md``, ``report.json``, ``report.md``
+        and the plots (:mod:`optimum_lowrank.report_files`). Without it, exported files
+        are checked and then discarded.
     tokenizer : PreTrainedTokenizerBase, optional
         Required when ``model`` is an in-memory model whose tokenizer cannot be found.
     overwrite : bool
@@ -188,6 +190,7 @@ def _optimize(
             with _staging(out_dir) as staging:
                 report.output = str(out_dir)
                 report.to_json(staging / "report.json")
+                write_report_files(report, staging)
         return report
 
     with _staging(out_dir) as staging:
@@ -202,6 +205,8 @@ def _optimize(
         report.to_json(staging / "report.json")
         if out_dir is None:
             report.notes.append("no output folder given: the exported files were checked and discarded")
+        else:
+            write_report_files(report, staging)
     return report
 
 
@@ -445,19 +450,51 @@ def _export(
             if "output quantized" in graphs:
                 acc.onnx_quantized = evaluator.evaluate_onnx(graphs["output quantized"])
 
+    options = None
     if cfg.latency is not None:
         lat = cfg.latency
         options = dict(batch_size=lat.batch_size, seq_len=lat.seq_len, repeats=lat.repeats, threads=lat.threads, vocab_size=vocab_size)
-        if cfg.baseline_latency:
-            with say.step("exporting the original model for the latency baseline"), tempfile.TemporaryDirectory() as tmp:
-                original = export_onnx(loaded.model, Path(tmp) / "onnx", task, cfg.opset)
-                result.sizes_mb["original fp32 (not kept)"] = onnx_size_mb(original)
-                result.latency["original fp32"] = measure_latency(original, **options).to_dict()
+    _baselines(loaded, task, cfg, evaluator, result, acc, options, say)
+    if options is not None:
         with say.step("measuring ONNX Runtime latency"):
             for name, path in graphs.items():
                 result.latency[name] = measure_latency(path, **options).to_dict()
     _save_tokenizer(loaded, onnx_dir)
     return result
+
+
+def _baselines(loaded: LoadedModel, task: str, cfg, evaluator: Evaluator | None, result: ExportReport, acc: AccuracyReport | None,
+               latency: dict | None, say: Progress) -> None:
+    """The original model's graphs the report compares against, measured in a temporary folder and not kept.
+
+    ``export.baseline_latency`` (and ``latency``): the original fp32 graph, its size and latency;
+    ``export.baseline_int8``: the original quantized by ONNX Runtime's stock ``dynamic_int8``, its
+    size, its metric (with an evaluator) and, with ``baseline_latency``, its latency.
+    """
+    from optimum_lowrank.exporters.latency import measure_latency
+    from optimum_lowrank.exporters.onnx import export_onnx, onnx_size_mb
+    from optimum_lowrank.exporters.quantize import quantize_onnx
+
+    timed = cfg.baseline_latency and latency is not None
+    if not (timed or cfg.baseline_int8):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        with say.step("exporting the original model (the report's baselines)"):
+            original = export_onnx(loaded.model, Path(tmp) / "onnx", task, cfg.opset)
+        result.sizes_mb[ORIGINAL_FP32] = onnx_size_mb(original)
+        graphs = {"original fp32": original}
+        if cfg.baseline_int8:
+            with say.step("quantizing the original with ONNX Runtime's stock dynamic int8"):
+                int8 = quantize_onnx(original, Path(tmp) / "onnx" / "model_quantized.onnx", "dynamic_int8")
+            result.sizes_mb[ORIGINAL_INT8] = onnx_size_mb(int8)
+            graphs["original ORT dynamic int8"] = int8
+            if evaluator is not None and acc is not None:
+                with say.step(f"evaluating {evaluator.metric} of the original's stock int8 graph"):
+                    acc.original_onnx_quantized = evaluator.evaluate_onnx(int8)
+        if timed:
+            with say.step("measuring ONNX Runtime latency of the original's graphs"):
+                for name, path in graphs.items():
+                    result.latency[name] = measure_latency(path, **latency).to_dict()
 
 
 def _save_tokenizer(loaded: LoadedModel, onnx_dir: Path) -> None:

@@ -43,7 +43,7 @@ from optimum_lowrank.linalg.budget import (
 )
 from optimum_lowrank.linalg.svd import split_factors, weighted_factors, weighted_svd
 from optimum_lowrank.passes.embedding.usage import EmbeddingJob, UsageAwareConfig, finish_embedding, prepare_embedding
-from optimum_lowrank.report import LayerReport
+from optimum_lowrank.report import LayerReport, Spectrum
 
 __all__ = ["SVDConfig", "SVDPass", "choose_rank"]
 
@@ -253,6 +253,7 @@ class SVDPass(CompressionPass):
         return LayerReport(
             name=name, module_type=type(module).__name__, action="factorized", params_before=before,
             params_after=sum(p.numel() for p in layer.parameters()), rank=rank, metrics={"relative_error": error},
+            spectrum=Spectrum.from_singular_values(svd[1], rank),
         )
 
     def _embedding(self, model: nn.Module, job: EmbeddingJob, context: PassContext, budgeted=None) -> LayerReport:
@@ -292,7 +293,7 @@ class SVDPass(CompressionPass):
         return finish_embedding(
             self.config, model, job, layer, context, tied_head=self.config.tied_head, head_factory=LowRankHead,
             head_description="logits = (h P) A^T", rank=rank, summary=summary, metrics={"fit_relative_error": error},
-            action="factorized",
+            action="factorized", spectrum=Spectrum.from_singular_values(svd[1], rank, "weight" if job.weights is None else "weighted rows"),
         )
 
 

@@ -270,41 +270,9 @@ def plot_search(report: SearchReport, path: Path) -> None:
 
 def plot_allocation(report: SearchReport, path: Path) -> None:
     """Bits per linear layer as a grid (block x layer role), the embedding's choice in the title."""
-    import re
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    from optimum_lowrank.plots import plot_layer_grid
 
     rows = report.allocation()
-    cells: dict[tuple[int, str], int] = {}
-    others = []
-    for r in rows[:-1]:
-        match = re.search(r"\.(\d+)\.", r["unit"])
-        if match:
-            cells[(int(match.group(1)), r["unit"][match.end():])] = r["bits"]
-        else:
-            others.append(f"{r['unit']}: {r['bits']}")
-    blocks = sorted({b for b, _ in cells})
-    roles = list(dict.fromkeys(role for _, role in sorted(cells, key=lambda k: k[0])))
-    grid = np.full((max(len(blocks), 1), max(len(roles), 1)), np.nan)
-    for (b, role), bits in cells.items():
-        grid[blocks.index(b), roles.index(role)] = bits
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(roles) + 2), max(3, 0.28 * len(blocks) + 1.5)))
-    image = ax.imshow(grid, cmap="viridis", vmin=2, vmax=8, aspect="auto")
-    for (b, role), bits in cells.items():
-        ax.text(roles.index(role), blocks.index(b), str(bits), ha="center", va="center", color="white" if bits < 6 else "black", fontsize=8)
-    ax.set_xticks(range(len(roles)), roles, rotation=40, ha="right", fontsize=8)
-    ax.set_yticks(range(len(blocks)), [str(b) for b in blocks], fontsize=8)
-    ax.set_ylabel("block")
     emb = rows[-1]
-    title = f"bits per layer ({report.chosen.size_mb:.2f} MB); {emb['unit']}: ratio {emb['ratio']:g}, {emb['bits']}-bit"
-    if others:
-        title += "\n" + "; ".join(others)[:120]
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label="bits")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_layer_grid({r["unit"]: r["bits"] for r in rows[:-1]}, path, label="bits", vmin=2, vmax=8,
+                    title=f"bits per layer ({report.chosen.size_mb:.2f} MB); {emb['unit']}: ratio {emb['ratio']:g}, {emb['bits']}-bit")

@@ -42,7 +42,7 @@ from optimum_lowrank.errors import DataError, PassError
 from optimum_lowrank.layers.hybrid import HybridEmbedding, HybridHead, frequency_slots
 from optimum_lowrank.passes.embedding.install import check_embedding_table, install_embedding, reconstruction_metrics, tied_output_head
 from optimum_lowrank.passes.embedding.refine import RefineConfig, refine_embedding
-from optimum_lowrank.report import LayerAction, LayerReport
+from optimum_lowrank.report import LayerAction, LayerReport, Spectrum
 from optimum_lowrank.vocab import row_weights, usage_report
 
 __all__ = [
@@ -237,6 +237,7 @@ def finish_embedding(
     summary: str,
     metrics: dict[str, float],
     action: LayerAction = "replaced",
+    spectrum: Spectrum | None = None,
 ) -> LayerReport:
     """Install the compressed layer (wrapped in a hybrid table if asked), refine it, and report.
 
@@ -261,6 +262,8 @@ def finish_embedding(
     metrics : dict
         The method's own metrics (e.g. ``init_*`` of the fitted rows).
     action : {"replaced", "factorized"}
+    spectrum : Spectrum, optional
+        The singular values the method computed (the report's spectra plot).
 
     Returns
     -------
@@ -321,7 +324,7 @@ def finish_embedding(
     notes.append(head_note)
     return LayerReport(
         name=job.name, module_type="Embedding", action=action, params_before=job.table.numel(), params_after=after + index_params,
-        rank=rank, note="; ".join(filter(None, notes)), metrics=out,
+        rank=rank, note="; ".join(filter(None, notes)), metrics=out, spectrum=spectrum,
     )
 
 

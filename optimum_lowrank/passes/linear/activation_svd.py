@@ -74,7 +74,7 @@ from optimum_lowrank.linalg.budget import (
 from optimum_lowrank.linalg.whitening import InputStatistics, InputTransform, WhitenedSVD, asvd_transform, cholesky_transform, whitened_svd
 from optimum_lowrank.passes.linear.calibration import collect_input_statistics, collect_output_sensitivity
 from optimum_lowrank.passes.svd import RANK_OPTIONS, choose_rank, exactly_one_message
-from optimum_lowrank.report import LayerReport
+from optimum_lowrank.report import LayerReport, Spectrum
 
 __all__ = [
     "ActivationSVDConfig",
@@ -375,6 +375,8 @@ class ActivationSVDPass(CompressionPass):
         if decomp.transform.kind == "identity" and self.config.method == "svd_llm":
             notes.append("input was all zeros on the calibration data: plain SVD")
         saving = self.config.min_layer_saving
+        basis = {"cholesky": "whitened", "identity": "weight"}.get(decomp.transform.kind, "scaled")
+        spectrum = Spectrum.from_singular_values(decomp.s, rank, basis)
         if not factorizes((m, n), rank, saving):
             if self.config.target_params_ratio is not None:
                 notes.insert(0, budget_dense_note((m, n), saving))
@@ -388,7 +390,8 @@ class ActivationSVDPass(CompressionPass):
             else:  # reduces the layer, but by less than min_layer_saving: slower than dense in ORT
                 notes.insert(0, min_saving_note(rank, (m, n), saving))
             return LayerReport(
-                name=name, module_type=kind, action="skipped", params_before=before, params_after=before, rank=rank, note="; ".join(notes)
+                name=name, module_type=kind, action="skipped", params_before=before, params_after=before, rank=rank, note="; ".join(notes),
+                spectrum=spectrum,
             )
         layer = LowRankLinear(n, m, rank, bias=bias is not None)
         layer.load_factors(*decomp.factors(rank), bias).to(weight.dtype)
@@ -397,6 +400,7 @@ class ActivationSVDPass(CompressionPass):
         return LayerReport(
             name=name, module_type=kind, action="factorized", params_before=before, params_after=sum(p.numel() for p in layer.parameters()),
             rank=rank, note="; ".join(notes), metrics={error_name: decomp.relative_error(rank), "damping": decomp.transform.damping},
+            spectrum=spectrum,
         )
 
 

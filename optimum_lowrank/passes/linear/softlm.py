@@ -108,7 +108,7 @@ from optimum_lowrank.passes.linear.activation_svd import budget_ranks
 from optimum_lowrank.passes.linear.calibration import collect_input_statistics, collect_output_sensitivity
 from optimum_lowrank.passes.linear.soft_threshold import SoftLMState, SoftThresholdLinear
 from optimum_lowrank.progress import bar
-from optimum_lowrank.report import LayerReport
+from optimum_lowrank.report import LayerReport, Spectrum
 
 __all__ = ["SoftLMConfig", "SoftLMPass", "SoftLMState", "SoftThresholdLinear"]
 
@@ -348,10 +348,12 @@ class SoftLMPass(CompressionPass):
                 "projected_out": float(state.projected.get(name, 0)),
             }
             after_layer = sum(p.numel() for p in replacement.parameters())
+            trained = (layer.s.detach() * layer.scale).sort(descending=True).values
+            spectrum = Spectrum.from_singular_values(trained, layer.hard_rank(), "soft-threshold (trained)")
             if isinstance(replacement, LowRankLinear):
                 reports.append(LayerReport(
                     name=name, module_type=type(original).__name__, action="factorized", params_before=before_layer,
-                    params_after=after_layer, rank=replacement.rank, metrics=metrics,
+                    params_after=after_layer, rank=replacement.rank, metrics=metrics, spectrum=spectrum,
                 ))
             else:
                 r = layer.hard_rank()
@@ -365,7 +367,7 @@ class SoftLMPass(CompressionPass):
                     )
                 reports.append(LayerReport(
                     name=name, module_type=type(original).__name__, action="replaced", params_before=before_layer,
-                    params_after=after_layer, rank=r, note=note, metrics=metrics,
+                    params_after=after_layer, rank=r, note=note, metrics=metrics, spectrum=spectrum,
                 ))
         return reports
 

@@ -387,6 +387,7 @@ def _export(
     say: Progress,
 ) -> ExportReport:
     from optimum_lowrank.exporters.latency import measure_latency
+    from optimum_lowrank.exporters.noise import ExportNoise
     from optimum_lowrank.exporters.onnx import export_onnx, onnx_size_mb, onnx_task
     from optimum_lowrank.exporters.parity import check_parity
     from optimum_lowrank.exporters.quantize import calibration_feeds_from_ids, optimize_graph, quantize_onnx
@@ -398,8 +399,9 @@ def _export(
     onnx_dir = staging / "onnx"
 
     t0 = time.perf_counter()
+    noise = ExportNoise()
     with say.step(f"exporting ONNX ({task})"):
-        fp32 = export_onnx(compressed, onnx_dir, task, cfg.opset)
+        fp32 = export_onnx(compressed, onnx_dir, task, cfg.opset, noise=noise)
     if cfg.optimization_level:
         with say.step(f"ORTOptimizer level {cfg.optimization_level}"):
             optimized = optimize_graph(fp32, onnx_dir / "model_optimized.onnx", cfg.optimization_level)
@@ -412,11 +414,14 @@ def _export(
         parity = check_parity(compressed, fp32, atol=cfg.parity_atol, rtol=cfg.parity_rtol, vocab_size=vocab_size)
     result.parity = parity.to_dict()
     if not parity.passed:
+        held = f"\nthird-party messages during the export:\n{noise.details()}" if noise else ""
         raise ExportError(
             f"ONNX Runtime output differs from PyTorch: max |diff| {parity.max_abs_diff:.3g} > atol {cfg.parity_atol:g} "
             f"+ rtol {cfg.parity_rtol:g} x max|output| {parity.reference_max_abs:.3g} "
-            f"({parity.describe()}; {parity.per_shape}); nothing was written"
+            f"({parity.describe()}; {parity.per_shape}); nothing was written{held}"
         )
+    if noise:
+        say.line(noise.summary(f"this project's parity check passed (max |diff| {parity.max_abs_diff:.2e})"))
 
     graphs = {"output fp32": fp32}
     if cfg.quantize != "none":
@@ -472,6 +477,7 @@ def _baselines(loaded: LoadedModel, task: str, cfg, evaluator: Evaluator | None,
     size, its metric (with an evaluator) and, with ``baseline_latency``, its latency.
     """
     from optimum_lowrank.exporters.latency import measure_latency
+    from optimum_lowrank.exporters.noise import ExportNoise
     from optimum_lowrank.exporters.onnx import export_onnx, onnx_size_mb
     from optimum_lowrank.exporters.quantize import quantize_onnx
 
@@ -479,8 +485,11 @@ def _baselines(loaded: LoadedModel, task: str, cfg, evaluator: Evaluator | None,
     if not (timed or cfg.baseline_int8):
         return
     with tempfile.TemporaryDirectory() as tmp:
+        noise = ExportNoise()
         with say.step("exporting the original model (the report's baselines)"):
-            original = export_onnx(loaded.model, Path(tmp) / "onnx", task, cfg.opset)
+            original = export_onnx(loaded.model, Path(tmp) / "onnx", task, cfg.opset, noise=noise)
+        if noise:
+            say.line(noise.summary("the original's graph serves only as a reference (size, metric, latency)"))
         result.sizes_mb[ORIGINAL_FP32] = onnx_size_mb(original)
         graphs = {"original fp32": original}
         if cfg.baseline_int8:

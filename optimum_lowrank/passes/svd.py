@@ -43,6 +43,7 @@ from optimum_lowrank.linalg.budget import (
 )
 from optimum_lowrank.linalg.svd import split_factors, weighted_factors, weighted_svd
 from optimum_lowrank.passes.embedding.usage import EmbeddingJob, UsageAwareConfig, finish_embedding, prepare_embedding
+from optimum_lowrank.progress import bar
 from optimum_lowrank.report import LayerReport, Spectrum
 
 __all__ = ["SVDConfig", "SVDPass", "choose_rank"]
@@ -181,7 +182,7 @@ class SVDPass(CompressionPass):
             if isinstance(module, nn.Embedding)
         }
         reports = []
-        for name, module in targets.items():
+        for name, module in bar(targets.items(), desc="svd", total=len(targets), unit="layer"):
             if name in jobs:
                 reports.append(self._embedding(model, jobs[name], context, budget.get(name)))
             else:

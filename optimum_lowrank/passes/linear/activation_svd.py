@@ -74,6 +74,7 @@ from optimum_lowrank.linalg.budget import (
 from optimum_lowrank.linalg.whitening import InputStatistics, InputTransform, WhitenedSVD, asvd_transform, cholesky_transform, whitened_svd
 from optimum_lowrank.passes.linear.calibration import collect_input_statistics, collect_output_sensitivity
 from optimum_lowrank.passes.svd import RANK_OPTIONS, choose_rank, exactly_one_message
+from optimum_lowrank.progress import bar
 from optimum_lowrank.report import LayerReport, Spectrum
 
 __all__ = [
@@ -187,7 +188,8 @@ class ActivationSVDConfig(PassConfig):
     batch_size : int >= 1
         Calibration windows per forward pass.
     progress : bool
-        Calibration progress on stderr.
+        Progress bars on stderr (calibration batches, sensitivity batches, layers
+        decomposed); default on. ``--quiet`` / ``optimize(progress=False)`` turn every bar off.
     min_layer_saving : float in [0, 1)
         A layer whose factors would keep more than ``1 - min_layer_saving`` of its weights
         stays dense (skipped, with a report line), also for an explicit ``rank``; the
@@ -209,7 +211,7 @@ class ActivationSVDConfig(PassConfig):
     damping: float | None = Field(None, gt=0, lt=1)
     num_samples: int | None = Field(None, ge=1)
     batch_size: int = Field(1, ge=1)
-    progress: bool = False
+    progress: bool = True
     min_layer_saving: float = Field(DEFAULT_MIN_LAYER_SAVING, ge=0, lt=1)
 
     @model_validator(mode="after")
@@ -277,7 +279,8 @@ class ActivationSVDPass(CompressionPass):
         if self.config.target_params_ratio is None or self.config.allocation != "fisher":
             return None
         ids = context.calibration_ids[: self.config.sensitivity_samples]
-        return collect_output_sensitivity(model, targets, ids, kind=context.kind, batch_size=self.config.batch_size, seed=context.seed)
+        return collect_output_sensitivity(model, targets, ids, kind=context.kind, batch_size=self.config.batch_size, seed=context.seed,
+                                          progress=self.config.progress)
 
     def apply(self, model: nn.Module, targets: dict[str, nn.Module], context: PassContext) -> list[LayerReport]:
         stats = self.collect(model, targets, context)
@@ -320,7 +323,8 @@ class ActivationSVDPass(CompressionPass):
         """
         transforms: dict[int, InputTransform] = {}
         decomps: dict[str, WhitenedSVD] = {}
-        for name, module in targets.items():
+        for name, module in bar(targets.items(), desc="activation_svd: whitened SVD", total=len(targets), unit="layer",
+                                enabled=self.config.progress):
             if name not in stats:
                 raise PassError(f"{name}: no calibration statistics")
             key = id(stats[name])

@@ -146,8 +146,8 @@ class SoftLMConfig(PassConfig):
     seed : int, optional
         Window order; the recipe's seed when None.
     progress : bool
-        tqdm bars on stderr: calibration batches, and the training steps with the running
-        task loss and the soft and hard parameter ratios.
+        tqdm bars on stderr (default on): calibration batches, and the training steps with the
+        running task loss and the soft and hard parameter ratios. ``--quiet`` turns every bar off.
     min_layer_saving : float in [0, 1)
         A layer whose surviving rank would keep more than ``1 - min_layer_saving`` of its
         weights is kept dense (the trained weight); the initial allocation, the hard count
@@ -174,7 +174,7 @@ class SoftLMConfig(PassConfig):
     damping: float = Field(1e-6, gt=0, lt=1)
     num_samples: int | None = Field(None, ge=1)
     seed: int | None = None
-    progress: bool = False
+    progress: bool = True
     min_layer_saving: float = Field(DEFAULT_MIN_LAYER_SAVING, ge=0, lt=1)
 
 
@@ -247,7 +247,8 @@ class SoftLMPass(CompressionPass):
         if self.config.tau_init == "zero":
             return {name: d.s.numel() for name, d in decomps.items()}
         if self.config.allocation == "fisher" and sensitivity is None:
-            sensitivity = collect_output_sensitivity(model, targets, ids[: self.config.sensitivity_samples], kind=context.kind, seed=context.seed)
+            sensitivity = collect_output_sensitivity(model, targets, ids[: self.config.sensitivity_samples], kind=context.kind, seed=context.seed,
+                                                     progress=self.config.progress)
         return budget_ranks(
             targets, decomps, self.config.target_params_ratio, self.config.allocation, sensitivity, min_layer_saving=self.config.min_layer_saving
         )

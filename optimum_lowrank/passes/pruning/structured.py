@@ -159,7 +159,7 @@ class StructuredPrunePass(CompressionPass):
         batches = objective.batches()
         ramp = max(1, int(cfg.sparsity_warmup * cfg.steps))
         sparsity = expected_sparsity(gates)
-        for step in bar(range(cfg.steps), desc="structured_prune", unit="step", enabled=None):
+        for step in bar(range(cfg.steps), desc="structured_prune", unit="step"):
             inputs, labels = next(batches)
             set_gate_values(gates, "sample", generator)
             loss = objective.loss(work, inputs, labels)

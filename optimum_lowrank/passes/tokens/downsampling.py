@@ -182,7 +182,7 @@ class TokenDownsamplingPass(CompressionPass):
         batches = objective.batches()
         work.train()
         kept = torch.tensor(1.0)
-        for step in bar(range(cfg.steps), desc="token_downsampling", unit="step", enabled=None):
+        for step in bar(range(cfg.steps), desc="token_downsampling", unit="step"):
             inputs, labels = next(batches)
             loss = objective.loss(work, inputs, labels, extra_hidden=False)
             terms = [e.stats for e in encoders if e.stats.get("keep")]

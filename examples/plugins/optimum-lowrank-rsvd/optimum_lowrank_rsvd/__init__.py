@@ -40,9 +40,12 @@ class RandomizedSVDConfig(PassConfig):
     """``rank`` (>= 1, below the layer's break-even rank), ``oversampling`` (>= 0)
     extra random directions and ``power_iterations`` (0..10) subspace iterations."""
 
-    rank: int = Field(ge=1)
-    oversampling: int = Field(8, ge=0)
-    power_iterations: int = Field(2, ge=0, le=10)
+    rank: int = Field(ge=1, description="Rank kept in every target (>= 1, below the layer's break-even rank out * in / (out + in)).")
+    oversampling: int = Field(8, ge=0, description=(
+        "Extra random directions sampled beyond the rank (Halko et al.'s p); more is more accurate and "
+        "slower."
+    ))
+    power_iterations: int = Field(2, ge=0, le=10, description="Subspace (power) iterations, 0..10; they sharpen slowly decaying spectra.")
 
 
 class RandomizedSVDPass(CompressionPass):

@@ -178,8 +178,9 @@ def _optimize(
 
     if evaluator is not None:
         report.accuracy = _accuracy_report(recipe, evaluator)
-        with say.step(f"evaluating {evaluator.metric} (original, compressed)"):
+        with say.step(f"evaluating {evaluator.metric} of the original model"):
             report.accuracy.original = evaluator.evaluate_torch(loaded.model)
+        with say.step(f"evaluating {evaluator.metric} of the compressed model"):
             report.accuracy.compressed_torch = evaluator.evaluate_torch(compressed)
         _gate(report, recipe.accuracy.enforce, fail_fast=True)
 
@@ -450,9 +451,10 @@ def _export(
 
     acc = report.accuracy
     if evaluator is not None:
-        with say.step(f"evaluating {evaluator.metric} with ONNX Runtime"):
+        with say.step(f"evaluating {evaluator.metric} of the fp32 graph (ONNX Runtime)"):
             acc.onnx_fp32 = evaluator.evaluate_onnx(fp32)
-            if "output quantized" in graphs:
+        if "output quantized" in graphs:
+            with say.step(f"evaluating {evaluator.metric} of the quantized graph (ONNX Runtime)"):
                 acc.onnx_quantized = evaluator.evaluate_onnx(graphs["output quantized"])
 
     options = None

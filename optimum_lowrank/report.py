@@ -42,7 +42,8 @@ class Spectrum:
     basis : str
         What was decomposed: ``"weight"``; ``"whitened"`` (SVD-LLM: the weight times the
         Cholesky factor of the inputs' Gram matrix); ``"scaled"`` (ASVD: the weight times
-        per-channel input scales); ``"weighted rows"`` (embedding rows weighted by token frequency).
+        per-channel input scales); ``"weighted rows"`` (embedding rows weighted by token frequency);
+        ``"soft-threshold (trained)"`` (SoftLMs' singular values after training). Plugins name their own.
     """
 
     length: int
@@ -52,7 +53,7 @@ class Spectrum:
 
     @classmethod
     def from_singular_values(cls, singular_values: Sequence[float], rank: int | None = None, basis: str = "weight",
-                             points: int = 32) -> Spectrum:
+                             points: int = 32, length: int | None = None) -> Spectrum:
         """Downsample a full spectrum.
 
         Parameters
@@ -64,6 +65,9 @@ class Spectrum:
             See the class attributes.
         points : int, >= 2
             About how many positions to keep (a few more with ``rank``; all when the spectrum is shorter).
+        length : int, optional
+            The full spectrum's length when ``singular_values`` holds only its head (a randomized
+            or partial SVD); default ``len(singular_values)``.
 
         Raises
         ------
@@ -71,16 +75,17 @@ class Spectrum:
             If the spectrum is empty or ``points`` < 2.
         """
         values = singular_values.tolist() if hasattr(singular_values, "tolist") else list(singular_values)
-        length = len(values)
-        if length == 0 or points < 2:
-            raise ValueError(f"a spectrum needs at least one value and points >= 2; got {length} values, points={points}")
+        known = len(values)
+        if known == 0 or points < 2 or (length is not None and length < known):
+            raise ValueError(f"a spectrum needs at least one value, points >= 2 and length >= the values given; "
+                             f"got {known} values, points={points}, length={length}")
         half = max(points // 2, 2)
-        positions = {round(i * (length - 1) / (half - 1)) for i in range(half)}
-        positions |= {min(length, round(length ** (i / (half - 1)))) - 1 for i in range(half)}
+        positions = {round(i * (known - 1) / (half - 1)) for i in range(half)}
+        positions |= {min(known, round(known ** (i / (half - 1)))) - 1 for i in range(half)}
         if rank is not None:
-            positions |= {p for p in (rank - 1, rank) if 0 <= p < length}
+            positions |= {p for p in (rank - 1, rank) if 0 <= p < known}
         index = sorted(positions)
-        return cls(length=length, index=index, values=[float(f"{float(values[i]):.4g}") for i in index], basis=basis)
+        return cls(length=length or known, index=index, values=[float(f"{float(values[i]):.4g}") for i in index], basis=basis)
 
 
 @dataclass(kw_only=True)

@@ -58,7 +58,8 @@ class ExportNoise:
             parts.append(f"{len(self.tolerance)} from Optimum's own output check" + (f" at atol {atol.group(1)}" if atol else ""))
         if self.tracer:
             parts.append(f"{len(self.tracer)} torch TracerWarning{'s' if len(self.tracer) > 1 else ''}")
-        return f"held back {len(self)} third-party export messages judged harmless ({', '.join(parts)}); {verdict}"
+        noun = "message" if len(self) == 1 else "messages"
+        return f"held back {len(self)} third-party export {noun} judged harmless ({', '.join(parts)}); {verdict}"
 
     def details(self, limit: int = 20) -> str:
         """The held-back messages, one per line (the first ``limit``, then how many more)."""

@@ -16,7 +16,8 @@ import yaml
 if TYPE_CHECKING:  # pragma: no cover
     from optimum_lowrank.report import OptimizationReport
 
-__all__ = ["BASE_MODELS", "ORT_CLASSES", "base_model", "front_matter", "loading_snippet", "model_card", "ort_model_class"]
+__all__ = ["BASE_MODELS", "ORT_CLASSES", "base_model", "card_metadata", "front_matter", "loading_snippet", "model_card", "ort_model_class",
+           "render_card"]
 
 #: Export task (without ``-with-past``) -> (``optimum.onnxruntime`` class, the Hub's ``pipeline_tag`` or None).
 ORT_CLASSES: dict[str, tuple[str, str | None]] = {
@@ -54,24 +55,41 @@ def base_model(source: str) -> str | None:
     return None
 
 
-def front_matter(report: OptimizationReport) -> dict:
-    """The card's metadata: ``library_name: onnx``, ``tags``, ``base_model`` (when known), ``pipeline_tag`` (when the task has one)."""
-    exp = report.export
-    tags = ["onnx", "onnxruntime", "optimum", "optimum-lowrank", "low-rank"]
-    tags += sorted({p.pass_id.replace("_", "-") for p in report.passes})
-    if exp.quantization != "none":
-        tags.append(exp.quantization.replace("_", "-"))
+def card_metadata(source: str, task: str, extra_tags: list[str]) -> dict:
+    """Front matter: ``library_name: onnx``, ``tags`` (the project's and ``extra_tags``), ``base_model`` (when
+    :func:`base_model` knows it), ``pipeline_tag`` (when the task has one)."""
+    tags = ["onnx", "onnxruntime", "optimum", "optimum-lowrank", "low-rank", *(t.replace("_", "-") for t in extra_tags)]
     data: dict = {"library_name": "onnx", "tags": list(dict.fromkeys(tags))}
-    base = base_model(report.model)
+    base = base_model(source)
     if base is not None:
         data["base_model"] = base
-    tag = ORT_CLASSES.get(exp.task.removesuffix("-with-past"), (None, None))[1]
+    tag = ORT_CLASSES.get(task.removesuffix("-with-past"), (None, None))[1]
     if tag is not None:
         data["pipeline_tag"] = tag
     return data
 
 
-def loading_snippet(task: str, file_name: str, kind: str) -> str:
+def front_matter(report: OptimizationReport) -> dict:
+    """:func:`card_metadata` of an ``optimize`` run: the passes and the quantizer are tags."""
+    exp = report.export
+    extra = sorted({p.pass_id for p in report.passes}) + ([exp.quantization] if exp.quantization != "none" else [])
+    return card_metadata(report.model, exp.task, extra)
+
+
+def render_card(*, meta: dict, source: str, alerts: list[str], intro: str, done: list[str], figures: list[str], task: str,
+                file_name: str) -> str:
+    """A model card from its parts: front matter, title, alert lines (bold quotes), intro, "What was done",
+    "Figures" (Markdown lines), "Use" (:func:`loading_snippet`)."""
+    name = base_model(source) or source.split(" (")[0]
+    parts = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {name.split('/')[-1]}, compressed with optimum-lowrank", ""]
+    parts += [f"> **{line}**" for line in alerts] + ([""] if alerts else [])
+    parts += [intro.format(name=name, file_name=file_name), "", "## What was done", "", *done, "", "## Figures", "", *figures, "",
+              "## Use", "", "```python", loading_snippet(task, file_name), "```", "",
+              "`model.onnx` is the same model before quantization. The run's `report.json` and `report.md` (one folder up) hold every figure.", ""]
+    return "\n".join(parts)
+
+
+def loading_snippet(task: str, file_name: str) -> str:
     """Python that loads ``file_name`` from the card's folder with the task's ORTModel class and runs it once."""
     cls = ort_model_class(task)
     lines = [
@@ -138,17 +156,15 @@ def model_card(report: OptimizationReport, figures: str, key_figures: list[str])
     if exp is None:
         raise ValueError("a model card needs a run with an export section")
     file_name = "model_quantized.onnx" if "onnx/model_quantized.onnx" in exp.sizes_mb else "model.onnx"
-    meta = yaml.safe_dump(front_matter(report), sort_keys=False).strip()
-    name = base_model(report.model) or report.model.split(" (")[0]
-    parts = ["---", meta, "---", "", f"# {name.split('/')[-1]}, compressed with optimum-lowrank", ""]
-    parts += [f"> **{line}**" for line in report.slowdowns()] + ([""] if report.slowdowns() else [])
-    parts += [f"ONNX graphs of `{name}` made smaller with optimum-lowrank "
-              f"(low-rank passes and ONNX Runtime quantization). `{file_name}` is the graph to use.", "",
-              "## What was done", "", *_done(report), "", "## Figures", "", *key_figures, "", figures, ""]
+    figures_lines = [*key_figures, "", figures]
     lat = next(iter(exp.latency.values()), None)
     if lat:
-        parts += [f"Latency: ONNX Runtime on CPU, batch {lat.get('batch_size')} x {lat.get('seq_len')} tokens, {lat.get('threads')} threads, "
-                  f"median of {lat.get('repeats')} runs on the machine that made the graphs.", ""]
-    parts += ["## Use", "", "```python", loading_snippet(exp.task, file_name, report.kind), "```", "",
-              "`model.onnx` is the same model before quantization. The run's `report.json` and `report.md` (one folder up) hold every figure.", ""]
-    return "\n".join(parts)
+        figures_lines += ["", f"Latency: ONNX Runtime on CPU, batch {lat.get('batch_size')} x {lat.get('seq_len')} tokens, "
+                          f"{lat.get('threads')} threads, median of {lat.get('repeats')} runs on the machine that made the graphs."]
+    return render_card(meta=front_matter(report), source=report.model, alerts=report.slowdowns(), intro=INTRO, done=_done(report),
+                       figures=figures_lines, task=exp.task, file_name=file_name)
+
+
+#: The card's first paragraph (``{name}``: the base model, ``{file_name}``: the graph to use).
+INTRO = ("ONNX graphs of `{name}` made smaller with optimum-lowrank (low-rank passes and ONNX Runtime quantization). "
+         "`{file_name}` is the graph to use.")

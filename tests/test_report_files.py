@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from optimum_lowrank import optimize
-from optimum_lowrank.model_card import base_model, loading_snippet, model_card, ort_model_class
+from optimum_lowrank.model_card import base_model, model_card, ort_model_class
 from optimum_lowrank.models import load_model
 from optimum_lowrank.report import ExportReport, LayerReport, OptimizationReport, PassReport, Spectrum
 from optimum_lowrank.report_files import figures_table, key_figures, report_markdown

@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from optimum_lowrank.evaluation import Evaluator
+    from optimum_lowrank.export_config import ExportConfig
     from optimum_lowrank.models import LoadedModel
     from optimum_lowrank.plugins import PassRegistry
 
@@ -470,8 +471,16 @@ def _export(
     return result
 
 
-def _baselines(loaded: LoadedModel, task: str, cfg, evaluator: Evaluator | None, result: ExportReport, acc: AccuracyReport | None,
-               latency: dict | None, say: Progress) -> None:
+def _baselines(
+    loaded: LoadedModel,
+    task: str,
+    cfg: ExportConfig,
+    evaluator: Evaluator | None,
+    result: ExportReport,
+    acc: AccuracyReport | None,
+    latency: dict | None,
+    say: Progress,
+) -> None:
     """The original model's graphs the report compares against, measured in a temporary folder and not kept.
 
     ``export.baseline_latency`` (and ``latency``): the original fp32 graph, its size and latency;

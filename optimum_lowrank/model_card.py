@@ -77,15 +77,15 @@ def front_matter(report: OptimizationReport) -> dict:
 
 
 def render_card(*, meta: dict, source: str, alerts: list[str], intro: str, done: list[str], figures: list[str], task: str,
-                file_name: str) -> str:
+                file_name: str, records: str = "`report.json` and `report.md`") -> str:
     """A model card from its parts: front matter, title, alert lines (bold quotes), intro, "What was done",
-    "Figures" (Markdown lines), "Use" (:func:`loading_snippet`)."""
+    "Figures" (Markdown lines), "Use" (:func:`loading_snippet`); ``records`` names the run's files one folder up."""
     name = base_model(source) or source.split(" (")[0]
     parts = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {name.split('/')[-1]}, compressed with optimum-lowrank", ""]
     parts += [f"> **{line}**" for line in alerts] + ([""] if alerts else [])
     parts += [intro.format(name=name, file_name=file_name), "", "## What was done", "", *done, "", "## Figures", "", *figures, "",
               "## Use", "", "```python", loading_snippet(task, file_name), "```", "",
-              "`model.onnx` is the same model before quantization. The run's `report.json` and `report.md` (one folder up) hold every figure.", ""]
+              f"`model.onnx` is the same model before quantization. The run's {records} (one folder up) hold every figure.", ""]
     return "\n".join(parts)
 
 

@@ -229,7 +229,7 @@ def _done(report: SearchReport) -> list[str]:
 
 def search_markdown(report: SearchReport) -> str:
     """``report.md`` of a search: the figures, the plots, the console table."""
-    return "\n".join([f"# optimum-lowrank search: {report.model.split(' (')[0]}", "", *_done(report), *_figures(report), "",
+    return "\n".join([f"# optimum-lowrank search: {report.model.split(' (')[0]}", "", *_done(report), "", "## Graphs", *_figures(report), "",
                       "## Plots", "", "![search](search.png)", "![allocation](allocation.png)", "",
                       "Per-layer bits and damages: [allocation.md](allocation.md).", "", "## Console table", "",
                       "```text", report.table(), "```", ""])
@@ -244,7 +244,8 @@ def search_card(report: SearchReport) -> str:
     intro = ("ONNX graph of `{name}` made smaller by optimum-lowrank's search (per-layer bit-widths and the token "
              f"embedding's factorization, scored with ONNX Runtime): {c.size_mb:.2f} MB. `{{file_name}}` is the graph to use.")
     return render_card(meta=card_metadata(report.model, task, ["weight-only", "search"]), source=report.model, alerts=[], intro=intro,
-                       done=_done(report), figures=_figures(report)[1:], task=task, file_name="model_quantized.onnx")
+                       done=_done(report), figures=_figures(report)[1:], task=task, file_name="model_quantized.onnx",
+                       records="`search.json`, `report.md`, `allocation.md` and `recipe.yaml`")
 
 
 def allocation_markdown(report: SearchReport) -> str:

@@ -9,7 +9,7 @@ original model and exports ONNX (optionally int8)::
 
 This namespace is also the whole plugin API: a third-party pass imports
 ``hookimpl``, ``CompressionPass``, ``PassConfig``, ``PassContext``,
-``LayerReport``, the errors and the layer helpers from here and nowhere else; a
+``LayerReport`` (with ``Spectrum``), the errors and the layer helpers from here and nowhere else; a
 third-party accuracy metric imports ``Evaluator``, ``AccuracyConfig``, ``LoadedModel`` and the
 ONNX Runtime helpers ``open_session`` / ``onnx_feed`` / ``torch_forward``
 (see ``docs/plugins.md``).
@@ -44,7 +44,7 @@ from optimum_lowrank.linalg.svd import split_factors, truncated_svd
 from optimum_lowrank.models import LoadedModel
 from optimum_lowrank.pipeline import optimize
 from optimum_lowrank.recipe import AccuracyConfig, Recipe, load_recipe
-from optimum_lowrank.report import LayerReport, OptimizationReport
+from optimum_lowrank.report import LayerReport, OptimizationReport, Spectrum
 from optimum_lowrank.saving import from_pretrained, save_pretrained
 
 __all__ = [
@@ -73,6 +73,7 @@ __all__ = [
     "PassError",
     "Recipe",
     "RecipeError",
+    "Spectrum",
     "TargetError",
     "UnknownLayerError",
     "UnknownMetricError",

@@ -57,7 +57,10 @@ class PassConfig(StrictScalars):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    targets: tuple[str, ...] = Field(min_length=1)
+    targets: tuple[str, ...] = Field(min_length=1, description=(
+        "Module names (`fnmatch` globs such as `encoder.layer.*.attention.self.query`) or regular expressions "
+        "prefixed with `re:` (matched against the whole name)."
+    ))
 
     @field_validator("targets", mode="before")
     @classmethod

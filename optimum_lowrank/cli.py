@@ -72,8 +72,11 @@ def _search(args: argparse.Namespace, config) -> int:
 
 
 def _passes(args: argparse.Namespace) -> int:
+    import textwrap
+
     from optimum_lowrank.plugins import get_registry
     from optimum_lowrank.recipe import fields_most_specific_first
+    from optimum_lowrank.reference import annotation_text, default_text
 
     for name, entry in get_registry().entries():
         cls = entry.pass_class
@@ -83,8 +86,10 @@ def _passes(args: argparse.Namespace) -> int:
         fields = cls.config_class.model_fields
         for field_name in fields_most_specific_first(cls.config_class):
             field = fields[field_name]
-            default = "required" if field.is_required() else f"default {field.default!r}"
-            print(f"    {field_name}: {_annotation(field.annotation)} ({default})")
+            default = default_text(field)
+            print(f"    {field_name}: {annotation_text(field.annotation)} ({default if default == 'required' else 'default ' + default})")
+            if field.description:
+                print(textwrap.fill(field.description, 100, initial_indent=" " * 8, subsequent_indent=" " * 8))
     _metrics_and_quantizers()
     return 0
 
@@ -122,11 +127,6 @@ def _validate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     print(recipe.to_yaml(), end="")
     return 0
-
-
-def _annotation(annotation: object) -> str:
-    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
-    return text.replace("typing.", "")
 
 
 def build_parser(prog: str = "optimum-lowrank") -> argparse.ArgumentParser:

@@ -86,7 +86,10 @@ class ExportConfig(Strict):
     tied heads included; options in ``weight_only:``, see :class:`WeightOnlyConfig`).
     ``optimization_level`` 1 or 2 runs Optimum's ``ORTOptimizer`` on the fp32 graph
     before parity and quantization (measured here: no speed-up on low-rank BERT
-    graphs; 0 is the default).
+    graphs; 0 is the default). ``baseline_latency`` exports the original model too and
+    times it (the report flags a graph slower than it); ``baseline_int8`` quantizes that
+    original graph with ONNX Runtime's stock ``dynamic_int8`` and measures its size and,
+    with an ``accuracy:`` section, its metric: the reference points of ``accuracy_size.png``.
     """
 
     format: Literal["onnx"] = "onnx"
@@ -101,6 +104,7 @@ class ExportConfig(Strict):
     parity_rtol: float = Field(1e-4, ge=0, lt=1)
     latency: LatencyConfig | None = LatencyConfig()
     baseline_latency: bool = True
+    baseline_int8: bool = True
 
     @model_validator(mode="after")
     def _weight_only_fits(self) -> ExportConfig:

@@ -27,11 +27,13 @@ from optimum_lowrank.output import staging as _staging
 from optimum_lowrank.progress import Progress, silenced
 from optimum_lowrank.recipe import Recipe, load_recipe
 from optimum_lowrank.report import AccuracyReport, ExportReport, OptimizationReport, PassReport
+from optimum_lowrank.report_files import ORIGINAL_FP32, ORIGINAL_INT8, write_report_files
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from optimum_lowrank.evaluation import Evaluator
+    from optimum_lowrank.export_config import ExportConfig
     from optimum_lowrank.models import LoadedModel
     from optimum_lowrank.plugins import PassRegistry
 
@@ -60,8 +62,9 @@ def optimize(
         See :mod:`optimum_lowrank.recipe`.
     output : path, optional
         Folder to write ``onnx/model.onnx``, ``onnx/model_quantized.onnx`` (when
-        quantizing) and ``report.json``. Without it, exported files are checked
-        and then discarded.
+        quantizing), the model card ``onnx/README.md``, ``report.json``, ``report.md``
+        and the plots (:mod:`optimum_lowrank.report_files`). Without it, exported files
+        are checked and then discarded.
     tokenizer : PreTrainedTokenizerBase, optional
         Required when ``model`` is an in-memory model whose tokenizer cannot be found.
     overwrite : bool
@@ -185,8 +188,9 @@ def _optimize(
 
     if evaluator is not None:
         report.accuracy = _accuracy_report(recipe, evaluator)
-        with say.step(f"evaluating {evaluator.metric} (original, compressed)"):
+        with say.step(f"evaluating {evaluator.metric} of the original model"):
             report.accuracy.original = evaluator.evaluate_torch(loaded.model)
+        with say.step(f"evaluating {evaluator.metric} of the compressed model"):
             report.accuracy.compressed_torch = evaluator.evaluate_torch(compressed)
         _gate(report, recipe.accuracy.enforce, fail_fast=True)
 
@@ -199,6 +203,7 @@ def _optimize(
                 if save_pytorch:
                     _save_pytorch(compressed, loaded, report, staging, out_dir, say)
                 report.to_json(staging / "report.json")
+                write_report_files(report, staging)
         return report
 
     with _staging(out_dir) as staging:
@@ -215,6 +220,8 @@ def _optimize(
         report.to_json(staging / "report.json")
         if out_dir is None:
             report.notes.append("no output folder given: the exported files were checked and discarded")
+        else:
+            write_report_files(report, staging)
     return report
 
 
@@ -395,6 +402,7 @@ def _export(
     say: Progress,
 ) -> ExportReport:
     from optimum_lowrank.exporters.latency import measure_latency
+    from optimum_lowrank.exporters.noise import ExportNoise
     from optimum_lowrank.exporters.onnx import export_onnx, onnx_size_mb, onnx_task
     from optimum_lowrank.exporters.parity import check_parity
     from optimum_lowrank.exporters.quantize import calibration_feeds_from_ids, optimize_graph, quantize_onnx
@@ -406,8 +414,9 @@ def _export(
     onnx_dir = staging / "onnx"
 
     t0 = time.perf_counter()
+    noise = ExportNoise()
     with say.step(f"exporting ONNX ({task})"):
-        fp32 = export_onnx(compressed, onnx_dir, task, cfg.opset)
+        fp32 = export_onnx(compressed, onnx_dir, task, cfg.opset, noise=noise)
     if cfg.optimization_level:
         with say.step(f"ORTOptimizer level {cfg.optimization_level}"):
             optimized = optimize_graph(fp32, onnx_dir / "model_optimized.onnx", cfg.optimization_level)
@@ -420,11 +429,14 @@ def _export(
         parity = check_parity(compressed, fp32, atol=cfg.parity_atol, rtol=cfg.parity_rtol, vocab_size=vocab_size)
     result.parity = parity.to_dict()
     if not parity.passed:
+        held = f"\nthird-party messages during the export:\n{noise.details()}" if noise else ""
         raise ExportError(
             f"ONNX Runtime output differs from PyTorch: max |diff| {parity.max_abs_diff:.3g} > atol {cfg.parity_atol:g} "
             f"+ rtol {cfg.parity_rtol:g} x max|output| {parity.reference_max_abs:.3g} "
-            f"({parity.describe()}; {parity.per_shape}); nothing was written"
+            f"({parity.describe()}; {parity.per_shape}); nothing was written{held}"
         )
+    if noise:
+        say.line(noise.summary(f"this project's parity check passed (max |diff| {parity.max_abs_diff:.2e})"))
 
     graphs = {"output fp32": fp32}
     if cfg.quantize != "none":
@@ -453,19 +465,18 @@ def _export(
 
     acc = report.accuracy
     if evaluator is not None:
-        with say.step(f"evaluating {evaluator.metric} with ONNX Runtime"):
+        with say.step(f"evaluating {evaluator.metric} of the fp32 graph (ONNX Runtime)"):
             acc.onnx_fp32 = evaluator.evaluate_onnx(fp32)
-            if "output quantized" in graphs:
+        if "output quantized" in graphs:
+            with say.step(f"evaluating {evaluator.metric} of the quantized graph (ONNX Runtime)"):
                 acc.onnx_quantized = evaluator.evaluate_onnx(graphs["output quantized"])
 
+    options = None
     if cfg.latency is not None:
         lat = cfg.latency
         options = dict(batch_size=lat.batch_size, seq_len=lat.seq_len, repeats=lat.repeats, threads=lat.threads, vocab_size=vocab_size)
-        if cfg.baseline_latency:
-            with say.step("exporting the original model for the latency baseline"), tempfile.TemporaryDirectory() as tmp:
-                original = export_onnx(loaded.model, Path(tmp) / "onnx", task, cfg.opset)
-                result.sizes_mb["original fp32 (not kept)"] = onnx_size_mb(original)
-                result.latency["original fp32"] = measure_latency(original, **options).to_dict()
+    _baselines(loaded, task, cfg, evaluator, result, acc, options, say)
+    if options is not None:
         with say.step("measuring ONNX Runtime latency"):
             for name, path in graphs.items():
                 result.latency[name] = measure_latency(path, **options).to_dict()
@@ -481,6 +492,52 @@ def _save_pytorch(compressed: torch.nn.Module, loaded: LoadedModel, report: Opti
     with say.step("saving the compressed PyTorch model"):
         write_pretrained(compressed, staging / "pytorch", tokenizer=loaded.tokenizer, passes=report.passes)
     report.notes.append(f"compressed PyTorch model saved to {out_dir / 'pytorch'} (optimum_lowrank.from_pretrained rebuilds it)")
+
+
+def _baselines(
+    loaded: LoadedModel,
+    task: str,
+    cfg: ExportConfig,
+    evaluator: Evaluator | None,
+    result: ExportReport,
+    acc: AccuracyReport | None,
+    latency: dict | None,
+    say: Progress,
+) -> None:
+    """The original model's graphs the report compares against, measured in a temporary folder and not kept.
+
+    ``export.baseline_latency`` (and ``latency``): the original fp32 graph, its size and latency;
+    ``export.baseline_int8``: the original quantized by ONNX Runtime's stock ``dynamic_int8``, its
+    size, its metric (with an evaluator) and, with ``baseline_latency``, its latency.
+    """
+    from optimum_lowrank.exporters.latency import measure_latency
+    from optimum_lowrank.exporters.noise import ExportNoise
+    from optimum_lowrank.exporters.onnx import export_onnx, onnx_size_mb
+    from optimum_lowrank.exporters.quantize import quantize_onnx
+
+    timed = cfg.baseline_latency and latency is not None
+    if not (timed or cfg.baseline_int8):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        noise = ExportNoise()
+        with say.step("exporting the original model (the report's baselines)"):
+            original = export_onnx(loaded.model, Path(tmp) / "onnx", task, cfg.opset, noise=noise)
+        if noise:
+            say.line(noise.summary("the original's graph serves only as a reference (size, metric, latency)"))
+        result.sizes_mb[ORIGINAL_FP32] = onnx_size_mb(original)
+        graphs = {"original fp32": original}
+        if cfg.baseline_int8:
+            with say.step("quantizing the original with ONNX Runtime's stock dynamic int8"):
+                int8 = quantize_onnx(original, Path(tmp) / "onnx" / "model_quantized.onnx", "dynamic_int8")
+            result.sizes_mb[ORIGINAL_INT8] = onnx_size_mb(int8)
+            graphs["original ORT dynamic int8"] = int8
+            if evaluator is not None and acc is not None:
+                with say.step(f"evaluating {evaluator.metric} of the original's stock int8 graph"):
+                    acc.original_onnx_quantized = evaluator.evaluate_onnx(int8)
+        if timed:
+            with say.step("measuring ONNX Runtime latency of the original's graphs"):
+                for name, path in graphs.items():
+                    result.latency[name] = measure_latency(path, **latency).to_dict()
 
 
 def _save_tokenizer(loaded: LoadedModel, onnx_dir: Path) -> None:

@@ -1,8 +1,11 @@
 """Progress on stderr, one mechanism for the whole package.
 
-- :func:`bar`: a tqdm bar for every loop (calibration batches, training steps and
-  epochs, evaluation batches); on stderr, gone when the loop ends (``leave=False``).
-  A bar that is off is a disabled tqdm: the loop code is the same either way.
+- :func:`bar`: a tqdm bar for every loop whose length is known (calibration batches,
+  layers decomposed, training steps and epochs, evaluation batches), with elapsed time
+  and ETA; on stderr, gone when the loop ends (``leave=False``). On a terminal it redraws
+  in place; written to a file or a pipe it adds a line at most every
+  :data:`LOG_INTERVAL` seconds. A bar that is off is a disabled tqdm: the loop code is
+  the same either way.
 - :class:`Progress`: the pipeline's step lines (``[optimum-lowrank] exporting ONNX ...``
   and ``... done in 2.1 s``) around the long steps: loading, passes, export, evaluation.
 - :func:`silenced`: turns every bar off for a block; ``optimize(progress=False)`` runs in it,
@@ -28,6 +31,9 @@ __all__ = ["Progress", "bar", "silenced"]
 T = TypeVar("T")
 
 PREFIX = "[optimum-lowrank]"
+
+#: Seconds between a bar's updates when stderr is not a terminal (a log file, ``| tee``).
+LOG_INTERVAL = 30.0
 
 _silenced: ContextVar[bool] = ContextVar("optimum_lowrank_progress_silenced", default=False)
 
@@ -57,8 +63,9 @@ def bar(
     unit : str
         What one update is (``step``, ``epoch``, ``batch``).
     enabled : bool or None
-        ``True``: shown; ``False``: off; ``None``: shown only when stderr is a
-        terminal. Inside :func:`silenced` every bar is off.
+        ``False``: off; ``True`` or ``None`` (the default of older callers): shown,
+        on a terminal or not. Inside :func:`silenced` (``optimize(progress=False)``,
+        ``--quiet``) every bar is off.
 
     Returns
     -------
@@ -66,8 +73,10 @@ def bar(
     """
     from tqdm.auto import tqdm
 
-    disable = True if _silenced.get() or enabled is False else (None if enabled is None else False)
-    return tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, leave=False, disable=disable)
+    disable = _silenced.get() or enabled is False
+    terminal = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    return tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, leave=False, disable=disable,
+                mininterval=0.1 if terminal else LOG_INTERVAL)
 
 
 @contextmanager

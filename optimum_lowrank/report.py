@@ -3,15 +3,89 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-__all__ = ["ACTIONS", "AccuracyReport", "ExportReport", "LayerAction", "LayerReport", "OptimizationReport", "PassReport", "format_table"]
+__all__ = [
+    "ACTIONS", "AccuracyReport", "ExportReport", "LayerAction", "LayerReport", "OptimizationReport", "PassReport", "Spectrum",
+    "format_table",
+]
+
+#: A latency at least this many times the original graph's is reported as a slowdown (below it: measurement noise).
+SLOWER_THAN = 1.05
 
 #: What a pass did to a layer: factorized into factors, replaced by another module, or left as it was.
 LayerAction = Literal["factorized", "replaced", "skipped"]
 ACTIONS: tuple[str, ...] = get_args(LayerAction)
+
+
+@dataclass
+class Spectrum:
+    """A layer's singular values, downsampled so that a report holds them for every layer.
+
+    About ``points`` values survive whatever the layer's size (a few hundred bytes in
+    ``report.json``): the first and the last, positions spaced evenly and geometrically
+    (the head of a spectrum falls fastest), and the two either side of the kept rank,
+    so a plot shows where the cut fell.
+
+    Attributes
+    ----------
+    length : int
+        Length of the full spectrum: ``min(out_features, in_features)`` of what was decomposed.
+    index : list of int
+        0-based positions kept, ascending, each in ``[0, length)``.
+    values : list of float
+        The singular values at ``index`` (4 significant digits), in the decomposed matrix's units.
+    basis : str
+        What was decomposed: ``"weight"``; ``"whitened"`` (SVD-LLM: the weight times the
+        Cholesky factor of the inputs' Gram matrix); ``"scaled"`` (ASVD: the weight times
+        per-channel input scales); ``"weighted rows"`` (embedding rows weighted by token frequency);
+        ``"soft-threshold (trained)"`` (SoftLMs' singular values after training). Plugins name their own.
+    """
+
+    length: int
+    index: list[int]
+    values: list[float]
+    basis: str = "weight"
+
+    @classmethod
+    def from_singular_values(cls, singular_values: Sequence[float], rank: int | None = None, basis: str = "weight",
+                             points: int = 32, length: int | None = None) -> Spectrum:
+        """Downsample a full spectrum.
+
+        Parameters
+        ----------
+        singular_values : sequence of float or Tensor, shape (length,), descending
+        rank : int, optional
+            The rank kept; positions ``rank - 1`` and ``rank`` are always kept.
+        basis : str
+            See the class attributes.
+        points : int, >= 2
+            About how many positions to keep (a few more with ``rank``; all when the spectrum is shorter).
+        length : int, optional
+            The full spectrum's length when ``singular_values`` holds only its head (a randomized
+            or partial SVD); default ``len(singular_values)``.
+
+        Raises
+        ------
+        ValueError
+            If the spectrum is empty or ``points`` < 2.
+        """
+        values = singular_values.tolist() if hasattr(singular_values, "tolist") else list(singular_values)
+        known = len(values)
+        if known == 0 or points < 2 or (length is not None and length < known):
+            raise ValueError(f"a spectrum needs at least one value, points >= 2 and length >= the values given; "
+                             f"got {known} values, points={points}, length={length}")
+        half = max(points // 2, 2)
+        positions = {round(i * (known - 1) / (half - 1)) for i in range(half)}
+        positions |= {min(known, round(known ** (i / (half - 1)))) - 1 for i in range(half)}
+        if rank is not None:
+            positions |= {p for p in (rank - 1, rank) if 0 <= p < known}
+        index = sorted(positions)
+        return cls(length=length or known, index=index, values=[float(f"{float(values[i]):.4g}") for i in index], basis=basis)
 
 
 @dataclass(kw_only=True)
@@ -37,6 +111,9 @@ class LayerReport:
         Why a layer was skipped, tied-head handling, errors measured, ...
     metrics : dict of str -> float
         Figures the pass measured (errors, seconds, ...).
+    spectrum : Spectrum or None
+        The singular values the pass computed, downsampled (:meth:`Spectrum.from_singular_values`);
+        the report's ``spectra.png`` draws them with ``rank`` marked.
 
     Raises
     ------
@@ -52,6 +129,7 @@ class LayerReport:
     rank: int | None = None
     note: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    spectrum: Spectrum | None = None
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -87,6 +165,7 @@ class AccuracyReport:
     compressed_torch: float | None = None
     onnx_fp32: float | None = None
     onnx_quantized: float | None = None
+    #: The original model quantized by ONNX Runtime's stock dynamic int8 (``export.baseline_int8``).
     original_onnx_quantized: float | None = None
     passed: bool | None = None
     failures: list[str] = field(default_factory=list)
@@ -138,10 +217,30 @@ class OptimizationReport:
         return data
 
     def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, default=str)
+        """Indented JSON; lists of numbers (spectra) stay on one line."""
+        text = _NUMBER_LIST.sub(_one_line, json.dumps(self.to_dict(), indent=2, default=str))
         if path is not None:
             Path(path).write_text(text + "\n", encoding="utf-8")
         return text
+
+    def slowdowns(self) -> list[str]:
+        """One line per exported graph whose median ORT latency is at least :data:`SLOWER_THAN` x the original's.
+
+        Empty when nothing got slower or the original was not timed (``export.baseline_latency: false``).
+        """
+        latency = self.export.latency if self.export is not None else {}
+        original = latency.get("original fp32", {}).get("median_ms")
+        lines = []
+        for name, lat in latency.items():
+            ms = lat.get("median_ms")
+            if name == "original fp32" or not original or ms is None or ms < SLOWER_THAN * original:
+                continue
+            lines.append(
+                f"SLOWER THAN THE ORIGINAL: {name} runs {ms / original:.2f}x the original fp32 graph's latency "
+                f"({ms:,.1f} vs {original:,.1f} ms median, ONNX Runtime CPU, batch {lat.get('batch_size')} x {lat.get('seq_len')} tokens, "
+                f"{lat.get('threads')} threads)"
+            )
+        return lines
 
     def table(self) -> str:
         """The report as plain-text tables for a console."""
@@ -165,10 +264,14 @@ class OptimizationReport:
         acc = self.accuracy
         if acc is not None:
             cells = [acc.original, acc.compressed_torch, acc.onnx_fp32, acc.onnx_quantized]
+            header = ["metric", "original", "compressed torch", "ONNX fp32", "ONNX quantized"]
+            if acc.original_onnx_quantized is not None:
+                cells.append(acc.original_onnx_quantized)
+                header.append("original, ORT int8")
             verdict = {None: "not checked", True: "PASS", False: "FAIL"}[acc.passed]
             parts.append(
                 format_table(
-                    ["metric", "original", "compressed torch", "ONNX fp32", "ONNX quantized", "gate"],
+                    [*header, "gate"],
                     [[acc.metric] + [_fmt(v) for v in cells] + [f"{verdict} ({acc.threshold_name}={acc.threshold:g})"]],
                 )
             )
@@ -189,10 +292,18 @@ class OptimizationReport:
                     for name, lat in exp.latency.items()
                 ]
                 parts.append(format_table(["ORT CPU latency", "median ms", "batch", "seq", "threads"], rows))
+            parts.extend(self.slowdowns())
         parts.extend(f"note: {note}" for note in self.notes)
         if self.output:
             parts.append(f"output: {self.output}")
         return "\n\n".join(parts)
+
+
+_NUMBER_LIST = re.compile(r"\[\s*(-?\d[\d.eE+-]*(?:,\s*-?\d[\d.eE+-]*)*)\s*\]")
+
+
+def _one_line(match: re.Match) -> str:
+    return "[" + ", ".join(part.strip() for part in match.group(1).split(",")) + "]"
 
 
 def _fmt(value: float | None) -> str:

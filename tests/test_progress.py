@@ -57,3 +57,29 @@ def test_softlm_progress_is_a_bar_with_the_running_figures(tiny_llama, llama_ids
     assert re.fullmatch(r"hard_ratio=\d\.\d{4}, loss=\d+\.\d{4}, soft_ratio=\d\.\d{4}", steps.postfix)
     err = capsys.readouterr().err
     assert "softlm:" in err and "[optimum-lowrank] softlm step" not in err, "a bar on stderr, no print lines"
+
+
+def test_quiet_prints_no_bars_and_no_step_lines(tmp_path, capsys):
+    """``optimize`` shows step lines and bars (svd's per-layer bar, evaluation batches); ``--quiet`` none of them."""
+    from transformers import BertConfig, BertModel
+
+    from optimum_lowrank.cli import main
+    from optimum_lowrank.models import load_model
+
+    folder = tmp_path / "model"
+    tokenizer = load_model("minilm").tokenizer
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    BertModel(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\npasses:\n  - {pass: svd, targets: ['re:.*intermediate\\.dense'], rank: 4}\n"
+                      "accuracy: {metric: cosine_agreement, min_cosine: 0.1, num_samples: 2, seq_len: 16}\n")
+    capsys.readouterr()
+    assert main(["optimize", "--model", str(folder), "--recipe", str(recipe), "--output", str(tmp_path / "a")]) == 0
+    loud = capsys.readouterr().err
+    assert "[optimum-lowrank] pass 1/1: svd ..." in loud and "svd:" in loud and "layer" in loud
+    assert "cosine_agreement (torch):" in loud and "batch" in loud, f"the evaluation shows a bar: {loud!r}"
+    assert main(["optimize", "--model", str(folder), "--recipe", str(recipe), "--output", str(tmp_path / "b"), "--quiet"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.err == "", f"--quiet printed {quiet.err!r}"
+    assert "compression ratio" in quiet.out, "the report table still goes to stdout"

@@ -31,6 +31,6 @@ def test_report_serialises_layer_reports():
     data = json.loads(report.to_json())
     assert data["passes"][0]["layers"][0] == {
         "name": "fc", "module_type": "Linear", "action": "skipped", "params_before": 12, "params_after": 12,
-        "rank": 4, "note": "break-even", "metrics": {},
+        "rank": 4, "note": "break-even", "metrics": {}, "spectrum": None,
     }
     assert report.passes[0].touched == 0 and "fc: break-even" in report.table()

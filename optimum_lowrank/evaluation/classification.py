@@ -113,7 +113,7 @@ class ClassificationAccuracyEvaluator(Evaluator):
         model.eval()
         out: dict[int, int] = {}
         with torch.inference_mode():
-            for inputs, _, idx in bar(self._batches, desc="accuracy (torch)", unit="batch", enabled=None):
+            for inputs, _, idx in bar(self._batches, desc="accuracy (torch)", unit="batch"):
                 logits = torch_forward(model, inputs).logits
                 out.update(zip(idx, logits.argmax(-1).tolist()))
         return out
@@ -123,7 +123,7 @@ class ClassificationAccuracyEvaluator(Evaluator):
         names = [o.name for o in session.get_outputs()]
         output = "logits" if "logits" in names else names[0]
         out: dict[int, int] = {}
-        for inputs, _, idx in bar(self._batches, desc="accuracy (onnx)", unit="batch", enabled=None):
+        for inputs, _, idx in bar(self._batches, desc="accuracy (onnx)", unit="batch"):
             arrays = {k: v.numpy() for k, v in inputs.items()}
             logits = session.run([output], onnx_feed(session, arrays))[0]
             if logits.ndim != 2:

@@ -188,7 +188,7 @@ class PerplexityEvaluator(Evaluator):
         total = 0.0
         batches = list(self._batches())
         with torch.inference_mode():
-            for start, ids in bar(batches, desc="perplexity (torch)", unit="batch", enabled=None):
+            for start, ids in bar(batches, desc="perplexity (torch)", unit="batch"):
                 ids_dev = ids.to(device)
                 out = torch_forward(model, {"input_ids": ids_dev}, use_cache=False)
                 logits = out.logits if hasattr(out, "logits") else out[0]
@@ -209,7 +209,7 @@ class PerplexityEvaluator(Evaluator):
         output = "logits" if "logits" in names else names[0]
         total = 0.0
         batches = list(self._batches())
-        for start, ids in bar(batches, desc="perplexity (onnx)", unit="batch", enabled=None):
+        for start, ids in bar(batches, desc="perplexity (onnx)", unit="batch"):
             feed = onnx_feed(session, {"input_ids": ids.numpy()})
             logits = torch.from_numpy(session.run([output], feed)[0])
             total += self._nll(start, logits, ids)

@@ -56,7 +56,7 @@ def _embed_torch(model: PreTrainedModel, encoded: _EncodedBatches, desc: str) ->
     device = next(model.parameters()).device
     pieces = []
     with torch.inference_mode():
-        for batch in bar(encoded.batches, desc=desc, unit="batch", enabled=None):
+        for batch in bar(encoded.batches, desc=desc, unit="batch"):
             inputs = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
             hidden = hidden_state(torch_forward(model, inputs)).float().cpu()
             pieces.append(mean_pool(hidden, inputs["attention_mask"].cpu()))
@@ -67,7 +67,7 @@ def _embed_onnx(session: onnxruntime.InferenceSession, encoded: _EncodedBatches,
     import torch
 
     pieces = []
-    for batch in bar(encoded.batches, desc=desc, unit="batch", enabled=None):
+    for batch in bar(encoded.batches, desc=desc, unit="batch"):
         hidden = torch.from_numpy(onnx_hidden(session, batch)).float()
         pieces.append(mean_pool(hidden, torch.from_numpy(batch["attention_mask"])))
     return _unsort(torch.cat(pieces), encoded)
@@ -343,7 +343,7 @@ class CosineAgreementEvaluator(Evaluator):
         device = next(model.parameters()).device
         pieces = []
         with torch.inference_mode():
-            for batch in self._batches:
+            for batch in bar(self._batches, desc="cosine_agreement (torch)", unit="batch"):
                 inputs = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
                 hidden = hidden_state(torch_forward(model, inputs)).float().cpu()
                 pieces.append(mean_pool(hidden, inputs["attention_mask"].cpu()))
@@ -365,7 +365,7 @@ class CosineAgreementEvaluator(Evaluator):
 
         session = open_session(onnx_path, self.threads)
         pieces = []
-        for batch in self._batches:
+        for batch in bar(self._batches, desc="cosine_agreement (onnx)", unit="batch"):
             hidden = torch.from_numpy(onnx_hidden(session, batch)).float()
             pieces.append(mean_pool(hidden, torch.from_numpy(batch["attention_mask"])))
         return self._score(torch.cat(pieces))

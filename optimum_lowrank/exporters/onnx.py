@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from optimum_lowrank.errors import ExportError
+from optimum_lowrank.exporters.noise import ExportNoise, held_back
 from optimum_lowrank.exporters.runtime import first_line
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -137,8 +138,8 @@ def _warn_transposed_copies(onnx_path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_export() -> Iterator[None]:
-    """Silence tracer warnings and Optimum's progress logs during an export."""
+def _quiet_export(noise: ExportNoise) -> Iterator[None]:
+    """Silence Optimum's progress logs during an export; hold its tolerance messages and tracer warnings back in ``noise``."""
     optimum_logger = logging.getLogger("optimum")
     optimum_logger.addFilter(_drop_tied_weight_notes)
     saved = {}
@@ -155,14 +156,12 @@ def _quiet_export() -> Iterator[None]:
     except Exception:  # noqa: BLE001
         hf_logging, hf_level = None, None
     with warnings.catch_warnings():
-        import torch
-
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=r".*aten::index.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         try:
-            yield
+            with held_back(noise):
+                yield
         finally:
             optimum_logger.removeFilter(_drop_tied_weight_notes)
             for name, level in saved.items():
@@ -178,6 +177,7 @@ def export_onnx(
     opset: int | None = None,
     *,
     validate: bool = True,
+    noise: ExportNoise | None = None,
 ) -> Path:
     """Export the in-memory ``model`` to ``output_dir/model.onnx`` with Optimum.
 
@@ -208,6 +208,11 @@ def export_onnx(
     validate : bool, default True
         Run Optimum's own output validation (cheap; tolerance mismatches only
         log a warning). :func:`check_parity` is the gate.
+    noise : ExportNoise, optional
+        Receives the messages judged harmless (Optimum's tolerance lines at its own atol,
+        TracerWarnings; :mod:`optimum_lowrank.exporters.noise`) instead of the console; the
+        caller summarises them after its parity check. Without it, their summary is logged
+        at INFO level.
 
     Returns
     -------
@@ -230,7 +235,8 @@ def export_onnx(
     try:
         from optimum.exporters.onnx import onnx_export_from_model
 
-        with _quiet_export():
+        held = ExportNoise() if noise is None else noise
+        with _quiet_export(held):
             onnx_export_from_model(
                 model,
                 output=output_dir,
@@ -255,6 +261,8 @@ def export_onnx(
     except Exception as exc:
         raise ExportError(f"ONNX checker rejected {onnx_path}: {first_line(exc)}") from exc
     _warn_transposed_copies(onnx_path)
+    if noise is None and held:
+        logger.info(held.summary("not checked here"))
     return onnx_path
 
 

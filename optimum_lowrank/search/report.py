@@ -186,7 +186,8 @@ def concrete_recipe(report: SearchReport, setup) -> Recipe:
 
 
 def write_outputs(report: SearchReport, setup, folder: Path) -> None:
-    """``search.json``, ``recipe.yaml``, ``allocation.md``, ``search.png`` and ``allocation.png`` into ``folder``."""
+    """``search.json``, ``recipe.yaml``, ``allocation.md``, ``search.png``, ``allocation.png``, ``report.md`` and the
+    model card ``onnx/README.md`` into ``folder``."""
     recipe = concrete_recipe(report, setup)
     c = report.chosen
     header = [
@@ -201,6 +202,50 @@ def write_outputs(report: SearchReport, setup, folder: Path) -> None:
     (folder / "allocation.md").write_text(allocation_markdown(report))
     plot_search(report, folder / "search.png")
     plot_allocation(report, folder / "allocation.png")
+    (folder / "report.md").write_text(search_markdown(report))
+    if (folder / "onnx").is_dir():
+        (folder / "onnx" / "README.md").write_text(search_card(report))
+
+
+def _figures(report: SearchReport) -> list[str]:
+    """The graphs' Markdown table: the original, ORT's stock dynamic int8 and the chosen graph, on both splits."""
+    refs, c = report.references, report.chosen
+    lines = [f"| graph | file | MB | {report.metric}, search data | {report.metric}, gate data |", "| --- | --- | --- | --- | --- |"]
+    for label, ref in (("original fp32", refs["original_fp32"]), ("original, ORT dynamic int8", refs["dynamic_int8"])):
+        lines.append(f"| {label} | (not kept) | {ref['size_mb']:.2f} | {ref['search']:.4g} | {ref['gate']:.4g} |")
+    lines.append(f"| this model, weight-only | model_quantized.onnx | {c.size_mb:.2f} | {c.search:.4g} | {c.gate:.4g} |")
+    return ["", *lines, "", f"Search data: {report.search_label}. Gate data: {report.gate_label}."]
+
+
+def _done(report: SearchReport) -> list[str]:
+    c = report.chosen
+    bits = ", ".join(f"{n} at {b} bits" for b, n in sorted(c.to_json()["layers_per_bits"].items(), key=lambda kv: -int(kv[0])))
+    return [f"- searched for the smallest graph with {report.objective[0]}={report.objective[1]:g} ({report.metric}): "
+            f"{len(report.candidates)} candidates exported and scored with ONNX Runtime",
+            f"- token embedding: {'kept whole' if c.ratio == 1 else f'factorized at ratio {c.ratio:g}'}, {c.embedding_bits}-bit",
+            f"- linear layers, weight-only block quantization (block size {report.block_size}, {report.algorithm}): {bits}",
+            "- `recipe.yaml` (one folder up) reproduces the graph with `optimum-lowrank optimize`"]
+
+
+def search_markdown(report: SearchReport) -> str:
+    """``report.md`` of a search: the figures, the plots, the console table."""
+    return "\n".join([f"# optimum-lowrank search: {report.model.split(' (')[0]}", "", *_done(report), "", "## Graphs", *_figures(report), "",
+                      "## Plots", "", "![search](search.png)", "![allocation](allocation.png)", "",
+                      "Per-layer bits and damages: [allocation.md](allocation.md).", "", "## Console table", "",
+                      "```text", report.table(), "```", ""])
+
+
+def search_card(report: SearchReport) -> str:
+    """The Hugging Face model card of the chosen graph (:func:`optimum_lowrank.model_card.render_card`)."""
+    from optimum_lowrank.model_card import card_metadata, render_card
+
+    task = "text-generation-with-past" if report.kind == "decoder" else "feature-extraction"
+    c = report.chosen
+    intro = ("ONNX graph of `{name}` made smaller by optimum-lowrank's search (per-layer bit-widths and the token "
+             f"embedding's factorization, scored with ONNX Runtime): {c.size_mb:.2f} MB. `{{file_name}}` is the graph to use.")
+    return render_card(meta=card_metadata(report.model, task, ["weight-only", "search"]), source=report.model, alerts=[], intro=intro,
+                       done=_done(report), figures=_figures(report)[1:], task=task, file_name="model_quantized.onnx",
+                       records="`search.json`, `report.md`, `allocation.md` and `recipe.yaml`")
 
 
 def allocation_markdown(report: SearchReport) -> str:
@@ -270,41 +315,9 @@ def plot_search(report: SearchReport, path: Path) -> None:
 
 def plot_allocation(report: SearchReport, path: Path) -> None:
     """Bits per linear layer as a grid (block x layer role), the embedding's choice in the title."""
-    import re
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    from optimum_lowrank.plots import plot_layer_grid
 
     rows = report.allocation()
-    cells: dict[tuple[int, str], int] = {}
-    others = []
-    for r in rows[:-1]:
-        match = re.search(r"\.(\d+)\.", r["unit"])
-        if match:
-            cells[(int(match.group(1)), r["unit"][match.end():])] = r["bits"]
-        else:
-            others.append(f"{r['unit']}: {r['bits']}")
-    blocks = sorted({b for b, _ in cells})
-    roles = list(dict.fromkeys(role for _, role in sorted(cells, key=lambda k: k[0])))
-    grid = np.full((max(len(blocks), 1), max(len(roles), 1)), np.nan)
-    for (b, role), bits in cells.items():
-        grid[blocks.index(b), roles.index(role)] = bits
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(roles) + 2), max(3, 0.28 * len(blocks) + 1.5)))
-    image = ax.imshow(grid, cmap="viridis", vmin=2, vmax=8, aspect="auto")
-    for (b, role), bits in cells.items():
-        ax.text(roles.index(role), blocks.index(b), str(bits), ha="center", va="center", color="white" if bits < 6 else "black", fontsize=8)
-    ax.set_xticks(range(len(roles)), roles, rotation=40, ha="right", fontsize=8)
-    ax.set_yticks(range(len(blocks)), [str(b) for b in blocks], fontsize=8)
-    ax.set_ylabel("block")
     emb = rows[-1]
-    title = f"bits per layer ({report.chosen.size_mb:.2f} MB); {emb['unit']}: ratio {emb['ratio']:g}, {emb['bits']}-bit"
-    if others:
-        title += "\n" + "; ".join(others)[:120]
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label="bits")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_layer_grid({r["unit"]: r["bits"] for r in rows[:-1]}, path, label="bits", vmin=2, vmax=8,
+                    title=f"bits per layer ({report.chosen.size_mb:.2f} MB); {emb['unit']}: ratio {emb['ratio']:g}, {emb['bits']}-bit")

@@ -293,7 +293,7 @@ def _verify(setup, units, path, damage: DamageModel, exports, variants, work: Pa
     lo, hi, offset = -1, len(path), 0
     block = report.block_size
     rounds = setup.config.max_rounds
-    progress = bar(total=rounds, desc="candidates", unit="graph", enabled=None)
+    progress = bar(total=rounds, desc="candidates", unit="graph")
     round_index = 0
     try:
         while True:

@@ -412,7 +412,7 @@ def measure_sensitivity(
              else "mean 1 - cosine of mean-pooled embeddings vs the original")
     result = Sensitivity(proxy=proxy)
     total = len(linears) * len(measured_bits) + len(embeddings) * len(set(embedding_bits)) * len(blocks)
-    with bar(total=total, desc="sensitivity", unit="change", enabled=None) as progress:
+    with bar(total=total, desc="sensitivity", unit="change") as progress:
         for target in linears:
             rows = target.rows().detach()
             start = probe.block_of(target.name)

@@ -24,7 +24,7 @@ from optimum_lowrank.recipe import load_recipe
 from optimum_lowrank.search import search
 from tests.search.conftest import word_tokenizer
 
-OUTPUTS = {"recipe.yaml", "search.json", "search.png", "allocation.png", "allocation.md", "onnx", MARKER}
+OUTPUTS = {"recipe.yaml", "search.json", "search.png", "allocation.png", "allocation.md", "report.md", "onnx", MARKER}
 
 
 def _bert_config(sts_files, **extra):
@@ -57,6 +57,11 @@ def test_bert_search_writes_what_a_user_acts_on_and_the_recipe_reproduces_it(tin
     assert len(data["allocation"]) == 12 + 1 and data["block_size"] in (32, 64, 128)
     assert report.chosen.size_mb == pytest.approx((out / "onnx" / "model_quantized.onnx").stat().st_size / 1e6)
 
+    card = (out / "onnx" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: onnx\n") and "pipeline_tag: feature-extraction" in card
+    assert 'ORTModelForFeatureExtraction.from_pretrained(repo, file_name="model_quantized.onnx")' in card
+    assert f"| this model, weight-only | model_quantized.onnx | {report.chosen.size_mb:.2f} |" in card
+    assert "![search](search.png)" in (out / "report.md").read_text()
     session_model = ORTModelForFeatureExtraction.from_pretrained(out / "onnx", file_name="model_quantized.onnx")
     inputs = tokenizer(["the value of a function"], return_tensors="pt")
     assert session_model(**inputs).last_hidden_state.shape == (1, inputs["input_ids"].shape[1], 32)

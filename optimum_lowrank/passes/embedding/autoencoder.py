@@ -88,10 +88,17 @@ class AutoencoderEmbeddingConfig(EmbeddingTrainingConfig):
     defaults here: 30 epochs, alpha annealed over 20, batch 256, lr 1e-3, StepLR(4, 0.5).
     """
 
-    latent_dim: int | None = Field(None, ge=1)
-    compression_ratio: float | None = Field(None, gt=1)
-    init: Literal["svd", "pca", "random"] = "svd"
-    tied_head: Literal["shared", "untie"] = "shared"
+    latent_dim: int | None = Field(None, ge=1, description="Latent size k; must be below the embedding dimension d (error otherwise).")
+    compression_ratio: float | None = Field(None, gt=1, description=(
+        "`k = floor(V d / (ratio (V + d)))` (the paper's formula; the decoder bias, d parameters, is not "
+        "counted in it but is in the report)."
+    ))
+    init: Literal["svd", "pca", "random"] = Field("svd", description="Start from the truncated SVD (default), the centred PCA, or a random initialisation.")
+    tied_head: Literal["shared", "untie"] = Field("shared", description=(
+        "For an input embedding tied to the output head: `shared` (default) makes the head reuse the latents "
+        "and decoder, logits = (h P) A^T + (h . b), so both sides save; `untie` keeps a dense copy of the "
+        "original head (the head saves nothing)."
+    ))
 
     @model_validator(mode="after")
     def _exactly_one_size(self) -> AutoencoderEmbeddingConfig:

@@ -91,13 +91,23 @@ class FourierEmbeddingConfig(EmbeddingTrainingConfig):
     (defaults here: 10 epochs, alpha annealed over 7, batch 1024, lr 1e-2, StepLR(2, 0.5)).
     """
 
-    hidden_dim: int | None = Field(None, ge=1)
-    compression_ratio: float | None = Field(None, gt=1)
-    mlp: Literal["geglu", "gelu", "linear"] = "geglu"
-    tied_head: Literal["materialize", "untie"] = "materialize"
+    hidden_dim: int | None = Field(None, ge=1, description="MLP width h.")
+    compression_ratio: float | None = Field(None, gt=1, description="Table parameters / layer parameters, at least; sets h.")
+    mlp: Literal["geglu", "gelu", "linear"] = Field("geglu", description=(
+        "The MLP from Fourier features to the row: `geglu` (default, gated like the FFN), `gelu`, or `linear` "
+        "(no width: give neither hidden_dim nor compression_ratio)."
+    ))
+    tied_head: Literal["materialize", "untie"] = Field("materialize", description=(
+        "For an input embedding tied to the output head: `materialize` (default) evaluates the MLP for every "
+        "id in every forward, logits = h @ table^T (nothing stored twice; V MLP evaluations per call); "
+        "`untie` keeps a dense copy of the original head."
+    ))
     # Measured on MiniLM (docs/usage_aware.md): frequency weighting lowered STS-B at ratios 5/10/20
     # (-4.1/-2.1/-1.6): the shared MLP is a smooth function of the id, and weighting spends it on a few ids.
-    row_weighting: Literal["frequency", "none"] = "none"
+    row_weighting: Literal["frequency", "none"] = Field("none", description=(
+        "Default `none` here (the other embedding passes default to `frequency`): on MiniLM frequency "
+        "weighting lowered STS-B at every ratio measured."
+    ))
 
     @model_validator(mode="after")
     def _size(self) -> FourierEmbeddingConfig:

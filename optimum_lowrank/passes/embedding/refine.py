@@ -243,14 +243,28 @@ class RefineConfig(StrictScalars):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: int = Field(200, ge=1, le=100_000)
-    lr: float = Field(1e-3, gt=0, le=1)
-    batch_size: int = Field(4, ge=1, le=1024)
-    holdout: float = Field(0.125, gt=0, lt=1)
-    eval_every: int = Field(20, ge=1)
-    patience: int = Field(3, ge=1)
-    lr_decay: float = Field(0.5, gt=0, le=1)
-    seq_len: int | None = Field(None, ge=4)
-    frame: bool = True
-    loss: Literal["auto", "hidden", "logits"] = "auto"
-    progress: bool = True
+    steps: int = Field(200, ge=1, le=100_000, description="Most optimiser steps (early stopping may end sooner).")
+    lr: float = Field(1e-3, gt=0, le=1, description="Adam learning rate of the compressed embedding's parameters.")
+    batch_size: int = Field(4, ge=1, le=1024, description="Calibration windows per step.")
+    holdout: float = Field(0.125, gt=0, lt=1, description="Share of the calibration windows held back for early stopping (at least one).")
+    eval_every: int = Field(20, ge=1, description="Steps between evaluations on the held-back windows.")
+    patience: int = Field(3, ge=1, description="Evaluations in a row without improvement before stopping; the best state is kept.")
+    lr_decay: float = Field(0.5, gt=0, le=1, description=(
+        "After every evaluation without improvement the best parameters so far are restored and the learning "
+        "rate is multiplied by this (reduce on plateau; 1 keeps it constant). Measured on MiniLM at ratio 10: "
+        "at a constant 3e-3 the held-out loss stopped improving after 40 steps."
+    ))
+    seq_len: int | None = Field(None, ge=4, description=(
+        "Cut the calibration windows into pieces of this many tokens (e.g. 32 for a sentence encoder used on "
+        "short sentences); default: the windows as they are."
+    ))
+    frame: bool = Field(True, description=(
+        "Frame every window as the model sees its inputs: `[CLS] ... [SEP]` for encoders, BOS first for "
+        "decoders (when the tokenizer has those tokens; the window is shortened to keep its length). "
+        "Calibration windows are cut from raw text without special tokens."
+    ))
+    loss: Literal["auto", "hidden", "logits"] = Field("auto", description=(
+        "`auto`: `hidden` (relative MSE of the last hidden states) for encoders, `logits` (KL divergence of "
+        "the next-token distributions) for decoders."
+    ))
+    progress: bool = Field(True, description="tqdm bar on stderr.")

@@ -96,20 +96,35 @@ class EmbeddingTrainingConfig(UsageAwareConfig):
     ``refine``) are those of :class:`~optimum_lowrank.passes.embedding.usage.UsageAwareConfig`.
     """
 
-    epochs: int | None = Field(None, ge=0)
-    anneal_epochs: int | None = Field(None, ge=0)
-    alpha_start: float = Field(1.0, gt=0, le=2)
-    alpha_end: float = Field(0.1, gt=0, le=2)
-    batch_size: int | None = Field(None, ge=1)
-    learning_rate: float | None = Field(None, gt=0)
-    lr_step: int | None = Field(None, ge=1)
-    lr_gamma: float = Field(0.5, gt=0, le=1)
-    loss: Literal["direction", "mse"] = "direction"
-    cos_weight: float = Field(COS_WEIGHT, ge=0)
-    pow_weight: float = Field(POW_WEIGHT, ge=0)
-    l2_weight: float = Field(0.0, ge=0)
-    seed: int | None = None
-    progress: bool = True
+    epochs: int | None = Field(None, ge=0, description="Passes over the table's rows; 0 skips training (the initialisation is kept). Paper: 30.")
+    anneal_epochs: int | None = Field(None, ge=0, description=(
+        "Epochs over which `alpha` goes linearly from `alpha_start` to `alpha_end`; it stays at `alpha_end` "
+        "afterwards. Paper: 20."
+    ))
+    alpha_start: float = Field(1.0, gt=0, le=2, description="Exponent of the magnitude term. Paper: 1.0 -> 0.1.")
+    alpha_end: float = Field(0.1, gt=0, le=2, description="Exponent of the magnitude term. Paper: 1.0 -> 0.1.")
+    batch_size: int | None = Field(None, ge=1, description=(
+        "Rows per optimiser step (paper: 32; larger is much faster on a CPU). A batch of at least the "
+        "vocabulary size means one full-table step per epoch."
+    ))
+    learning_rate: float | None = Field(None, gt=0, description="Adam learning rate (paper: 1e-3).")
+    lr_step: int | None = Field(None, ge=1, description="StepLR: the learning rate is multiplied by `lr_gamma` every `lr_step` epochs (paper: 4).")
+    lr_gamma: float = Field(0.5, gt=0, le=1, description="StepLR factor applied to the learning rate every `lr_step` epochs (paper: 0.5).")
+    loss: Literal["direction", "mse"] = Field("direction", description="`direction`: the loss above; `mse`: mean squared error (plain distillation), for comparison.")
+    cos_weight: float = Field(COS_WEIGHT, ge=0, description=(
+        "Weights of the direction loss (paper: 0.9975/5, 0.0025, 0); `l2_weight` also applies with `loss: "
+        "mse`."
+    ))
+    pow_weight: float = Field(POW_WEIGHT, ge=0, description=(
+        "Weights of the direction loss (paper: 0.9975/5, 0.0025, 0); `l2_weight` also applies with `loss: "
+        "mse`."
+    ))
+    l2_weight: float = Field(0.0, ge=0, description=(
+        "Weights of the direction loss (paper: 0.9975/5, 0.0025, 0); `l2_weight` also applies with `loss: "
+        "mse`."
+    ))
+    seed: int | None = Field(None, description="Seed of initialisation and shuffling; None uses the recipe's seed.")
+    progress: bool = Field(True, description="Show a tqdm bar (on stderr) per trained layer.")
 
     @model_validator(mode="after")
     def _some_loss(self) -> EmbeddingTrainingConfig:

@@ -131,14 +131,27 @@ class TTEmbeddingConfig(EmbeddingTrainingConfig):
     per-mode defaults (module docstring); ``epochs: 0`` keeps the TT-SVD.
     """
 
-    mode: Literal["tt", "tt_matrix"] = "tt"
-    reshape: tuple[int, ...] | None = None
-    num_cores: int | None = Field(None, ge=1, le=12)
-    vocab_shape: tuple[int, ...] | None = None
-    max_rank: int | None = Field(None, ge=1)
-    tolerance: float | None = Field(None, gt=0, lt=1)
-    compression_ratio: float | None = Field(None, gt=1)
-    tied_head: Literal["materialize", "untie"] = "materialize"
+    mode: Literal["tt", "tt_matrix"] = Field("tt", description="Per-token MPS (TensorGPT) or TT-matrix that also factors the vocabulary (Hrinchuk et al.).")
+    reshape: tuple[int, ...] | None = Field(None, description=(
+        "`(n_1, ..., n_N)` with product d (checked against the layer: PassError otherwise). Default: "
+        "`num_cores` balanced factors of d."
+    ))
+    num_cores: int | None = Field(None, ge=1, le=12, description=(
+        "Number of cores N when `reshape` is not given (default 3; in `tt` mode with `compression_ratio`, "
+        "searched over 2..6 when neither is given)."
+    ))
+    vocab_shape: tuple[int, ...] | None = Field(None, description=(
+        "`tt_matrix` only: `(v_1, ..., v_N)` with product >= V. Default: N nearly equal factors covering V "
+        "(see `vocab_factors`)."
+    ))
+    max_rank: int | None = Field(None, ge=1, description="Uniform TT-rank cap (each bond is also capped by its unfolding sizes).")
+    tolerance: float | None = Field(None, gt=0, lt=1, description="Relative Frobenius error of the TT-SVD of the whole table; ranks are the smallest meeting it.")
+    compression_ratio: float | None = Field(None, gt=1, description="Table parameters before / after, at least; see the module docstring.")
+    tied_head: Literal["materialize", "untie"] = Field("materialize", description=(
+        "For an input embedding tied to the output head: `materialize` (default) contracts the (V, d) table "
+        "from the cores in every forward, logits = h @ table^T (nothing stored twice, a contraction per "
+        "call); `untie` keeps a dense copy of the original head."
+    ))
 
     @field_validator("reshape", "vocab_shape")
     @classmethod

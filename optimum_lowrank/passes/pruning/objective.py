@@ -66,17 +66,20 @@ class TrainingOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    data: str | None = None
-    max_examples: int | None = Field(None, ge=1)
-    steps: int = Field(200, ge=1, le=1_000_000)
-    batch_size: int = Field(32, ge=1, le=4096)
-    lr: float = Field(3e-5, gt=0, le=1)
-    max_length: int = Field(64, ge=8, le=512)
-    objective: Literal["auto", "task", "distill"] = "auto"
-    distill_temperature: float = Field(2.0, gt=0)
-    distill_alpha: float = Field(0.5, ge=0, le=1)
-    distill_hidden: float = Field(0.0, ge=0)
-    seed: int = 0
+    data: str | None = Field(None, description=(
+        "A labelled TSV with a header (see `load_labelled_tsv`), e.g. SST-2 `train.tsv`. None: distil on the "
+        "calibration windows."
+    ))
+    max_examples: int | None = Field(None, ge=1, description="Read only the first `max_examples` rows of `data`.")
+    steps: int = Field(200, ge=1, le=1_000_000, description="Optimisation steps.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Examples per optimisation step.")
+    lr: float = Field(3e-5, gt=0, le=1, description="Learning rate of the model's weights (AdamW, weight decay 0.01, 10% warm-up).")
+    max_length: int = Field(64, ge=8, le=512, description="Tokens per example.")
+    objective: Literal["auto", "task", "distill"] = Field("auto", description="`auto`: `task` when the model has a classification head and `data` is given, else `distill`.")
+    distill_temperature: float = Field(2.0, gt=0, description="Softmax temperature of the logit distillation.")
+    distill_alpha: float = Field(0.5, ge=0, le=1, description="Weight of the logit KL against the task cross-entropy (task objective).")
+    distill_hidden: float = Field(0.0, ge=0, description="Weight of the layer-wise hidden-state MSE to the teacher (0: off).")
+    seed: int = Field(0, description="Seed of the example order and of the stochastic parts of training.")
 
 
 class TaskObjective:

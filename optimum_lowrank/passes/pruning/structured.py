@@ -63,12 +63,12 @@ class StructuredPruneConfig(PassConfig, TrainingOptions):
           steps: 600
     """
 
-    target_sparsity: float
-    prune_sublayers: bool = True
-    droprate_init: float = Field(0.5, gt=0, lt=1)
-    mask_lr: float = Field(0.1, gt=0)
-    sparsity_warmup: float = Field(0.5, ge=0, le=1)
-    finetune_steps: int = Field(0, ge=0)
+    target_sparsity: float = Field(description="Fraction of the targeted layers' attention + FFN weights to remove.")
+    prune_sublayers: bool = Field(True, description="Also gate whole attention and FFN blocks.")
+    droprate_init: float = Field(0.5, gt=0, lt=1, description="Initial closing probability of every gate (CoFi: 0.5).")
+    mask_lr: float = Field(0.1, gt=0, description="Learning rate of the gates' `log_alpha` and of the Lagrange multipliers (CoFi: 0.1).")
+    sparsity_warmup: float = Field(0.5, ge=0, le=1, description="Fraction of `steps` over which the target rises linearly from 0.")
+    finetune_steps: int = Field(0, ge=0, description="Steps of the same objective after the units are removed (gates gone).")
 
     @field_validator("target_sparsity")
     @classmethod
@@ -159,7 +159,7 @@ class StructuredPrunePass(CompressionPass):
         batches = objective.batches()
         ramp = max(1, int(cfg.sparsity_warmup * cfg.steps))
         sparsity = expected_sparsity(gates)
-        for step in bar(range(cfg.steps), desc="structured_prune", unit="step", enabled=None):
+        for step in bar(range(cfg.steps), desc="structured_prune", unit="step"):
             inputs, labels = next(batches)
             set_gate_values(gates, "sample", generator)
             loss = objective.loss(work, inputs, labels)

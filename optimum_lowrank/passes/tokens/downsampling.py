@@ -73,13 +73,16 @@ class TokenDownsamplingConfig(PassConfig, TrainingOptions):
           steps: 300
     """
 
-    layers: tuple[int, ...] | None = None
-    temperature: float = Field(1.0, gt=0)
-    beta_norm: float = Field(4e-4, ge=0)
-    beta_binary: float = Field(0.1, ge=0)
-    beta_skim: float = Field(0.5, ge=0)
-    target_keep: float | None = Field(None, gt=0, le=1)
-    predictor_lr: float = Field(1e-3, gt=0)
+    layers: tuple[int, ...] | None = Field(None, description="Indices of the layers that get a predictor (None: every layer).")
+    temperature: float = Field(1.0, gt=0, description="Gumbel-softmax temperature.")
+    beta_norm: float = Field(4e-4, ge=0, description="Weight of the information-bottleneck norm term (Infor-Coef: 4e-4).")
+    beta_binary: float = Field(0.1, ge=0, description="Weight of the term that drives keep probabilities to 0 or 1.")
+    beta_skim: float = Field(0.5, ge=0, description="Weight of the kept-token fraction (used when `target_keep` is None).")
+    target_keep: float | None = Field(None, gt=0, le=1, description=(
+        "Drive the mean kept-token fraction (over predicted layers and non-padding tokens) to this value with "
+        "a Lagrangian instead of `beta_skim`."
+    ))
+    predictor_lr: float = Field(1e-3, gt=0, description="Learning rate of the predictors and the Lagrange multipliers.")
 
 
 class TokenDownsamplingPass(CompressionPass):
@@ -182,7 +185,7 @@ class TokenDownsamplingPass(CompressionPass):
         batches = objective.batches()
         work.train()
         kept = torch.tensor(1.0)
-        for step in bar(range(cfg.steps), desc="token_downsampling", unit="step", enabled=None):
+        for step in bar(range(cfg.steps), desc="token_downsampling", unit="step"):
             inputs, labels = next(batches)
             loss = objective.loss(work, inputs, labels, extra_hidden=False)
             terms = [e.stats for e in encoders if e.stats.get("keep")]

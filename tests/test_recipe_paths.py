@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def layout(tmp_path):
-    """``project/recipes/r.yaml`` next to ``project/data/{calib.txt, sts.tsv}``; the working directory elsewhere."""
+def layout(tmp_path, monkeypatch):
+    """``project/recipes/`` next to ``project/data/{calib.txt, sts.tsv}``; the working directory set to an unrelated folder."""
     data = tmp_path / "project" / "data"
     data.mkdir(parents=True)
     (data / "calib.txt").write_text("some calibration prose " * 50)
@@ -24,7 +24,8 @@ def layout(tmp_path):
     recipes.mkdir()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    return recipes, data, elsewhere
+    monkeypatch.chdir(elsewhere)
+    return recipes, data
 
 
 def _write(folder: Path, body: str) -> Path:
@@ -34,8 +35,7 @@ def _write(folder: Path, body: str) -> Path:
 
 
 def test_paths_resolve_against_the_recipe_folder_not_the_working_directory(layout, monkeypatch):
-    recipes, data, elsewhere = layout
-    monkeypatch.chdir(elsewhere)
+    recipes, data = layout
     path = _write(recipes, (
         "calibration: {data: ../data/calib.txt}\n"
         "accuracy: {metric: stsb_spearman, data: ../data/sts.tsv, max_drop: 1}\n"
@@ -48,9 +48,8 @@ def test_paths_resolve_against_the_recipe_folder_not_the_working_directory(layou
     assert load_recipe("r.yaml").calibration.data == str(data / "calib.txt")
 
 
-def test_tsv_paths_in_pass_options_resolve_and_other_sources_stay(layout, monkeypatch):
-    recipes, data, elsewhere = layout
-    monkeypatch.chdir(elsewhere)
+def test_tsv_paths_in_pass_options_resolve_and_other_sources_stay(layout):
+    recipes, data = layout
     path = _write(recipes, (
         "calibration: {data: 'tsv:../data/sts.tsv:5,6:header'}\n"
         "passes:\n"
@@ -63,9 +62,8 @@ def test_tsv_paths_in_pass_options_resolve_and_other_sources_stay(layout, monkey
     assert recipe.accuracy.data == "datasets:wikitext:wikitext-2-raw-v1:test"
 
 
-def test_a_missing_file_error_shows_the_resolved_path_and_the_rule(layout, monkeypatch):
-    recipes, data, elsewhere = layout
-    monkeypatch.chdir(elsewhere)
+def test_a_missing_file_error_shows_the_resolved_path_and_the_rule(layout):
+    recipes, data = layout
     recipe = load_recipe(_write(recipes, "calibration: {data: ../data/nope.txt}\n"))
     resolved = data / "nope.txt"
     assert recipe.calibration.data == str(resolved)
@@ -75,7 +73,7 @@ def test_a_missing_file_error_shows_the_resolved_path_and_the_rule(layout, monke
 
 
 def test_recipes_written_against_the_working_directory_still_load_with_a_warning(layout, monkeypatch):
-    recipes, data, _ = layout
+    recipes, data = layout
     monkeypatch.chdir(data.parent)  # the old rule: relative to where the command runs
     path = _write(recipes, "calibration: {data: data/calib.txt}\n")
     expected = r"calibration\.data: 'data/calib.txt' is not in the recipe's folder.*write '\.\./data/calib\.txt'"

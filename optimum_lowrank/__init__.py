@@ -21,6 +21,8 @@ from optimum_lowrank.api import CompressionPass, PassConfig, PassContext, count_
 from optimum_lowrank.errors import (
     AccuracyError,
     DataError,
+    DeviceError,
+    DistributedError,
     DuplicateMetricError,
     DuplicatePassError,
     ExportError,
@@ -51,6 +53,8 @@ __all__ = [
     "AccuracyError",
     "CompressionPass",
     "DataError",
+    "DeviceError",
+    "DistributedError",
     "DuplicateMetricError",
     "DuplicatePassError",
     "Evaluator",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,6 +22,9 @@ import torch
 
 from optimum_lowrank.api import PassContext, count_parameters
 from optimum_lowrank.errors import AccuracyError, ExportError, RecipeError
+from optimum_lowrank.execution.device import resolve_device
+from optimum_lowrank.execution.distributed import Ranks, checked_output, joined
+from optimum_lowrank.execution.plan import plan_execution, run_sequential, sequential_model
 from optimum_lowrank.output import check_output as _check_output
 from optimum_lowrank.output import private_tempdir
 from optimum_lowrank.output import staging as _staging
@@ -47,6 +51,7 @@ def optimize(
     overwrite: bool = False,
     registry: PassRegistry | None = None,
     progress: bool = True,
+    device: str = "cpu",
 ) -> OptimizationReport:
     """Compress ``model`` as ``recipe`` says, check its accuracy, and export it.
 
@@ -72,6 +77,15 @@ def optimize(
     progress : bool
         Print step lines to stderr; False also turns off every progress bar
         (passes, fine-tuning, evaluation) for the run.
+    device : {"cpu", "cuda", "auto"}
+        Where the passes compute (sequential mode: blocks, statistics and decompositions;
+        whole-model mode: the compressed copy during the passes); evaluation and export stay
+        on the CPU. See :func:`optimum_lowrank.execution.resolve_device`.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the run is one rank of a multi-process
+    calibration (see :mod:`optimum_lowrank.execution.distributed`); only rank 0 exports
+    and writes. The recipe's ``execution:`` section chooses whole-model or sequential
+    (block-by-block, streamed from disk) mode; see :mod:`optimum_lowrank.execution`.
 
     Returns
     -------
@@ -94,6 +108,10 @@ def optimize(
         The gate failed; carries the report. Nothing is written.
     ExportError
         Export, ONNX checking, ORT parity or quantization failed.
+    DeviceError
+        ``device="cuda"`` without a CUDA device.
+    DistributedError
+        The ranks of a multi-process run disagree on the recipe or model, or one stopped.
 
     Notes
     -----
@@ -106,7 +124,7 @@ def optimize(
     (torch's default).
     """
     with _restored_torch_state(), silenced(not progress), private_tempdir():
-        return _optimize(model, recipe, output, tokenizer=tokenizer, overwrite=overwrite, registry=registry, progress=progress)
+        return _optimize(model, recipe, output, tokenizer=tokenizer, overwrite=overwrite, registry=registry, progress=progress, device=device)
 
 
 def _optimize(
@@ -118,19 +136,47 @@ def _optimize(
     overwrite: bool,
     registry: PassRegistry | None,
     progress: bool,
+    device: str,
 ) -> OptimizationReport:
     """:func:`optimize` without the restoring of global state."""
-    from optimum_lowrank.models import load_model
+    from optimum_lowrank.plugins import get_registry
 
-    started = time.perf_counter()
-    say = Progress(progress)
     recipe = load_recipe(recipe, registry)
     if recipe.search is not None:
         raise RecipeError("this recipe has a 'search:' section: run it with optimum_lowrank.search.search() or "
                           "`optimum-lowrank optimize --recipe`; the search writes a search-free recipe.yaml that optimize() runs")
-    out_dir = _check_output(output, overwrite)
-    with say.step("loading model"):
-        loaded = load_model(model, tokenizer)
+    where = resolve_device(device)
+    with joined(recipe.execution.timeout_s, where) as ranks:
+        return _optimize_on(model, recipe, output, tokenizer, overwrite, registry or get_registry(), progress, where, ranks)
+
+
+def _optimize_on(
+    model: str | os.PathLike | PreTrainedModel,
+    recipe: Recipe,
+    output: str | os.PathLike | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+    overwrite: bool,
+    registry: PassRegistry,
+    progress: bool,
+    device: torch.device,
+    ranks: Ranks | None,
+) -> OptimizationReport:
+    """:func:`optimize` once the recipe, the device and the process group are settled."""
+    from optimum_lowrank.models import load_model
+
+    started = time.perf_counter()
+    say = Progress(progress)
+    plan = plan_execution(recipe, model, registry, ranks)
+    recipe = plan.recipe_for(recipe)
+    out_dir = checked_output(lambda: _check_output(output, overwrite), ranks)
+    if plan.sequential:
+        with say.step("reading the model's config and safetensors headers (sequential mode)"):
+            loaded = sequential_model(plan, tokenizer)
+        if ranks is not None:
+            ranks.agree(plan.digest(recipe), "recipe and model")
+    else:
+        with say.step("loading model"):
+            loaded = load_model(model, tokenizer)
     if loaded.kind == "decoder":
         torch.set_flush_denormal(True)
     evaluator = None
@@ -143,7 +189,15 @@ def _optimize(
         with say.step("preparing fine-tune data"):  # before the passes: a too-short text stops here
             finetune_ids = _finetune_windows(recipe, loaded)
 
-    compressed, pass_reports = apply_passes(loaded.model, recipe, context, registry, say)
+    checkpoint = None
+    if plan.sequential:
+        compressed, pass_reports, result = run_sequential(
+            plan, recipe, loaded, context, registry, device=device, ranks=ranks, materialise=recipe.export is not None, say=say
+        )
+        checkpoint = result.folder
+    else:
+        context.notes.append(plan.reason)
+        compressed, pass_reports = apply_passes(loaded.model, recipe, context, registry, say, device=device)
     finetuned = None
     if recipe.finetune is not None:
         from optimum_lowrank.finetune import finetune
@@ -167,13 +221,17 @@ def _optimize(
         kind=loaded.kind,
         recipe=recipe.to_dict(),
         params_before=count_parameters(loaded.model),
-        params_after=count_parameters(compressed),
+        params_after=count_parameters(compressed) if compressed is not None else pass_reports[-1].model_params_after,
         passes=pass_reports,
         finetune=finetuned,
         calibration=context.calibration_description,
         notes=context.notes,
     )
 
+    if ranks is not None and not ranks.is_main:
+        report.notes.append(f"rank {ranks.rank} of {ranks.world_size}: calibrated its share; rank 0 exports and writes")
+        report.seconds = time.perf_counter() - started
+        return report
     if evaluator is not None:
         report.accuracy = _accuracy_report(recipe, evaluator)
         with say.step(f"evaluating {evaluator.metric} (original, compressed)"):
@@ -187,6 +245,7 @@ def _optimize(
         if out_dir is not None:
             with _staging(out_dir) as staging:
                 report.output = str(out_dir)
+                _keep_checkpoint(checkpoint, staging, report)
                 report.to_json(staging / "report.json")
         return report
 
@@ -198,6 +257,7 @@ def _optimize(
         report.seconds = time.perf_counter() - started
         report.output = None if out_dir is None else str(out_dir)
         if out_dir is not None:
+            _keep_checkpoint(checkpoint, staging, report)
             report.export.files = {k: str(out_dir / Path(v).relative_to(staging)) for k, v in report.export.files.items()}
         report.to_json(staging / "report.json")
         if out_dir is None:
@@ -211,8 +271,9 @@ def apply_passes(
     context: PassContext,
     registry: PassRegistry | None = None,
     progress: Progress | None = None,
+    device: torch.device | None = None,
 ) -> tuple[torch.nn.Module, list[PassReport]]:
-    """Run the recipe's passes on a deep copy of ``model``.
+    """Run the recipe's passes on a deep copy of ``model`` (moved to ``device`` for the passes, if given, and back to the CPU).
 
     Returns
     -------
@@ -230,6 +291,8 @@ def apply_passes(
     registry = registry or get_registry()
     progress = progress or Progress(False)
     compressed = copy.deepcopy(model)
+    if device is not None and device.type != "cpu":
+        compressed.to(device)
     reports = []
     for index, step in enumerate(recipe.passes):
         compression_pass = registry.get(step.pass_id)(step.config)
@@ -240,7 +303,14 @@ def apply_passes(
             layers = compression_pass.apply(compressed, targets, context)
             seconds = time.perf_counter() - t0
         reports.append(PassReport(step.pass_id, step.to_dict(), layers, before, count_parameters(compressed), seconds))
-    return compressed.eval(), reports
+    return compressed.cpu().eval(), reports
+
+
+def _keep_checkpoint(checkpoint: Path | None, staging: Path, report: OptimizationReport) -> None:
+    """Move sequential mode's compressed checkpoint into the output (``checkpoint/``)."""
+    if checkpoint is not None:
+        shutil.move(str(checkpoint), staging / "checkpoint")
+        report.notes.append("compressed weights: checkpoint/ (load with optimum_lowrank.execution.load_compressed)")
 
 
 # --------------------------------------------------------------------------- helpers

@@ -9,7 +9,8 @@ several processes, on the CPU or CUDA.
 - :mod:`~optimum_lowrank.execution.plan`: which mode a run takes, and the pipeline's sequential step.
 """
 
+from optimum_lowrank.execution.checkpoint import load_compressed
 from optimum_lowrank.execution.config import ExecutionConfig
 from optimum_lowrank.execution.device import resolve_device
 
-__all__ = ["ExecutionConfig", "resolve_device"]
+__all__ = ["ExecutionConfig", "load_compressed", "resolve_device"]

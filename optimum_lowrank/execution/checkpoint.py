@@ -142,13 +142,15 @@ class SourceCheckpoint:
 
 def empty_model(config) -> nn.Module:
     """The architecture of ``config`` with every parameter on the ``meta`` device (accelerate's ``init_empty_weights``;
-    buffers such as rotary frequencies are real, on the CPU), in eval mode."""
+    buffers such as rotary frequencies are real, on the CPU), in eval mode, tied embeddings tied."""
     from accelerate import init_empty_weights
 
     from optimum_lowrank.models import auto_class
 
     with init_empty_weights():
         model = auto_class(config).from_config(config)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
     return model.eval()
 
 

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from optimum_lowrank.errors import DataError, DistributedError
 from optimum_lowrank.linalg.whitening import InputStatistics
 
-__all__ = ["Ranks", "init_distributed", "world_size_from_env"]
+__all__ = ["Ranks", "checked_output", "digest", "init_distributed", "joined", "world_size_from_env"]
 
 
 def world_size_from_env() -> int:
@@ -229,3 +229,38 @@ def digest(*parts: bytes | str) -> str:
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
     return h.hexdigest()
+
+
+@contextmanager
+def joined(timeout_s: float, device: torch.device) -> Iterator[Ranks | None]:
+    """:func:`init_distributed` for the body; the process group is destroyed at exit (None: one process)."""
+    ranks = init_distributed(timeout_s, device)
+    try:
+        yield ranks
+    finally:
+        if ranks is not None:
+            ranks.close()
+
+
+def checked_output(check: Callable[[], Any], ranks: Ranks | None) -> Any:
+    """Run ``check`` (the output-folder check) on rank 0 only and share its outcome.
+
+    Returns what ``check`` returned on rank 0, None elsewhere (other ranks write nothing).
+
+    Raises
+    ------
+    LowRankError
+        Rank 0: whatever ``check`` raised. Other ranks: DistributedError quoting it.
+    """
+    if ranks is None:
+        return check()
+    result, problem = None, None
+    if ranks.is_main:
+        try:
+            result = check()
+        except Exception as err:
+            problem = str(err)
+            ranks.share_outcome(problem, "the output check")
+            raise
+    ranks.share_outcome(problem, "the output check")
+    return result

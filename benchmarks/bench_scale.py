@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
 DATA = Path(os.environ.get("OPTIMUM_LOWRANK_DATA", ROOT.parent / "shared" / "data"))
 
-LLAMA3B = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
-               vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False, rms_norm_eps=1e-5)
+LLAMA3B = {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8,
+           "vocab_size": 32000, "max_position_embeddings": 4096, "tie_word_embeddings": False, "rms_norm_eps": 1e-5}
 TARGETS = ["re:model\\.layers\\.\\d+\\..*_proj"]
 
 
@@ -190,7 +190,7 @@ def row_smollm2_2proc(args) -> dict:
            "--model", "smollm2", "--recipe", str(recipe), "--output", str(out), "--overwrite", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     started = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"torchrun failed ({proc.returncode}): {proc.stderr[-3000:]}")
@@ -261,7 +261,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", name, "--workdir", args.workdir, "--blocks", str(args.blocks),
                "--windows", str(args.windows), "--seq-len", str(args.seq_len)]
         load_before, started = _load(), time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
         if proc.returncode == 0:
             row = json.loads(proc.stdout.strip().splitlines()[-1])
         else:

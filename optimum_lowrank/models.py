@@ -392,7 +392,7 @@ def _looks_like_path(text: str) -> bool:
 
 def _load_hub(repo_id: str, tokenizer: PreTrainedTokenizerBase | None) -> LoadedModel:
     import torch
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(repo_id)

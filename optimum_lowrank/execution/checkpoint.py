@@ -209,7 +209,7 @@ def load_compressed(folder: str | os.PathLike, device: torch.device | str = "cpu
         model.set_submodule(name, layer)
     source = SourceCheckpoint(folder)
     state = source.read(source.where, device=device)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)  # missing ones are checked below (tied ones are fine)
     if unexpected:
         raise ModelLoadError(f"{folder}: tensors the model does not have: {', '.join(unexpected[:5])}")
     if getattr(config, "tie_word_embeddings", False):

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from optimum_lowrank.export_config import Strict
 
-__all__ = ["ExecutionConfig", "WHOLE_MODEL_COPIES"]
+__all__ = ["WHOLE_MODEL_COPIES", "ExecutionConfig"]
 
 #: Whole-model mode holds the original float32 model, the compressed deep copy and the
 #: activations / statistics of one pass: about this many float32 copies of the weights.

@@ -174,7 +174,7 @@ def sequential_model(plan: ExecutionPlan, tokenizer) -> LoadedModel:
     if tokenizer is None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        except Exception as exc:  # noqa: BLE001 - transformers raises many types here
+        except Exception as exc:  # transformers raises many types here
             raise ModelLoadError(f"cannot load a tokenizer from {str(folder)!r}: {exc}") from exc
     return LoadedModel(empty_model(config), tokenizer, config_kind(config), plan.description)
 

@@ -111,7 +111,7 @@ def compress_sequentially(
     output: Path | None,
     *,
     kind: Literal["encoder", "decoder"],
-    device: torch.device = torch.device("cpu"),
+    device: torch.device | None = None,
     ranks: Ranks | None = None,
     batch_size: int = 1,
     spread_layers: bool = True,
@@ -129,8 +129,8 @@ def compress_sequentially(
     output : Path or None
         An empty folder for the compressed checkpoint (written on rank 0 only); None writes nothing.
     kind : {"encoder", "decoder"}
-    device : torch.device
-        Where blocks, statistics and decompositions live; files are read and written on the CPU.
+    device : torch.device, optional
+        Where blocks, statistics and decompositions live (default the CPU); files are read and written on the CPU.
     ranks : Ranks, optional
         A multi-process run (see :mod:`optimum_lowrank.execution.distributed`).
     batch_size : int
@@ -157,6 +157,7 @@ def compress_sequentially(
     """
     from transformers import AutoConfig
 
+    device = device or torch.device("cpu")
     for compression_pass in passes:
         problem = compression_pass.sequential_problem()
         if problem is not None:

@@ -140,7 +140,11 @@ def plan_execution(recipe: Recipe, spec, registry: PassRegistry, ranks: Ranks | 
         able = [name for name, entry in registry.entries() if entry.pass_class.supports_sequential]
         raise RecipeError(f"{why} runs the passes one block at a time, but " + "; ".join(blockers)
                           + f". Passes that can run sequentially: {', '.join(able)}. Or use execution: {{mode: whole}} in one process")
+    if ranks is not None and not ranks.is_main:  # rank 0 converts a GGUF file alone; the others read its cache
+        ranks.barrier("waiting for rank 0 to prepare the model files")
     found = model_folder(spec)
+    if ranks is not None and ranks.is_main:
+        ranks.barrier("waiting for the other ranks to start")
     if found is None:
         if forced:
             raise ModelLoadError(f"{why} streams weights from a local folder of safetensors files (or an alias / .gguf file); "

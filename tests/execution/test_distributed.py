@@ -30,8 +30,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(tmp_path: Path, src: Path, recipes: list[dict], out: Path | None, die: int | None = None, timeout: float = 120):
-    """Start one process per recipe as ranks 0..n-1 (as torchrun would) and return their results."""
+def _launch(tmp_path: Path, src: Path, recipes: list[dict], out: Path | None, die: int | None = None, timeout: float = 900):
+    """Start one process per recipe as ranks 0..n-1 (as torchrun would) and return their results.
+
+    ``timeout`` only guards against a hang: each run takes 15-40 s here (mostly importing torch
+    and transformers in two processes on 2 shared cores), several minutes on a machine under a load of 13.
+    """
     port, procs, reports = _free_port(), [], []
     for rank, recipe in enumerate(recipes):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(len(recipes)),
@@ -41,7 +45,12 @@ def _launch(tmp_path: Path, src: Path, recipes: list[dict], out: Path | None, di
         procs.append(subprocess.Popen(args + (["die"] if rank == die else []), env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True))
         reports.append(report)
     started = time.perf_counter()
-    errors = [proc.communicate(timeout=timeout)[1] for proc in procs]
+    try:
+        errors = [proc.communicate(timeout=timeout)[1] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
     seconds = time.perf_counter() - started
     results = [json.loads(r.read_text()) if r.exists() else {"stderr": e[-2000:]} for r, e in zip(reports, errors)]
     return results, seconds

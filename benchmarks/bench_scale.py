@@ -13,8 +13,9 @@ is its own):
   each block (flat: each block is freed) and seconds per block; the full-model time is
   extrapolated as seconds/block x 28 and labelled so.
 - ``smollm2_whole`` / ``smollm2_sequential``: ``optimize("smollm2", ...)`` with the same
-  activation_svd recipe (no export), execution mode whole vs sequential: peak memory, wall time,
-  and whether every layer got the same rank and relative error.
+  activation_svd recipe (no export; ``--windows`` WikiText-2 valid windows of ``--seq-len``
+  tokens), execution mode whole vs sequential: peak memory, wall time, and every layer's rank and
+  relative error (compare them across the two rows).
 - ``smollm2_2proc``: the sequential recipe under ``torchrun --nproc-per-node 2`` (gloo); the
   factors are compared with ``smollm2_sequential``'s (relative Frobenius error of each A @ B).
 
@@ -145,20 +146,19 @@ def row_llama3b_sequential(args) -> dict:
     seconds = time.perf_counter() - started
     per_block = result.block_seconds
     full_params = SourceCheckpoint(full).numel()
+    run_params = source.numel([n for n in source.where if any(n.startswith(f"model.layers.{i}.") for i in range(args.blocks))])
     return {
         "blocks_run": args.blocks, "blocks_in_model": config["num_hidden_layers"], "model_params": full_params,
         "calibration": f"{args.windows} random-token windows x {args.seq_len} tokens", "threads": torch.get_num_threads(),
         "peak_rss_mb": _rss()[1], "rss_after_each_block_mb": after_block, "seconds_per_block": [round(s, 1) for s in per_block],
         "seconds_total_run": seconds, "layers_factorized": sum(r.action == "factorized" for r in result.layers[0]),
         "extrapolated_seconds_all_blocks": (sum(per_block) / len(per_block)) * config["num_hidden_layers"],
-        "params_blocks_run_before_after": [source.numel([n for n in source.where if n.startswith("model.layers.")]),
-                                           source.numel([n for n in source.where if n.startswith("model.layers.")])
-                                           - sum(r.params_before - r.params_after for r in result.layers[0])],
+        "params_blocks_run_before_after": [run_params, run_params - sum(r.params_before - r.params_after for r in result.layers[0])],
     }
 
 
-def _smollm2_recipe(mode: str) -> dict:
-    return {"version": 1, "calibration": {"data": str(DATA / "wikitext-2" / "wiki.valid.tokens"), "num_samples": 32, "seq_len": 256},
+def _smollm2_recipe(mode: str, args) -> dict:
+    return {"version": 1, "calibration": {"data": str(DATA / "wikitext-2" / "wiki.valid.tokens"), "num_samples": args.windows, "seq_len": args.seq_len},
             "passes": [{"pass": "activation_svd", "targets": TARGETS, "rank_ratio": 0.25}], "execution": {"mode": mode}}
 
 
@@ -171,8 +171,9 @@ def row_smollm2(args, mode: str) -> dict:
 
     out = Path(args.workdir) / f"smollm2-{mode}"
     started = time.perf_counter()
-    report = optimize("smollm2", _smollm2_recipe(mode), out if mode == "sequential" else None, overwrite=True, progress=False)
-    return {"mode": mode, "seconds": time.perf_counter() - started, "peak_rss_mb": _rss()[1], "params_before": report.params_before,
+    report = optimize("smollm2", _smollm2_recipe(mode, args), out if mode == "sequential" else None, overwrite=True, progress=False)
+    return {"mode": mode, "calibration": f"{args.windows} WikiText-2 valid windows x {args.seq_len} tokens",
+            "seconds": time.perf_counter() - started, "peak_rss_mb": _rss()[1], "params_before": report.params_before,
             "params_after": report.params_after, "pass_seconds": report.passes[0].seconds, "layers": _layers(report), "notes": report.notes}
 
 
@@ -184,7 +185,7 @@ def row_smollm2_2proc(args) -> dict:
     from optimum_lowrank.layers.lowrank import LowRankLinear
 
     recipe = Path(args.workdir) / "smollm2-sequential.yaml"
-    recipe.write_text(yaml.safe_dump(_smollm2_recipe("sequential")))
+    recipe.write_text(yaml.safe_dump(_smollm2_recipe("sequential", args)))
     out = Path(args.workdir) / "smollm2-2proc"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "optimum_lowrank.cli", "optimize",
            "--model", "smollm2", "--recipe", str(recipe), "--output", str(out), "--overwrite", "--quiet"]

@@ -21,6 +21,8 @@ from optimum_lowrank.api import CompressionPass, PassConfig, PassContext, count_
 from optimum_lowrank.errors import (
     AccuracyError,
     DataError,
+    DeviceError,
+    DistributedError,
     DuplicateLayerError,
     DuplicateMetricError,
     DuplicatePassError,
@@ -54,6 +56,8 @@ __all__ = [
     "AccuracyError",
     "CompressionPass",
     "DataError",
+    "DeviceError",
+    "DistributedError",
     "DuplicateLayerError",
     "DuplicateMetricError",
     "DuplicatePassError",

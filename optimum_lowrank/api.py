@@ -23,6 +23,7 @@ import fnmatch
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar, Literal
@@ -31,7 +32,7 @@ import torch
 from pydantic import ConfigDict, Field, field_validator
 from torch import nn
 
-from optimum_lowrank.errors import TargetError
+from optimum_lowrank.errors import PassError, TargetError
 
 try:  # Python 3.11+
     from re import _constants as _sre
@@ -99,6 +100,10 @@ class PassContext:
         Occurrences of every token id in the whole calibration text (the pipeline
         tokenizes the text once and caches the counts on disk); see
         :meth:`token_counts`.
+    layer_map : callable, optional
+        ``layer_map(names, fn) -> {name: fn(name)}``; in a multi-process run the
+        execution engine spreads the calls over the ranks and gathers the results on
+        every rank. See :meth:`map_layers`.
     """
 
     kind: Literal["encoder", "decoder"] = "encoder"
@@ -108,7 +113,20 @@ class PassContext:
     seed: int = 0
     notes: list[str] = field(default_factory=list)
     token_counts_loader: Callable[[], Any] | None = None
+    layer_map: Callable[[list[str], Callable[[str], Any]], dict[str, Any]] | None = None
     _token_counts: dict[int, Any] = field(default_factory=dict, init=False, repr=False)
+
+    def map_layers(self, names: Iterable[str], fn: Callable[[str], Any]) -> dict[str, Any]:
+        """``{name: fn(name)}`` for every name, in order; ``fn`` must be deterministic and its result picklable.
+
+        In one process ``fn`` runs on every name here. Under ``torchrun`` (see
+        :mod:`optimum_lowrank.execution.distributed`) each rank runs ``fn`` on its share of
+        ``names`` and every rank receives all the results.
+        """
+        names = list(names)
+        if self.layer_map is None:
+            return {name: fn(name) for name in names}
+        return self.layer_map(names, fn)
 
     @cached_property
     def calibration_ids(self) -> torch.Tensor:
@@ -353,6 +371,13 @@ class CompressionPass(ABC):
     reduces_parameters : bool
         False for a pass that saves compute rather than parameters (``token_downsampling``
         adds small predictors); the contract then allows at most 25% more parameters.
+    supports_sequential : bool
+        True for a pass that can compress one transformer block at a time, seeing only that
+        block and its calibration inputs (sequential onloading, ``execution: {mode:
+        sequential}``, see :mod:`optimum_lowrank.execution`); such a pass implements
+        :meth:`apply_block` and, if it needs calibration data, :meth:`block_collector`.
+        Passes that need the whole model (a global budget, a fine-tune, tied embeddings)
+        leave it False and sequential mode refuses them by name.
     """
 
     name: ClassVar[str]
@@ -361,6 +386,7 @@ class CompressionPass(ABC):
     summary: ClassVar[str] = ""
     example_options: ClassVar[dict[str, Any] | None] = None
     reduces_parameters: ClassVar[bool] = True
+    supports_sequential: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig):
         if not isinstance(config, self.config_class):
@@ -392,6 +418,54 @@ class CompressionPass(ABC):
         PassError
             If a target cannot be compressed as configured (e.g. rank out of range).
         """
+
+    def sequential_problem(self) -> str | None:
+        """Why this configured pass cannot run block by block (None when it can).
+
+        The default says so for a pass with ``supports_sequential = False``; a pass that
+        supports it may still refuse some options (e.g. a budget shared by all blocks).
+        """
+        if not self.supports_sequential:
+            return f"pass {self.name!r} needs the whole model (it does not declare supports_sequential)"
+        return None
+
+    def block_collector(self, targets: dict[str, nn.Module]) -> AbstractContextManager[Any] | None:
+        """Sequential mode: what to record while the block runs on its calibration inputs.
+
+        Returns None for a pass that needs no calibration data. Otherwise a context
+        manager: on entry it installs hooks on ``targets`` (the pass's targets inside the
+        current block, possibly none) and yields the object they fill; on exit it removes
+        them. The engine enters it, runs the block over the calibration windows, sums the
+        statistics over ranks (each :class:`~optimum_lowrank.linalg.whitening.InputStatistics`
+        value of a dict is all-reduced) and hands the object to :meth:`apply_block`.
+        """
+        return None
+
+    def apply_block(self, model: nn.Module, targets: dict[str, nn.Module], collected: Any, context: PassContext) -> list[LayerReport]:
+        """Sequential mode: compress the ``targets`` of one block, in place in ``model``.
+
+        Parameters
+        ----------
+        model : nn.Module
+            The model skeleton; only the current block (and the embeddings) hold real
+            weights, the other blocks are on the ``meta`` device.
+        targets : dict, name -> module
+            The pass's targets inside the current block (full names, ``model.layers.3.mlp.up_proj``).
+        collected : object or None
+            What :meth:`block_collector` recorded, summed over ranks; None for a data-free pass.
+        context : PassContext
+            Use :meth:`PassContext.map_layers` to spread per-layer work over ranks.
+
+        Returns
+        -------
+        list of LayerReport, one per target.
+
+        Raises
+        ------
+        PassError
+            The default: the pass does not support sequential mode.
+        """
+        raise PassError(self.sequential_problem() or f"pass {self.name!r} does not implement apply_block")
 
     def run(self, model: nn.Module, context: PassContext | None = None) -> list[LayerReport]:
         """Select targets and apply; convenient outside the pipeline (modifies ``model``)."""

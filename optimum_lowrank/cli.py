@@ -1,5 +1,9 @@
 """``optimum-lowrank`` command line: ``optimize``, ``passes``, ``plugins``, ``validate``.
 
+``optimize --device cpu|cuda|auto`` chooses where the passes compute. Under ``torchrun
+--nproc-per-node N -m optimum_lowrank.cli optimize ...`` the calibration is split over the
+processes (see :mod:`optimum_lowrank.execution.distributed`); rank 0 alone exports and writes.
+
 ``optimize`` without ``--recipe`` (``--max-drop`` / ``--max-increase`` / ``--size-mb``), or with a
 recipe holding a ``search:`` section, runs :func:`optimum_lowrank.search.search`.
 
@@ -44,7 +48,7 @@ def _optimize(args: argparse.Namespace) -> int:
         return _search(args, recipe)
     try:
         report = optimize(args.model, recipe, args.output, overwrite=args.overwrite, progress=not args.quiet,
-                          save_pytorch=args.save_pytorch)
+                          save_pytorch=args.save_pytorch, device=args.device)
     except AccuracyError as err:
         print(err.report.table(), file=sys.stderr)
         print(f"error: {err}", file=sys.stderr)
@@ -62,6 +66,8 @@ def _no_save_pytorch_in_search(args: argparse.Namespace) -> None:
 def _search(args: argparse.Namespace, config) -> int:
     from optimum_lowrank.search import search
 
+    if args.device != "cpu":
+        raise RecipeError(f"--device {args.device} applies to recipe runs; the search runs on the CPU")
     try:
         report = search(args.model, config, args.output, overwrite=args.overwrite, progress=not args.quiet)
     except ObjectiveNotMetError as err:
@@ -161,6 +167,8 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     found.add_argument("--search-data", help="data the candidates are scored on (default: STS-B train / WikiText-2 valid)")
     found.add_argument("--seed", type=int, help="seed of the passes (default 0)")
     opt.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    opt.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                     help="where the passes compute (auto: cuda if available); evaluation and export run on the CPU")
     opt.add_argument("--quiet", action="store_true", help="no progress lines")
     opt.add_argument("--save-pytorch", action="store_true",
                      help="also write the compressed PyTorch model to OUTPUT/pytorch/ (optimum_lowrank.from_pretrained loads it)")

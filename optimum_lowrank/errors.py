@@ -70,6 +70,15 @@ class ExportError(LowRankError):
     """ONNX export, checking, parity or quantization failed."""
 
 
+class DeviceError(LowRankError):
+    """The requested device is not available (``--device cuda`` on a machine without CUDA)."""
+
+
+class DistributedError(LowRankError):
+    """A multi-process run cannot go on: the ranks disagree on the recipe or the model, a rank
+    stopped or did not answer within the timeout, or rank 0 refused the output folder."""
+
+
 class OutputError(LowRankError):
     """The output path cannot be written: a filesystem root, the home folder, the working
     directory or an ancestor of it, a symbolic link, a file, or an unwritable place."""

@@ -36,6 +36,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "ALIASES",
     "LoadedModel",
+    "auto_class",
+    "config_kind",
     "gguf_cache_dir",
     "load_model",
     "model_kind",
@@ -121,6 +123,23 @@ def _config_kind(config: PretrainedConfig) -> ModelKind:
     if getattr(config, "model_type", None) in _CAUSAL_MODEL_TYPES:
         return "decoder"
     return "encoder"
+
+
+def config_kind(config: PretrainedConfig) -> ModelKind:
+    """``"decoder"`` for a causal language model's config, else ``"encoder"``."""
+    return _config_kind(config)
+
+
+def auto_class(config: PretrainedConfig) -> type:
+    """The transformers auto class that loads a model of ``config`` with its head: causal LM,
+    sequence classification (kept), or the base model."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if _config_kind(config) == "decoder":
+        return AutoModelForCausalLM
+    if any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []):
+        return AutoModelForSequenceClassification  # keep the classification head
+    return AutoModel
 
 
 def model_kind(model: PreTrainedModel) -> ModelKind:
@@ -224,16 +243,13 @@ def _load_tokenizer(path: str | os.PathLike, **kwargs) -> PreTrainedTokenizerBas
 
 def _load_folder(folder: Path, source: str, tokenizer: PreTrainedTokenizerBase | None) -> LoadedModel:
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot read the config of {str(folder)!r}: {exc}") from exc
-    kind = _config_kind(config)
-    auto = AutoModelForCausalLM if kind == "decoder" else AutoModel
-    if kind == "encoder" and any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []):
-        from transformers import AutoModelForSequenceClassification as auto  # keep the classification head
+    auto = auto_class(config)
     try:
         model = auto.from_pretrained(
             str(folder), config=config, dtype=torch.float32, local_files_only=True

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,20 +20,23 @@ from typing import TYPE_CHECKING
 import torch
 
 from optimum_lowrank.api import PassContext, count_parameters
-from optimum_lowrank.errors import AccuracyError, ExportError, RecipeError
+from optimum_lowrank.errors import AccuracyError, RecipeError
+from optimum_lowrank.execution.device import resolve_device
+from optimum_lowrank.execution.distributed import Ranks, checked_output, joined
+from optimum_lowrank.execution.plan import plan_execution, run_sequential, sequential_model
+from optimum_lowrank.export_step import export_compressed, save_pytorch_model
 from optimum_lowrank.output import check_output as _check_output
 from optimum_lowrank.output import private_tempdir
 from optimum_lowrank.output import staging as _staging
 from optimum_lowrank.progress import Progress, silenced
 from optimum_lowrank.recipe import Recipe, load_recipe
-from optimum_lowrank.report import AccuracyReport, ExportReport, OptimizationReport, PassReport
-from optimum_lowrank.report_files import ORIGINAL_FP32, ORIGINAL_INT8, write_report_files
+from optimum_lowrank.report import AccuracyReport, OptimizationReport, PassReport
+from optimum_lowrank.report_files import write_report_files
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from optimum_lowrank.evaluation import Evaluator
-    from optimum_lowrank.export_config import ExportConfig
     from optimum_lowrank.models import LoadedModel
     from optimum_lowrank.plugins import PassRegistry
 
@@ -50,6 +53,7 @@ def optimize(
     registry: PassRegistry | None = None,
     progress: bool = True,
     save_pytorch: bool = False,
+    device: str = "cpu",
 ) -> OptimizationReport:
     """Compress ``model`` as ``recipe`` says, check its accuracy, and export it.
 
@@ -80,6 +84,15 @@ def optimize(
         Also write the compressed PyTorch model (and the tokenizer) to ``output/pytorch/``
         (:func:`optimum_lowrank.saving.save_pretrained`'s layout, safetensors weights);
         :func:`optimum_lowrank.from_pretrained` rebuilds it exactly. Needs ``output``.
+    device : {"cpu", "cuda", "auto"}
+        Where the passes compute (sequential mode: blocks, statistics and decompositions;
+        whole-model mode: the compressed copy during the passes); evaluation and export stay
+        on the CPU. See :func:`optimum_lowrank.execution.resolve_device`.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the run is one rank of a multi-process
+    calibration (see :mod:`optimum_lowrank.execution.distributed`); only rank 0 exports
+    and writes. The recipe's ``execution:`` section chooses whole-model or sequential
+    (block-by-block, streamed from disk) mode; see :mod:`optimum_lowrank.execution`.
 
     Returns
     -------
@@ -102,6 +115,10 @@ def optimize(
         The gate failed; carries the report. Nothing is written.
     ExportError
         Export, ONNX checking, ORT parity or quantization failed.
+    DeviceError
+        ``device="cuda"`` without a CUDA device.
+    DistributedError
+        The ranks of a multi-process run disagree on the recipe or model, or one stopped.
 
     Notes
     -----
@@ -115,7 +132,7 @@ def optimize(
     """
     with _restored_torch_state(), silenced(not progress), private_tempdir():
         return _optimize(model, recipe, output, tokenizer=tokenizer, overwrite=overwrite, registry=registry, progress=progress,
-                         save_pytorch=save_pytorch)
+                         save_pytorch=save_pytorch, device=device)
 
 
 def _optimize(
@@ -127,22 +144,52 @@ def _optimize(
     overwrite: bool,
     registry: PassRegistry | None,
     progress: bool,
-    save_pytorch: bool = False,
+    save_pytorch: bool,
+    device: str,
 ) -> OptimizationReport:
     """:func:`optimize` without the restoring of global state."""
-    from optimum_lowrank.models import load_model
+    from optimum_lowrank.plugins import get_registry
 
-    started = time.perf_counter()
-    say = Progress(progress)
     recipe = load_recipe(recipe, registry)
     if recipe.search is not None:
         raise RecipeError("this recipe has a 'search:' section: run it with optimum_lowrank.search.search() or "
                           "`optimum-lowrank optimize --recipe`; the search writes a search-free recipe.yaml that optimize() runs")
     if save_pytorch and output is None:
         raise RecipeError("save_pytorch writes output/pytorch/: give an output folder")
-    out_dir = _check_output(output, overwrite)
-    with say.step("loading model"):
-        loaded = load_model(model, tokenizer)
+    where = resolve_device(device)
+    with joined(recipe.execution.timeout_s, where) as ranks:
+        return _optimize_on(model, recipe, output, tokenizer, overwrite, registry or get_registry(), progress, where, ranks,
+                            save_pytorch)
+
+
+def _optimize_on(
+    model: str | os.PathLike | PreTrainedModel,
+    recipe: Recipe,
+    output: str | os.PathLike | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+    overwrite: bool,
+    registry: PassRegistry,
+    progress: bool,
+    device: torch.device,
+    ranks: Ranks | None,
+    save_pytorch: bool,
+) -> OptimizationReport:
+    """:func:`optimize` once the recipe, the device and the process group are settled."""
+    from optimum_lowrank.models import load_model
+
+    started = time.perf_counter()
+    say = Progress(progress)
+    plan = plan_execution(recipe, model, registry, ranks)
+    recipe = plan.recipe_for(recipe)
+    out_dir = checked_output(lambda: _check_output(output, overwrite), ranks)
+    if plan.sequential:
+        with say.step("reading the model's config and safetensors headers (sequential mode)"):
+            loaded = sequential_model(plan, tokenizer)
+        if ranks is not None:
+            ranks.agree(plan.digest(recipe), "recipe and model")
+    else:
+        with say.step("loading model"):
+            loaded = load_model(model, tokenizer)
     if loaded.kind == "decoder":
         torch.set_flush_denormal(True)
     evaluator = None
@@ -155,7 +202,15 @@ def _optimize(
         with say.step("preparing fine-tune data"):  # before the passes: a too-short text stops here
             finetune_ids = _finetune_windows(recipe, loaded)
 
-    compressed, pass_reports = apply_passes(loaded.model, recipe, context, registry, say)
+    checkpoint = None
+    if plan.sequential:
+        compressed, pass_reports, result = run_sequential(
+            plan, recipe, loaded, context, registry, device=device, ranks=ranks, materialise=recipe.export is not None or save_pytorch, say=say
+        )
+        checkpoint = result.folder
+    else:
+        context.notes.append(plan.reason)
+        compressed, pass_reports = apply_passes(loaded.model, recipe, context, registry, say, device=device)
     finetuned = None
     if recipe.finetune is not None:
         from optimum_lowrank.finetune import finetune
@@ -179,13 +234,17 @@ def _optimize(
         kind=loaded.kind,
         recipe=recipe.to_dict(),
         params_before=count_parameters(loaded.model),
-        params_after=count_parameters(compressed),
+        params_after=count_parameters(compressed) if compressed is not None else pass_reports[-1].model_params_after,
         passes=pass_reports,
         finetune=finetuned,
         calibration=context.calibration_description,
         notes=context.notes,
     )
 
+    if ranks is not None and not ranks.is_main:
+        report.notes.append(f"rank {ranks.rank} of {ranks.world_size}: calibrated its share; rank 0 exports and writes")
+        report.seconds = time.perf_counter() - started
+        return report
     if evaluator is not None:
         report.accuracy = _accuracy_report(recipe, evaluator)
         with say.step(f"evaluating {evaluator.metric} of the original model"):
@@ -200,23 +259,25 @@ def _optimize(
         if out_dir is not None:
             with _staging(out_dir) as staging:
                 report.output = str(out_dir)
+                _keep_checkpoint(checkpoint, staging, report)
                 if save_pytorch:
-                    _save_pytorch(compressed, loaded, report, staging, out_dir, say)
+                    save_pytorch_model(compressed, loaded, report, staging, out_dir, say)
                 report.to_json(staging / "report.json")
                 write_report_files(report, staging)
         return report
 
     with _staging(out_dir) as staging:
-        report.export = _export(compressed, loaded, recipe, context, evaluator, report, staging, say)
+        report.export = export_compressed(compressed, loaded, recipe, context, evaluator, report, staging, say)
         if recipe.accuracy is not None:
             _gate(report, recipe.accuracy.enforce, fail_fast=False)
         _note_unenforced(report)
         report.seconds = time.perf_counter() - started
         report.output = None if out_dir is None else str(out_dir)
         if out_dir is not None:
+            _keep_checkpoint(checkpoint, staging, report)
             report.export.files = {k: str(out_dir / Path(v).relative_to(staging)) for k, v in report.export.files.items()}
             if save_pytorch:
-                _save_pytorch(compressed, loaded, report, staging, out_dir, say)
+                save_pytorch_model(compressed, loaded, report, staging, out_dir, say)
         report.to_json(staging / "report.json")
         if out_dir is None:
             report.notes.append("no output folder given: the exported files were checked and discarded")
@@ -231,8 +292,9 @@ def apply_passes(
     context: PassContext,
     registry: PassRegistry | None = None,
     progress: Progress | None = None,
+    device: torch.device | None = None,
 ) -> tuple[torch.nn.Module, list[PassReport]]:
-    """Run the recipe's passes on a deep copy of ``model``.
+    """Run the recipe's passes on a deep copy of ``model`` (moved to ``device`` for the passes, if given, and back to the CPU).
 
     Returns
     -------
@@ -250,6 +312,8 @@ def apply_passes(
     registry = registry or get_registry()
     progress = progress or Progress(False)
     compressed = copy.deepcopy(model)
+    if device is not None and device.type != "cpu":
+        compressed.to(device)
     reports = []
     for index, step in enumerate(recipe.passes):
         compression_pass = registry.get(step.pass_id)(step.config)
@@ -260,7 +324,14 @@ def apply_passes(
             layers = compression_pass.apply(compressed, targets, context)
             seconds = time.perf_counter() - t0
         reports.append(PassReport(step.pass_id, step.to_dict(), layers, before, count_parameters(compressed), seconds))
-    return compressed.eval(), reports
+    return compressed.cpu().eval(), reports
+
+
+def _keep_checkpoint(checkpoint: Path | None, staging: Path, report: OptimizationReport) -> None:
+    """Move sequential mode's compressed checkpoint into the output (``checkpoint/``)."""
+    if checkpoint is not None:
+        shutil.move(str(checkpoint), staging / "checkpoint")
+        report.notes.append("compressed weights: checkpoint/ (load with optimum_lowrank.execution.load_compressed)")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -389,158 +460,3 @@ def _gate(report: OptimizationReport, enforce: bool, fail_fast: bool) -> None:
 def _note_unenforced(report: OptimizationReport) -> None:
     if report.accuracy is not None and report.accuracy.failures:
         report.notes.append("accuracy gate not enforced (enforce: false): " + "; ".join(report.accuracy.failures))
-
-
-def _export(
-    compressed: torch.nn.Module,
-    loaded: LoadedModel,
-    recipe: Recipe,
-    context: PassContext,
-    evaluator: Evaluator | None,
-    report: OptimizationReport,
-    staging: Path,
-    say: Progress,
-) -> ExportReport:
-    from optimum_lowrank.exporters.latency import measure_latency
-    from optimum_lowrank.exporters.noise import ExportNoise
-    from optimum_lowrank.exporters.onnx import export_onnx, onnx_size_mb, onnx_task
-    from optimum_lowrank.exporters.parity import check_parity
-    from optimum_lowrank.exporters.quantize import calibration_feeds_from_ids, optimize_graph, quantize_onnx
-
-    cfg = recipe.export
-    task = onnx_task(compressed)
-    vocab_size = getattr(loaded.model.config, "vocab_size", None)
-    result = ExportReport(task=task, opset=cfg.opset, quantization=cfg.quantize)
-    onnx_dir = staging / "onnx"
-
-    t0 = time.perf_counter()
-    noise = ExportNoise()
-    with say.step(f"exporting ONNX ({task})"):
-        fp32 = export_onnx(compressed, onnx_dir, task, cfg.opset, noise=noise)
-    if cfg.optimization_level:
-        with say.step(f"ORTOptimizer level {cfg.optimization_level}"):
-            optimized = optimize_graph(fp32, onnx_dir / "model_optimized.onnx", cfg.optimization_level)
-            os.replace(optimized, fp32)
-    result.seconds["export"] = time.perf_counter() - t0
-    result.files["onnx_fp32"] = str(fp32)
-    result.sizes_mb["onnx/model.onnx"] = onnx_size_mb(fp32)
-
-    with say.step("checking ONNX Runtime vs PyTorch parity"):
-        parity = check_parity(compressed, fp32, atol=cfg.parity_atol, rtol=cfg.parity_rtol, vocab_size=vocab_size)
-    result.parity = parity.to_dict()
-    if not parity.passed:
-        held = f"\nthird-party messages during the export:\n{noise.details()}" if noise else ""
-        raise ExportError(
-            f"ONNX Runtime output differs from PyTorch: max |diff| {parity.max_abs_diff:.3g} > atol {cfg.parity_atol:g} "
-            f"+ rtol {cfg.parity_rtol:g} x max|output| {parity.reference_max_abs:.3g} "
-            f"({parity.describe()}; {parity.per_shape}); nothing was written{held}"
-        )
-    if noise:
-        say.line(noise.summary(f"this project's parity check passed (max |diff| {parity.max_abs_diff:.2e})"))
-
-    graphs = {"output fp32": fp32}
-    if cfg.quantize != "none":
-        feeds = None
-        from optimum_lowrank.plugins import get_quantizer_registry
-
-        if get_quantizer_registry().get(cfg.quantize).needs_calibration:
-            feeds = calibration_feeds_from_ids(fp32, [ids.unsqueeze(0).numpy() for ids in context.calibration_ids])
-        t0 = time.perf_counter()
-        with say.step(f"quantizing ({cfg.quantize})"):
-            quantized = quantize_onnx(
-                fp32,
-                onnx_dir / "model_quantized.onnx",
-                cfg.quantize,
-                per_channel=cfg.per_channel,
-                reduce_range=cfg.reduce_range,
-                calibration_feeds=feeds,
-                block_size=cfg.block_size,
-                weight_only=cfg.weight_only_spec() if cfg.quantize.startswith("weight_") else None,
-                details=result.quantization_details,
-            )
-        result.seconds["quantize"] = time.perf_counter() - t0
-        result.files["onnx_quantized"] = str(quantized)
-        result.sizes_mb["onnx/model_quantized.onnx"] = onnx_size_mb(quantized)
-        graphs["output quantized"] = quantized
-
-    acc = report.accuracy
-    if evaluator is not None:
-        with say.step(f"evaluating {evaluator.metric} of the fp32 graph (ONNX Runtime)"):
-            acc.onnx_fp32 = evaluator.evaluate_onnx(fp32)
-        if "output quantized" in graphs:
-            with say.step(f"evaluating {evaluator.metric} of the quantized graph (ONNX Runtime)"):
-                acc.onnx_quantized = evaluator.evaluate_onnx(graphs["output quantized"])
-
-    options = None
-    if cfg.latency is not None:
-        lat = cfg.latency
-        options = dict(batch_size=lat.batch_size, seq_len=lat.seq_len, repeats=lat.repeats, threads=lat.threads, vocab_size=vocab_size)
-    _baselines(loaded, task, cfg, evaluator, result, acc, options, say)
-    if options is not None:
-        with say.step("measuring ONNX Runtime latency"):
-            for name, path in graphs.items():
-                result.latency[name] = measure_latency(path, **options).to_dict()
-    _save_tokenizer(loaded, onnx_dir)
-    return result
-
-
-def _save_pytorch(compressed: torch.nn.Module, loaded: LoadedModel, report: OptimizationReport, staging: Path, out_dir: Path,
-                  say: Progress) -> None:
-    """Write the compressed model to ``staging/pytorch`` (moved to ``out_dir/pytorch`` with the rest)."""
-    from optimum_lowrank.saving import write_pretrained
-
-    with say.step("saving the compressed PyTorch model"):
-        write_pretrained(compressed, staging / "pytorch", tokenizer=loaded.tokenizer, passes=report.passes)
-    report.notes.append(f"compressed PyTorch model saved to {out_dir / 'pytorch'} (optimum_lowrank.from_pretrained rebuilds it)")
-
-
-def _baselines(
-    loaded: LoadedModel,
-    task: str,
-    cfg: ExportConfig,
-    evaluator: Evaluator | None,
-    result: ExportReport,
-    acc: AccuracyReport | None,
-    latency: dict | None,
-    say: Progress,
-) -> None:
-    """The original model's graphs the report compares against, measured in a temporary folder and not kept.
-
-    ``export.baseline_latency`` (and ``latency``): the original fp32 graph, its size and latency;
-    ``export.baseline_int8``: the original quantized by ONNX Runtime's stock ``dynamic_int8``, its
-    size, its metric (with an evaluator) and, with ``baseline_latency``, its latency.
-    """
-    from optimum_lowrank.exporters.latency import measure_latency
-    from optimum_lowrank.exporters.noise import ExportNoise
-    from optimum_lowrank.exporters.onnx import export_onnx, onnx_size_mb
-    from optimum_lowrank.exporters.quantize import quantize_onnx
-
-    timed = cfg.baseline_latency and latency is not None
-    if not (timed or cfg.baseline_int8):
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        noise = ExportNoise()
-        with say.step("exporting the original model (the report's baselines)"):
-            original = export_onnx(loaded.model, Path(tmp) / "onnx", task, cfg.opset, noise=noise)
-        if noise:
-            say.line(noise.summary("the original's graph serves only as a reference (size, metric, latency)"))
-        result.sizes_mb[ORIGINAL_FP32] = onnx_size_mb(original)
-        graphs = {"original fp32": original}
-        if cfg.baseline_int8:
-            with say.step("quantizing the original with ONNX Runtime's stock dynamic int8"):
-                int8 = quantize_onnx(original, Path(tmp) / "onnx" / "model_quantized.onnx", "dynamic_int8")
-            result.sizes_mb[ORIGINAL_INT8] = onnx_size_mb(int8)
-            graphs["original ORT dynamic int8"] = int8
-            if evaluator is not None and acc is not None:
-                with say.step(f"evaluating {evaluator.metric} of the original's stock int8 graph"):
-                    acc.original_onnx_quantized = evaluator.evaluate_onnx(int8)
-        if timed:
-            with say.step("measuring ONNX Runtime latency of the original's graphs"):
-                for name, path in graphs.items():
-                    result.latency[name] = measure_latency(path, **latency).to_dict()
-
-
-def _save_tokenizer(loaded: LoadedModel, onnx_dir: Path) -> None:
-    """Keep the tokenizer next to the graphs so ``ORTModel.from_pretrained(onnx_dir)`` works."""
-    if loaded.tokenizer is not None and not (onnx_dir / "tokenizer_config.json").exists():
-        loaded.tokenizer.save_pretrained(onnx_dir)

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 from optimum_lowrank.api import PassConfig
 from optimum_lowrank.data import resolve_recipe_paths
 from optimum_lowrank.errors import RecipeError, UnknownMetricError, UnknownPassError
+from optimum_lowrank.execution.config import ExecutionConfig
 from optimum_lowrank.export_config import ExportConfig, LatencyConfig, Strict, WeightOnlyConfig, WeightOnlyOverride
 from optimum_lowrank.search.config import SearchConfig
 from optimum_lowrank.strict import StrictYAMLError, excerpt, load_yaml
@@ -226,6 +227,7 @@ class Recipe(_Strict):
     accuracy: SerializeAsAny[AccuracyConfig] | None = None
     export: ExportConfig | None = None
     calibration: CalibrationConfig = CalibrationConfig()
+    execution: ExecutionConfig = ExecutionConfig()
     seed: int = 0
     search: SearchConfig | None = None
 
@@ -248,7 +250,8 @@ class Recipe(_Strict):
         ----------
         data : dict
             Keys ``version`` (required, one of 1), ``passes``, ``finetune``,
-            ``accuracy``, ``export``, ``calibration``, ``seed``; or ``version`` and ``search``
+            ``accuracy``, ``export``, ``calibration``, ``execution``
+            (:class:`~optimum_lowrank.execution.config.ExecutionConfig`), ``seed``; or ``version`` and ``search``
             (:class:`~optimum_lowrank.search.config.SearchConfig`, run by :func:`optimum_lowrank.search.search`).
         registry : PassRegistry, optional
             Where pass ids are looked up; the default plugin manager's registry.
@@ -303,9 +306,10 @@ class Recipe(_Strict):
             section = getattr(self, key)
             if section is not None:
                 out[key] = section.model_dump(mode="json", exclude_defaults=True)
-        calibration = self.calibration.model_dump(mode="json", exclude_defaults=True)
-        if calibration:
-            out["calibration"] = calibration
+        for key in ("calibration", "execution"):
+            section = getattr(self, key).model_dump(mode="json", exclude_defaults=True)
+            if section:
+                out[key] = section
         if self.seed:
             out["seed"] = self.seed
         return out

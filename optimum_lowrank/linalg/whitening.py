@@ -11,6 +11,7 @@ description and references are in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -218,6 +219,23 @@ class InputStatistics:
             part = (rows.t() @ rows).double()
             self.gram = part if self.gram is None else self.gram.add_(part)
         self.count += rows.shape[0]
+
+    def reduce(self, all_reduce: Callable[[Tensor], None]) -> None:
+        """Sum these statistics with other processes' in place: ``all_reduce(t)`` must replace
+        ``t`` by the element-wise sum of every process's ``t`` (``torch.distributed.all_reduce``).
+
+        Every process must hold the same kinds of sums (all with ``gram``, or none ...). The
+        sums are exact up to float64 rounding: Gram matrices, ``sum |x|`` and the token count
+        are sums over tokens, so splitting the tokens over processes changes nothing else.
+        """
+        device = self.gram.device if self.gram is not None else self.abs_sum.device if self.abs_sum is not None else "cpu"
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=device)
+        all_reduce(count)
+        self.count = int(count.item())
+        for name in ("abs_sum", "gram"):
+            value = getattr(self, name)
+            if value is not None:
+                all_reduce(value)
 
     @property
     def abs_mean(self) -> Tensor:

@@ -192,6 +192,18 @@ class SVDPass(CompressionPass):
 
     config: SVDConfig
 
+    supports_sequential = True
+
+    def sequential_problem(self) -> str | None:
+        """A global ``target_params_ratio`` ranks every target against all others: it needs the whole model."""
+        if self.config.target_params_ratio is not None:
+            return "pass 'svd' with target_params_ratio allocates one budget over all blocks; use rank, rank_ratio, compression_ratio or energy"
+        return None
+
+    def apply_block(self, model: nn.Module, targets: dict[str, nn.Module], collected, context: PassContext) -> list[LayerReport]:
+        """Sequential mode: plain SVD needs no data; the block's targets are factorized as in :meth:`apply`."""
+        return self.apply(model, targets, context)
+
     def apply(self, model: nn.Module, targets: dict[str, nn.Module], context: PassContext) -> list[LayerReport]:
         budget = self._allocate(targets) if self.config.target_params_ratio is not None else {}
         jobs = {  # usage statistics and hybrid split of every embedding, validated before any change

@@ -40,10 +40,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from optimum_lowrank.errors import ObjectiveNotMetError
 from optimum_lowrank.cache import cache_root
+from optimum_lowrank.errors import ObjectiveNotMetError
+from optimum_lowrank.export_step import save_tokenizer
 from optimum_lowrank.output import private_tempdir, read_json_cache, write_json_cache
-from optimum_lowrank.pipeline import _check_output, _restored_torch_state, _save_tokenizer, _staging
+from optimum_lowrank.pipeline import _check_output, _restored_torch_state, _staging
 from optimum_lowrank.progress import Progress, bar, silenced
 from optimum_lowrank.search.allocate import Choice, DamageModel, GraphLayout, Unit, fill_gap, greedy_path, pick_index
 from optimum_lowrank.search.config import SearchConfig
@@ -213,7 +214,7 @@ def _search(model, config: SearchConfig, output, *, tokenizer, overwrite: bool, 
             onnx_dir = staging / "onnx"
             shutil.move(str(exports[chosen.ratio].parent), str(onnx_dir))
             shutil.copyfile(chosen.file, onnx_dir / "model_quantized.onnx")
-            _save_tokenizer(loaded, onnx_dir)
+            save_tokenizer(loaded, onnx_dir)
             shutil.rmtree(work, ignore_errors=True)
             report.seconds["total"] = time.perf_counter() - started
             report.output = None if out_dir is None else str(out_dir)

@@ -62,3 +62,20 @@ def test_singular_gram_matrix_gets_damping_and_reports_it(tiny_llama):
     reports = ActivationSVDPass(config).run(tiny_llama, decoder_context(ids))
     assert reports[0].action == "factorized" and reports[0].metrics["damping"] > 0
     assert "not positive definite: added damping" in reports[0].note
+
+
+def test_statistics_summed_over_shards_equal_one_pass():
+    """InputStatistics.reduce with an all-reduce that sums two shards gives the unsharded sums (float64 rounding)."""
+    x = torch.randn(2, 10, 6, generator=torch.Generator().manual_seed(0)) * torch.logspace(-2, 1, 6)
+    whole = InputStatistics(6)
+    whole.update(x[:1], gram=True, abs_mean=True)
+    whole.update(x[1:], gram=True, abs_mean=True)
+    shards = [InputStatistics(6), InputStatistics(6)]
+    for shard, part in zip(shards, (x[:1], x[1:])):
+        shard.update(part, gram=True, abs_mean=True)
+    # rank 1's tensors in the order every rank reduces them: count, sum |x|, Gram matrix
+    partner = iter([torch.tensor([float(shards[1].count)], dtype=torch.float64), shards[1].abs_sum, shards[1].gram])
+    shards[0].reduce(lambda tensor: tensor.add_(next(partner)))  # torch.distributed.all_reduce(SUM) seen from rank 0
+    assert shards[0].count == whole.count == 20
+    assert_close(shards[0].gram, whole.gram, rtol=1e-15, atol=0)
+    assert_close(shards[0].abs_sum, whole.abs_sum, rtol=1e-15, atol=0)

@@ -72,7 +72,12 @@ from optimum_lowrank.linalg.budget import (
     min_saving_note,
 )
 from optimum_lowrank.linalg.whitening import InputStatistics, InputTransform, WhitenedSVD, asvd_transform, cholesky_transform, whitened_svd
-from optimum_lowrank.passes.linear.calibration import collect_input_statistics, collect_output_sensitivity
+from optimum_lowrank.passes.linear.calibration import (
+    collect_input_statistics,
+    collect_output_sensitivity,
+    completed_statistics,
+    input_statistics_hooks,
+)
 from optimum_lowrank.passes.svd import RANK_OPTIONS, choose_rank, exactly_one_message
 from optimum_lowrank.progress import bar
 from optimum_lowrank.report import LayerReport, Spectrum
@@ -393,6 +398,48 @@ class ActivationSVDPass(CompressionPass):
         return budget_ranks(
             targets, decomps, self.config.target_params_ratio, self.config.allocation, sensitivity, self.config.min_rank, self.config.min_layer_saving
         )
+
+    # ---------------------------------------------------------------- sequential mode
+
+    supports_sequential = True
+
+    def sequential_problem(self) -> str | None:
+        """Options that need the whole model: the global budget and ``num_samples`` (set ``calibration.num_samples``)."""
+        if self.config.target_params_ratio is not None:
+            return ("pass 'activation_svd' with target_params_ratio allocates one budget over all blocks (and 'fisher' "
+                    "needs a backward pass through the whole model); use rank, rank_ratio, compression_ratio or energy")
+        if self.config.num_samples is not None:
+            return "pass 'activation_svd' with num_samples: in sequential mode every calibration window runs; set calibration.num_samples instead"
+        return None
+
+    def block_collector(self, targets: dict[str, nn.Module]):
+        """The targets' input statistics while the block runs (see :func:`input_statistics_hooks`)."""
+        svd_llm = self.config.method == "svd_llm"
+        return input_statistics_hooks(targets, gram=svd_llm, abs_mean=not svd_llm)
+
+    def apply_block(self, model: nn.Module, targets: dict[str, nn.Module], collected, context: PassContext) -> list[LayerReport]:
+        """Sequential mode: whitened SVD of the block's targets from the statistics the engine collected.
+
+        The decompositions are spread over ranks with :meth:`PassContext.map_layers` (each
+        distinct statistics object, i.e. each group of layers reading the same input,
+        goes to one rank); ranks are chosen per layer from this config's rank option.
+        """
+        stats = completed_statistics(collected)
+        groups: dict[str, list[str]] = {}
+        for name in targets:
+            groups.setdefault(min(n for n in targets if stats[n] is stats[name]), []).append(name)
+
+        def decompose_group(first: str) -> dict[str, WhitenedSVD]:
+            members = {name: targets[name] for name in groups[first]}
+            decomps = self.decompose(members, stats)
+            for decomp in decomps.values():  # the factors hold T^-1 already: send only what the report reads
+                decomp.transform = InputTransform(decomp.transform.kind, damping=decomp.transform.damping)
+            return decomps
+
+        decomps: dict[str, WhitenedSVD] = {}
+        for part in context.map_layers(groups, decompose_group).values():
+            decomps.update(part)
+        return self.apply_decomposed(model, targets, {name: decomps[name] for name in targets}, keep=False)
 
     def _replace(self, model: nn.Module, name: str, module: nn.Module, decomp: WhitenedSVD, rank: int) -> LayerReport:
         weight, bias = linear_weight(module)

@@ -22,7 +22,8 @@ about 0.8 GB of float64 Gram matrices: per block 3 x 576^2 + 1536^2 entries).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -32,7 +33,14 @@ from optimum_lowrank.errors import DataError, PassError
 from optimum_lowrank.linalg.whitening import InputStatistics
 from optimum_lowrank.progress import bar
 
-__all__ = ["InputStatistics", "collect_input_statistics", "collect_output_sensitivity", "run_calibration"]
+__all__ = [
+    "InputStatistics",
+    "collect_input_statistics",
+    "collect_output_sensitivity",
+    "completed_statistics",
+    "input_statistics_hooks",
+    "run_calibration",
+]
 
 
 
@@ -153,6 +161,22 @@ def collect_input_statistics(
     DataError
         If ``calibration_ids`` is malformed.
     """
+    with input_statistics_hooks(modules, gram=gram, abs_mean=abs_mean, share_inputs=share_inputs) as stats:
+        run_calibration(model, calibration_ids, kind=kind, batch_size=batch_size, module_names=tuple(modules), progress=progress)
+    return completed_statistics(stats)
+
+
+@contextmanager
+def input_statistics_hooks(
+    modules: Mapping[str, nn.Module], *, gram: bool = True, abs_mean: bool = False, share_inputs: bool = True
+) -> Iterator[dict[str, InputStatistics | None]]:
+    """Forward pre-hooks that fold each module's inputs into float64 sums while the body runs.
+
+    Yields a dict name -> InputStatistics, filled as the modules run (None for a module
+    that has not run yet; see :func:`completed_statistics`). The hooks are removed on
+    exit, also on error. Options as in :func:`collect_input_statistics`; the sequential
+    engine (:mod:`optimum_lowrank.execution`) runs one block inside it.
+    """
     stats: dict[str, InputStatistics | None] = {name: None for name in modules}
     last: dict[str, object] = {}  # the most recent input tensor and the statistics it went into
     updated: set[int] = set()  # ids of statistics objects updated from last["x"]
@@ -185,11 +209,21 @@ def collect_input_statistics(
 
     handles = [module.register_forward_pre_hook(make_hook(name, _in_features(module))) for name, module in modules.items()]
     try:
-        run_calibration(model, calibration_ids, kind=kind, batch_size=batch_size, module_names=tuple(modules), progress=progress)
+        yield stats
     finally:
         for handle in handles:
             handle.remove()
         last.clear()
+
+
+def completed_statistics(stats: Mapping[str, InputStatistics | None]) -> dict[str, InputStatistics]:
+    """``stats`` from :func:`input_statistics_hooks` once every module has run.
+
+    Raises
+    ------
+    PassError
+        If a module never ran (it is not on the forward path).
+    """
     missing = [name for name, value in stats.items() if value is None]
     if missing:
         raise PassError(f"{len(missing)} target(s) never ran during calibration (not on the forward path?): {', '.join(missing[:5])}")

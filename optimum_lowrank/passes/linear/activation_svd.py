@@ -73,6 +73,7 @@ from optimum_lowrank.linalg.budget import (
 )
 from optimum_lowrank.linalg.whitening import InputStatistics, InputTransform, WhitenedSVD, asvd_transform, cholesky_transform, whitened_svd
 from optimum_lowrank.passes.linear.calibration import collect_input_statistics, collect_output_sensitivity
+from optimum_lowrank.passes.linear.sequential import sequential_factorize
 from optimum_lowrank.passes.svd import RANK_OPTIONS, choose_rank, exactly_one_message
 from optimum_lowrank.report import LayerReport
 
@@ -86,17 +87,6 @@ __all__ = [
     "cholesky_transform",
     "whitened_svd",
 ]
-
-
-
-
-
-
-
-
-
-
-
 
 
 def budget_ranks(
@@ -194,6 +184,18 @@ class ActivationSVDConfig(PassConfig):
         budget allocation treats that rank as the layer's break-even. Default 0.1
         (measured: in ONNX Runtime a layer factorised at 5% fewer parameters was slower
         than the dense one, see :mod:`optimum_lowrank.linalg.budget`); 0 turns it off.
+    sequential : bool, ``svd_llm`` only
+        Compress block by block, each layer whitened with its inputs through the already
+        compressed blocks and layers before it (GPTQ / SVD-LLM sequential update; see
+        :mod:`optimum_lowrank.passes.linear.sequential`). Ranks still come from the rank
+        option on the original model's statistics. Needs a model whose transformer blocks
+        :func:`~optimum_lowrank.blocks.find_blocks` knows; default False.
+    refit : bool, optional
+        With ``sequential``: truncation-aware refit of each layer against the original
+        model's output (:mod:`optimum_lowrank.linalg.refit`); unset means True. Without
+        ``sequential`` it is an error (the plain SVD-LLM truncation is already optimal there).
+    refit_damping : float in (0, 1)
+        Relative ridge of the refit towards the original weight, ``* mean(diag G)``; default 0.01.
     """
 
     method: Literal["svd_llm", "asvd"] = "svd_llm"
@@ -211,6 +213,9 @@ class ActivationSVDConfig(PassConfig):
     batch_size: int = Field(1, ge=1)
     progress: bool = False
     min_layer_saving: float = Field(DEFAULT_MIN_LAYER_SAVING, ge=0, lt=1)
+    sequential: bool = False
+    refit: bool | None = None
+    refit_damping: float = Field(0.01, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _check(self) -> ActivationSVDConfig:
@@ -221,7 +226,16 @@ class ActivationSVDConfig(PassConfig):
             raise ValueError("alpha applies to method 'asvd' only")
         if self.method == "asvd" and self.damping is not None:
             raise ValueError("damping applies to method 'svd_llm' only")
+        if self.sequential and self.method != "svd_llm":
+            raise ValueError("sequential applies to method 'svd_llm' only")
+        if self.refit and not self.sequential:
+            raise ValueError("refit needs sequential: true (on the original model's inputs SVD-LLM's truncation is already the optimum)")
         return self
+
+    @property
+    def refits(self) -> bool:
+        """Whether the sequential mode refits (``refit`` unset: yes)."""
+        return self.sequential and self.refit is not False
 
 
 class ActivationSVDPass(CompressionPass):
@@ -281,7 +295,33 @@ class ActivationSVDPass(CompressionPass):
 
     def apply(self, model: nn.Module, targets: dict[str, nn.Module], context: PassContext) -> list[LayerReport]:
         stats = self.collect(model, targets, context)
-        return self.apply_with_statistics(model, targets, stats, self.sensitivity(model, targets, context))
+        sensitivity = self.sensitivity(model, targets, context)
+        if not self.config.sequential:
+            return self.apply_with_statistics(model, targets, stats, sensitivity)
+        decomps = self.decompose(targets, stats)
+        del stats
+        ranks = self._ranks(targets, decomps, sensitivity)
+        del decomps
+        return self.apply_sequential(model, targets, context, ranks)
+
+    def apply_sequential(self, model: nn.Module, targets: dict[str, nn.Module], context: PassContext, ranks: dict[str, int]) -> list[LayerReport]:
+        """Factorize ``targets`` at ``ranks`` block by block (``sequential``; see :mod:`.sequential`).
+
+        Raises
+        ------
+        PassError
+            Blocks not found (names the model class), targets outside them, a failed refit;
+            the model is restored first.
+        """
+        ids = context.calibration_ids
+        if self.config.num_samples is not None:
+            ids = ids[: self.config.num_samples]
+        saving = self.config.min_layer_saving
+        return sequential_factorize(
+            model, targets, ids, ranks, kind=context.kind, transform=self.transform, replace=self._replace,
+            factorizes=lambda shape, rank: factorizes(shape, rank, saving), refit=self.config.refits,
+            refit_damping=self.config.refit_damping, batch_size=self.config.batch_size, progress=self.config.progress,
+        )
 
     def apply_with_statistics(
         self,
@@ -364,15 +404,16 @@ class ActivationSVDPass(CompressionPass):
             targets, decomps, self.config.target_params_ratio, self.config.allocation, sensitivity, self.config.min_rank, self.config.min_layer_saving
         )
 
-    def _replace(self, model: nn.Module, name: str, module: nn.Module, decomp: WhitenedSVD, rank: int) -> LayerReport:
+    def _replace(self, model: nn.Module, name: str, module: nn.Module, decomp: WhitenedSVD | None, rank: int) -> LayerReport:
+        """Install the rank-``rank`` factors of ``decomp`` (None only for a layer that stays dense) and report."""
         weight, bias = linear_weight(module)
         m, n = weight.shape
         before = sum(p.numel() for p in module.parameters())
         kind = type(module).__name__
         notes = []
-        if decomp.transform.damping:
+        if decomp is not None and decomp.transform.damping:
             notes.append(f"Gram matrix not positive definite: added damping {decomp.transform.damping:g} * mean(diag)")
-        if decomp.transform.kind == "identity" and self.config.method == "svd_llm":
+        if decomp is not None and decomp.transform.kind == "identity" and self.config.method == "svd_llm":
             notes.append("input was all zeros on the calibration data: plain SVD")
         saving = self.config.min_layer_saving
         if not factorizes((m, n), rank, saving):

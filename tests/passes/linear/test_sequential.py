@@ -159,3 +159,25 @@ def test_sequential_options_are_validated():
         ActivationSVDConfig(targets=["x"], rank=2, method="asvd", sequential=True)
     with pytest.raises(ValueError):
         ActivationSVDConfig(targets=["x"], rank=2, sequential=True, refit_damping=0)
+
+
+def test_pipeline_sequential_recipe_with_distillation_in_a_time_budget(tiny_llama, tmp_path):
+    """The shape of recipes/smollm2-lowrank-*.yaml on a tiny Llama: sequential + refit, logits healing by max_minutes."""
+    from optimum_lowrank import optimize
+    from tests.helpers import WordTokenizer
+
+    text_file = tmp_path / "cal.txt"
+    text_file.write_text(" ".join(f"w{(i * 7) % 128}" for i in range(400)))
+    recipe = {
+        "version": 1,
+        "passes": [{"pass": "activation_svd", "targets": LLAMA_TARGETS, "target_params_ratio": 0.7, "allocation": "relative", "sequential": True}],
+        "calibration": {"data": str(text_file), "num_samples": 8, "seq_len": 16},
+        "finetune": {"max_minutes": 0.01, "loss": "logits", "num_samples": 8, "lr": 1e-3},
+    }
+    original = _state(tiny_llama)
+    report = optimize(tiny_llama, recipe, tokenizer=WordTokenizer(), progress=False)
+    assert report.params_after < report.params_before
+    assert report.finetune["loss"] == "logits" and report.finetune["stopped_by"] == "max_minutes"
+    factorized = [r for p in report.passes for r in p.layers if r.action == "factorized"]
+    assert factorized and all(r.metrics["relative_output_error"] <= r.metrics["truncation_output_error"] + 1e-9 for r in factorized)
+    assert all(torch.equal(original[k], v) for k, v in tiny_llama.state_dict().items())  # the caller's model is untouched

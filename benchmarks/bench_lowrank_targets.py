@@ -128,6 +128,7 @@ def run(args) -> dict:
     result["calibration_wall_s"] = round(time.perf_counter() - wall0, 1)
     log(f"shared calibration: {result['calibration_cpu_s']:.0f} CPU s, {result['calibration_wall_s']:.0f} s wall")
 
+    cache: dict = {}
     for spec in args.rows:
         fewer_s, config = spec.split(":")
         fewer = float(fewer_s)
@@ -140,18 +141,26 @@ def run(args) -> dict:
             targets=patterns, target_params_ratio=keep, sequential=sequential, refit=(config != "no_refit") if sequential else None,
             refit_damping=args.refit_damping,
         ))
-        cpu0, wall0 = cpu_s(), time.perf_counter()
-        m = copy.deepcopy(model)
-        m_targets = svd.select(m)
-        ranks = svd._ranks(m_targets, decomps, sensitivity)
-        if sequential:
-            reports = svd.apply_sequential(m, m_targets, context, ranks)
+        key = (fewer, sequential, config != "no_refit")  # no_distill compresses as full does: reuse its compressed model
+        if key in cache:
+            m, reports, row["compress_cpu_s"], row["compress_wall_s"], row["metric_compressed"] = cache.pop(key)
+            m = copy.deepcopy(m)
+            row["compression_reused"] = True
         else:
-            reports = svd.apply_decomposed(m, m_targets, decomps, sensitivity)
-        row["compress_cpu_s"] = round(cpu_s() - cpu0, 1)
-        row["compress_wall_s"] = round(time.perf_counter() - wall0, 1)
+            cpu0, wall0 = cpu_s(), time.perf_counter()
+            m = copy.deepcopy(model)
+            m_targets = svd.select(m)
+            ranks = svd._ranks(m_targets, decomps, sensitivity)
+            if sequential:
+                reports = svd.apply_sequential(m, m_targets, context, ranks)
+            else:
+                reports = svd.apply_decomposed(m, m_targets, decomps, sensitivity)
+            row["compress_cpu_s"] = round(cpu_s() - cpu0, 1)
+            row["compress_wall_s"] = round(time.perf_counter() - wall0, 1)
+            row["metric_compressed"] = evaluator.evaluate_torch(m)
+            if any(r.split(":")[0] == fewer_s and r.split(":")[1] in ("full", "no_distill") and r != spec for r in args.rows) and config in ("full", "no_distill"):
+                cache[key] = (copy.deepcopy(m), reports, row["compress_cpu_s"], row["compress_wall_s"], row["metric_compressed"])
         row.update(allocation(reports))
-        row["metric_compressed"] = evaluator.evaluate_torch(m)
         log(f"-{fewer:.0%} {config}: {evaluator.metric} {row['metric_compressed']:.4f} after compression "
             f"(params ratio {row['params_ratio']}, {row['compress_cpu_s']:.0f} CPU s)")
         used_min = (row["calibration_cpu_s"] + row["compress_cpu_s"]) / 60

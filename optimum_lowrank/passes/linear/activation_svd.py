@@ -26,7 +26,11 @@ the rows of ``X`` (N x in_features). Each factors ``W T`` for an input transform
     which damping was used.
 
 Statistics come from the *original* model (all targets hooked in one streaming
-pass over the calibration windows), not from the partly compressed one.
+pass over the calibration windows), not from the partly compressed one, unless
+``sequential: true``: then the model is compressed block by block, each layer
+whitened with its inputs through the already compressed layers and, by default,
+refit in closed form against the original model's inputs
+(:mod:`optimum_lowrank.passes.linear.sequential`, :mod:`optimum_lowrank.linalg.refit`).
 
 Ranks: the same options as ``svd`` (``rank``, ``rank_ratio``,
 ``compression_ratio``, ``energy`` of the whitened/scaled spectrum) or the global

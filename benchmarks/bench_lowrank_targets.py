@@ -239,6 +239,22 @@ def latency(args) -> dict:
     return result
 
 
+def table(paths: list[Path]) -> str:
+    """A markdown table of the rows of the given result files."""
+    lines = ["| model | fewer | config | params ratio | dense layers | after compression | healed | change | heal steps | CPU s (calib + compress + heal) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        for r in result.get("rows", []):
+            if "fewer" not in r:
+                continue
+            change = f"{r['change']:+.1%}" if result["metric"] == "perplexity" else f"{r['change']:+.2f}"
+            lines.append(f"| {result['model']} | {r['fewer']:.0%} | {r['config']} | {r['params_ratio']:.4f} | {len(r['dense_layers'])} | "
+                         f"{r['metric_compressed']:.2f} | {r['metric']:.2f} | {change} | {r.get('heal', {}).get('steps', 0)} | "
+                         f"{r['cpu_s']:.0f} ({r['calibration_cpu_s']:.0f} + {r['compress_cpu_s']:.0f} + {r['heal_cpu_s']:.0f}) |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", choices=list(TARGETS))
@@ -263,7 +279,11 @@ def main() -> None:
     parser.add_argument("--latency-rounds", type=int, default=3)
     parser.add_argument("--ort-threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "lowrank_targets.json")
+    parser.add_argument("--table", nargs="+", type=Path, default=None, help="print a markdown table of these result files and exit")
     args = parser.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
 
     import torch
 

@@ -193,6 +193,31 @@ def run(args) -> dict:
     return result
 
 
+def budget_models(loaded, args) -> dict:
+    """SVD-LLM models with the Fisher budget's ranks at ``--latency-ratios`` (the ranks every row of that ratio has)."""
+    import torch
+
+    from optimum_lowrank.api import resolve_targets
+    from optimum_lowrank.data import load_text, token_windows
+    from optimum_lowrank.passes.linear.activation_svd import ActivationSVDConfig, ActivationSVDPass
+    from optimum_lowrank.passes.linear.calibration import collect_input_statistics, collect_output_sensitivity
+
+    model = loaded.model
+    ids = token_windows(loaded.tokenizer, load_text(DATA / "wikitext-2" / "wiki.valid.tokens")[0], args.cal_seq, args.cal_samples)
+    targets = resolve_targets(model, tuple(TARGETS["smollm2"]), (torch.nn.Linear,))
+    stats = collect_input_statistics(model, targets, ids, kind="decoder", gram=True)
+    sensitivity = collect_output_sensitivity(model, targets, ids[: args.sens_samples], kind="decoder")
+    decomps = ActivationSVDPass(ActivationSVDConfig(targets=["x"], target_params_ratio=0.5)).decompose(targets, stats)
+    out = {}
+    for fewer in args.latency_ratios:
+        svd = ActivationSVDPass(ActivationSVDConfig(targets=TARGETS["smollm2"], target_params_ratio=round(1 - fewer, 6)))
+        m = copy.deepcopy(model)
+        svd.apply_decomposed(m, svd.select(m), decomps, sensitivity)
+        out[f"smollm2-{fewer:g}-budget"] = m.eval()
+        log(f"built the -{fewer:.0%} budget model")
+    return out
+
+
 def latency(args) -> dict:
     """ORT decode tokens/s and prefill latency of the dense model and every saved model, fp32 and weight-only int8."""
     import numpy as np
@@ -207,6 +232,8 @@ def latency(args) -> dict:
     models = {"dense": loaded.model}
     for path in sorted(Path(args.latency_from).glob("smollm2-*.pt")):
         models[path.stem] = torch.load(path, weights_only=False)
+    if args.latency_ratios:  # the architecture (ranks) of the budget at these ratios; speed does not depend on the factors' values
+        models.update(budget_models(loaded, args))
     prompt = np.random.default_rng(0).integers(0, loaded.model.config.vocab_size, (1, args.prompt_tokens))
     result: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "threads": args.ort_threads,
                     "load_average_start": os.getloadavg(), "rows": []}
@@ -274,6 +301,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--save-models", default=None, help="folder to torch.save each healed model into (for --latency-from)")
     parser.add_argument("--latency-from", default=None, help="latency mode: the folder of saved models")
+    parser.add_argument("--latency-ratios", nargs="*", type=float, default=[], help="latency mode: also time the budget's architecture at these ratios")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--latency-rounds", type=int, default=3)

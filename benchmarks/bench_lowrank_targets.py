@@ -31,6 +31,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import resource
 import sys
 import tempfile
@@ -60,9 +61,7 @@ def allocation(reports) -> dict:
     """Kept parameter fraction per projection type and the layers left dense."""
     by_type: dict[str, list[int]] = {}
     for r in reports:
-        kind = r.name.rsplit(".", 1)[-1] if "layer" in r.name else r.name
-        if kind == "dense":  # BERT: attention.output.dense / intermediate.dense / output.dense
-            kind = ".".join(r.name.split(".")[-3:-1])
+        kind = re.sub(r"^.*?\.\d+\.", "", r.name)  # the name inside the block: self_attn.q_proj, attention.output.dense
         before_after = by_type.setdefault(kind, [0, 0])
         before_after[0] += r.params_before
         before_after[1] += r.params_after

@@ -36,10 +36,8 @@ On any error every layer already replaced is put back, so the model is as it was
 
 References
 ----------
-.. [1] Wang, Zheng, Wan, Zhang, "SVD-LLM: Truncation-aware Singular Value
-   Decomposition for Large Language Model Compression", arXiv 2403.07378 (2024).
-.. [2] Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training
-   Quantization for Generative Pre-trained Transformers", arXiv 2210.17323 (2022).
+.. [1] SVD-LLM, arXiv 2403.07378, and .. [2] GPTQ, arXiv 2210.17323: cited in full in
+   :mod:`optimum_lowrank.linalg.refit`.
 """
 
 from __future__ import annotations

@@ -22,6 +22,13 @@ only the low-rank factors are trained (:class:`~optimum_lowrank.layers.LowRankLi
 ``down``/``up`` and :class:`~optimum_lowrank.layers.LowRankEmbedding` ``codes``/``proj``,
 biases included); ``train="all"`` trains every parameter.
 
+Budget: ``steps`` optimizer steps, or ``max_minutes`` of this process's CPU time
+(user + system, all threads; on a shared machine wall time would count the other
+users' work), or both (whichever ends first). With ``max_minutes`` the schedule runs on
+the fraction of the budget spent, ``max(step / steps, cpu / budget)``, so warm-up and
+cosine decay fit the time; a step that starts before the budget is spent finishes.
+The progress bar shows the running loss (exponential average, 0.9) and the CPU minutes.
+
 A non-finite loss stops training, restores the parameters as they were before
 the fine-tune and raises :class:`~optimum_lowrank.errors.PassError`.
 """
@@ -171,6 +178,14 @@ def _schedule(step: int, steps: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _schedule_fraction(fraction: float, warmup_ratio: float) -> float:
+    """Learning-rate factor at ``fraction`` of the budget spent: linear warm-up, then cosine to 0."""
+    if fraction < warmup_ratio:
+        return max(fraction / warmup_ratio, 1e-3)
+    progress = (fraction - warmup_ratio) / max(1e-12, 1 - warmup_ratio)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def _mean_loss(loss_fn: Callable[[Tensor], Tensor], batches: list[Tensor]) -> float:
     with torch.no_grad():
         return float(sum(float(loss_fn(ids)) for ids in batches) / len(batches))
@@ -181,8 +196,8 @@ def finetune(
     calibration_ids: Tensor,
     *,
     kind: Literal["encoder", "decoder"],
-    steps: int,
-    lr: float,
+    steps: int | None = None,
+    lr: float = 1e-4,
     reference_model: nn.Module | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -193,8 +208,9 @@ def finetune(
     warmup_ratio: float = 0.1,
     max_grad_norm: float = 1.0,
     eval_samples: int = 4,
+    max_minutes: float | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune ``model`` in place for ``steps`` optimizer steps on the calibration windows.
+    """Fine-tune ``model`` in place for ``steps`` optimizer steps or ``max_minutes`` of CPU time.
 
     Parameters
     ----------
@@ -204,8 +220,9 @@ def finetune(
     calibration_ids : LongTensor, shape (num_samples, seq_len)
         Training windows (e.g. ``PassContext.calibration_ids``).
     kind : {"encoder", "decoder"}
-    steps : int, >= 1
-        Optimizer steps (each on ``batch_size`` windows).
+    steps : int, >= 1, optional
+        Optimizer steps (each on ``batch_size`` windows); at least one of ``steps`` and
+        ``max_minutes`` is given.
     lr : float, > 0
         Peak learning rate (typical: 1e-4 for the factors of a 135M decoder).
     reference_model : nn.Module, optional
@@ -226,25 +243,34 @@ def finetune(
         Gradient clipping (total norm).
     eval_samples : int, >= 1
         The first ``eval_samples`` windows measure the loss before and after (no gradients).
+    max_minutes : float, > 0, optional
+        CPU-time budget of the training loop (module docstring); the evaluations before and
+        after are not counted.
 
     Returns
     -------
     dict
         ``loss_before``, ``loss_after`` (mean loss on the evaluation windows, the training
-        loss's unit: nats per token for ``lm``), ``loss`` (the loss used), ``steps``,
-        ``trained_parameters`` (count), ``seconds``, ``tokens`` (seen in training).
+        loss's unit: nats per token for ``lm``), ``loss`` (the loss used), ``steps`` (taken),
+        ``stopped_by`` (``"steps"`` or ``"max_minutes"``), ``trained_parameters`` (count),
+        ``seconds`` (wall), ``cpu_seconds`` (training loop), ``tokens`` (seen in training).
 
     Raises
     ------
     ValueError
-        If ``steps``, ``lr``, ``batch_size`` or ``warmup_ratio`` is out of range.
+        If ``steps``, ``max_minutes`` (<= 0), ``lr``, ``batch_size`` or ``warmup_ratio`` is out
+        of range, or neither ``steps`` nor ``max_minutes`` is given.
     DataError
         If ``calibration_ids`` is not a non-empty (num_samples, seq_len) integer tensor.
     PassError
         If there is nothing to train, the loss does not fit the model, or the loss
         becomes NaN/inf (the parameters are restored first).
     """
-    if steps < 1 or lr <= 0 or batch_size < 1 or not 0 <= warmup_ratio < 1 or eval_samples < 1:
+    if steps is None and max_minutes is None:
+        raise ValueError("finetune needs steps or max_minutes (or both)")
+    if max_minutes is not None and not (max_minutes > 0 and math.isfinite(max_minutes)):
+        raise ValueError(f"max_minutes must be a finite number > 0, got {max_minutes}")
+    if (steps is not None and steps < 1) or lr <= 0 or batch_size < 1 or not 0 <= warmup_ratio < 1 or eval_samples < 1:
         raise ValueError(f"need steps >= 1, lr > 0, batch_size >= 1, 0 <= warmup_ratio < 1, eval_samples >= 1; got {steps}, {lr}, {batch_size}, {warmup_ratio}, {eval_samples}")
     if calibration_ids.ndim != 2 or calibration_ids.numel() == 0 or calibration_ids.is_floating_point():
         raise DataError(f"calibration ids must be a non-empty (num_samples, seq_len) integer tensor, got shape {tuple(calibration_ids.shape)}")
@@ -270,28 +296,43 @@ def finetune(
     n = calibration_ids.shape[0]
     eval_batches = [calibration_ids[i : i + batch_size] for i in range(0, min(eval_samples, n), batch_size)]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    warmup = int(warmup_ratio * steps)
+    limit = steps if steps is not None else 10**9
+    budget = max_minutes * 60 if max_minutes is not None else math.inf
+    warmup = int(warmup_ratio * steps) if steps is not None else 0
     t0 = time.perf_counter()
     order: list[int] = []
     steps_bar = bar(total=steps, desc="finetune", unit="step", enabled=progress)
+    taken, running, stopped_by, cpu = 0, None, "steps", 0.0
     try:
         before = _mean_loss(loss_fn, eval_batches)
-        for step in range(steps):
+        cpu0 = time.process_time()
+        for step in range(limit):
+            cpu = time.process_time() - cpu0
+            if cpu >= budget:
+                stopped_by = "max_minutes"
+                break
             if len(order) < batch_size:
                 order += torch.randperm(n, generator=generator).tolist()
             batch, order = order[:batch_size], order[batch_size:]
+            if max_minutes is None:
+                factor = _schedule(step, steps, warmup)
+            else:
+                factor = _schedule_fraction(max(step / steps if steps else 0.0, cpu / budget), warmup_ratio)
             for group in optimizer.param_groups:
-                group["lr"] = lr * _schedule(step, steps, warmup)
+                group["lr"] = lr * factor
             value = loss_fn(calibration_ids[batch])
             if not torch.isfinite(value):
-                raise PassError(f"fine-tune loss became {float(value.detach())} at step {step + 1}/{steps} (lr {lr:g}); parameters restored")
+                raise PassError(f"fine-tune loss became {float(value.detach())} at step {step + 1} (lr {lr:g}); parameters restored")
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
+            taken += 1
+            running = float(value.detach()) if running is None else 0.9 * running + 0.1 * float(value.detach())
             if not steps_bar.disable:
-                steps_bar.set_postfix(loss=f"{float(value.detach()):.4f}", refresh=False)
+                steps_bar.set_postfix(loss=f"{running:.4f}", cpu=f"{cpu / 60:.1f}m", refresh=False)
             steps_bar.update(1)
+        cpu = time.process_time() - cpu0
         after = _mean_loss(loss_fn, eval_batches)
         if not math.isfinite(after):
             raise PassError(f"fine-tune loss after training is {after}; parameters restored")
@@ -308,11 +349,14 @@ def finetune(
         "loss": resolved,
         "loss_before": before,
         "loss_after": after,
-        "steps": steps,
+        "steps": taken,
+        "stopped_by": stopped_by,
+        "max_minutes": max_minutes,
         "lr": lr,
         "batch_size": batch_size,
         "train": train,
         "trained_parameters": sum(p.numel() for p in params),
-        "tokens": steps * batch_size * calibration_ids.shape[1],
+        "tokens": taken * batch_size * calibration_ids.shape[1],
         "seconds": time.perf_counter() - t0,
+        "cpu_seconds": cpu,
     }

@@ -218,7 +218,8 @@ def _optimize_on(
         ft = recipe.finetune
         fresh = finetune_ids is not None
         where = f"{ft.num_samples} windows after the calibration windows" if fresh else "the calibration windows"
-        with say.step(f"fine-tuning ({ft.steps} steps on {where})"):
+        budget = " or ".join(filter(None, [f"{ft.steps} steps" if ft.steps else "", f"{ft.max_minutes:g} CPU minutes" if ft.max_minutes else ""]))
+        with say.step(f"fine-tuning ({budget} on {where})"):
             finetuned = finetune(
                 compressed,
                 finetune_ids if fresh else context.calibration_ids,

@@ -84,9 +84,15 @@ class FinetuneConfig(_Strict):
     the passes did not calibrate on; each window seen once when ``steps * batch_size
     <= num_samples``). A text too short for them is a ``DataError`` that says how
     many windows it gives. Unset (default): train on the calibration windows.
+
+    ``max_minutes``: a CPU-time budget (> 0) for the training loop instead of, or besides,
+    ``steps`` (whichever ends first); at least one of the two is set. ``loss: logits``
+    distils the original's next-token distribution (KL), the healing the low-rank
+    recipes use.
     """
 
-    steps: int = Field(ge=1, le=100_000)
+    steps: int | None = Field(None, ge=1, le=100_000)
+    max_minutes: float | None = Field(None, gt=0, le=10_000)
     num_samples: int | None = Field(None, ge=1, le=1_000_000)
     lr: float = Field(1e-4, gt=0, le=1)
     batch_size: int = Field(1, ge=1, le=1024)
@@ -95,6 +101,12 @@ class FinetuneConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _budget(self) -> FinetuneConfig:
+        if self.steps is None and self.max_minutes is None:
+            raise ValueError("finetune needs steps or max_minutes (or both)")
+        return self
 
 
 class AccuracyConfig(_Strict):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from optimum_lowrank.errors import DataError, PassError
-from optimum_lowrank.finetune import finetune, lowrank_parameters
+from optimum_lowrank.finetune import finetune, lowrank_parameters, make_loss
 from optimum_lowrank.passes.svd import SVDConfig, SVDPass
 from tests.helpers import LLAMA_TARGETS, WordTokenizer
 
@@ -89,3 +89,43 @@ def test_pipeline_finetune_num_samples_trains_on_fresh_windows(tiny_llama, tmp_p
     recipe["finetune"]["num_samples"] = 4
     with pytest.raises(DataError, match="num_samples=4 needs 4 windows after the 4 calibration windows: .* only 7 windows"):
         optimize(tiny_llama, recipe, tokenizer=WordTokenizer(), progress=False)
+
+
+def test_logits_kl_of_the_model_against_itself_is_zero(tiny_llama, llama_ids):
+    loss = make_loss(tiny_llama, "decoder", "logits", reference_model=copy.deepcopy(tiny_llama))
+    with torch.no_grad():
+        assert float(loss(llama_ids)) == pytest.approx(0.0, abs=1e-6)
+    changed = copy.deepcopy(tiny_llama)
+    SVDPass(SVDConfig(targets=LLAMA_TARGETS, rank=4)).run(changed)
+    assert float(make_loss(changed, "decoder", "logits", reference_model=tiny_llama)(llama_ids)) > 1e-4
+
+
+def test_finetune_distils_logits_within_a_cpu_budget(tiny_llama, llama_ids):
+    reference = copy.deepcopy(tiny_llama)
+    SVDPass(SVDConfig(targets=LLAMA_TARGETS, rank=4)).run(tiny_llama)
+    result = finetune(tiny_llama, llama_ids, kind="decoder", max_minutes=0.02, lr=1e-2, loss="logits", reference_model=reference, progress=False)
+    assert result["stopped_by"] == "max_minutes" and result["steps"] >= 1
+    assert result["cpu_seconds"] < 0.02 * 60 + 5  # one step may finish after the budget
+    assert result["loss"] == "logits" and result["loss_after"] < result["loss_before"]
+    capped = finetune(tiny_llama, llama_ids, kind="decoder", steps=2, max_minutes=10, lr=1e-3, loss="logits", reference_model=reference, progress=False)
+    assert capped["stopped_by"] == "steps" and capped["steps"] == 2
+
+
+@pytest.mark.parametrize("minutes", [0, -1.0, float("nan"), float("inf")])
+def test_finetune_rejects_a_non_positive_budget(tiny_llama, llama_ids, minutes):
+    SVDPass(SVDConfig(targets=LLAMA_TARGETS, rank=4)).run(tiny_llama)
+    with pytest.raises(ValueError, match="max_minutes must be a finite number > 0"):
+        finetune(tiny_llama, llama_ids, kind="decoder", max_minutes=minutes, progress=False)
+    with pytest.raises(ValueError, match="steps or max_minutes"):
+        finetune(tiny_llama, llama_ids, kind="decoder", progress=False)
+
+
+def test_recipe_finetune_budget_is_validated():
+    from optimum_lowrank.errors import RecipeError
+    from optimum_lowrank.recipe import Recipe
+
+    base = {"version": 1, "passes": [{"pass": "svd", "targets": ["re:.*_proj"], "rank": 2}]}
+    assert Recipe.from_dict({**base, "finetune": {"max_minutes": 5, "loss": "logits"}}).finetune.max_minutes == 5
+    for bad in ({"max_minutes": 0}, {"max_minutes": -2, "steps": 3}, {"lr": 1e-3}):
+        with pytest.raises(RecipeError):
+            Recipe.from_dict({**base, "finetune": bad})

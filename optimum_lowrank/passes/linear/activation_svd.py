@@ -26,7 +26,11 @@ the rows of ``X`` (N x in_features). Each factors ``W T`` for an input transform
     which damping was used.
 
 Statistics come from the *original* model (all targets hooked in one streaming
-pass over the calibration windows), not from the partly compressed one.
+pass over the calibration windows), not from the partly compressed one, unless
+``sequential: true``: then the model is compressed block by block, each layer
+whitened with its inputs through the already compressed layers and, by default,
+refit in closed form against the original model's inputs
+(:mod:`optimum_lowrank.passes.linear.sequential`, :mod:`optimum_lowrank.linalg.refit`).
 
 Ranks: the same options as ``svd`` (``rank``, ``rank_ratio``,
 ``compression_ratio``, ``energy`` of the whitened/scaled spectrum) or the global
@@ -78,6 +82,7 @@ from optimum_lowrank.passes.linear.calibration import (
     completed_statistics,
     input_statistics_hooks,
 )
+from optimum_lowrank.passes.linear.sequential import sequential_factorize
 from optimum_lowrank.passes.svd import RANK_OPTIONS, choose_rank, exactly_one_message
 from optimum_lowrank.progress import bar
 from optimum_lowrank.report import LayerReport, Spectrum
@@ -92,17 +97,6 @@ __all__ = [
     "cholesky_transform",
     "whitened_svd",
 ]
-
-
-
-
-
-
-
-
-
-
-
 
 
 def budget_ranks(
@@ -201,6 +195,18 @@ class ActivationSVDConfig(PassConfig):
         budget allocation treats that rank as the layer's break-even. Default 0.1
         (measured: in ONNX Runtime a layer factorised at 5% fewer parameters was slower
         than the dense one, see :mod:`optimum_lowrank.linalg.budget`); 0 turns it off.
+    sequential : bool, ``svd_llm`` only
+        Compress block by block, each layer whitened with its inputs through the already
+        compressed blocks and layers before it (GPTQ / SVD-LLM sequential update; see
+        :mod:`optimum_lowrank.passes.linear.sequential`). Ranks still come from the rank
+        option on the original model's statistics. Needs a model whose transformer blocks
+        :func:`~optimum_lowrank.blocks.find_blocks` knows; default False.
+    refit : bool, optional
+        With ``sequential``: truncation-aware refit of each layer against the original
+        model's output (:mod:`optimum_lowrank.linalg.refit`); unset means True. Without
+        ``sequential`` it is an error (the plain SVD-LLM truncation is already optimal there).
+    refit_damping : float in (0, 1)
+        Relative ridge of the refit towards the original weight, ``* mean(diag G)``; default 0.01.
     """
 
     method: Literal["svd_llm", "asvd"] = Field("svd_llm", description="Whitening with the Cholesky factor of `X^T X` (default) or ASVD's channel scaling.")
@@ -244,6 +250,16 @@ class ActivationSVDConfig(PassConfig):
         "as the layer's break-even. Default 0.1 (measured: in ONNX Runtime a layer factorised at 5% fewer "
         "parameters was slower than the dense one, see `budget`); 0 turns it off."
     ))
+    sequential: bool = Field(False, description=(
+        "`svd_llm` only: compress block by block, each layer whitened with its inputs through the already "
+        "compressed blocks and layers before it (GPTQ / SVD-LLM sequential update); ranks still come from the "
+        "rank option on the original model's statistics."
+    ))
+    refit: bool | None = Field(None, description=(
+        "With `sequential`: truncation-aware refit of each layer against the original model's output "
+        "(unset means on); an error without `sequential`, where plain SVD-LLM is already optimal."
+    ))
+    refit_damping: float = Field(0.01, gt=0, lt=1, description="Relative ridge of the refit towards the original weight, `* mean(diag G)`.")
 
     @model_validator(mode="after")
     def _check(self) -> ActivationSVDConfig:
@@ -254,7 +270,16 @@ class ActivationSVDConfig(PassConfig):
             raise ValueError("alpha applies to method 'asvd' only")
         if self.method == "asvd" and self.damping is not None:
             raise ValueError("damping applies to method 'svd_llm' only")
+        if self.sequential and self.method != "svd_llm":
+            raise ValueError("sequential applies to method 'svd_llm' only")
+        if self.refit and not self.sequential:
+            raise ValueError("refit needs sequential: true (on the original model's inputs SVD-LLM's truncation is already the optimum)")
         return self
+
+    @property
+    def refits(self) -> bool:
+        """Whether the sequential mode refits (``refit`` unset: yes)."""
+        return self.sequential and self.refit is not False
 
 
 class ActivationSVDPass(CompressionPass):
@@ -315,7 +340,33 @@ class ActivationSVDPass(CompressionPass):
 
     def apply(self, model: nn.Module, targets: dict[str, nn.Module], context: PassContext) -> list[LayerReport]:
         stats = self.collect(model, targets, context)
-        return self.apply_with_statistics(model, targets, stats, self.sensitivity(model, targets, context))
+        sensitivity = self.sensitivity(model, targets, context)
+        if not self.config.sequential:
+            return self.apply_with_statistics(model, targets, stats, sensitivity)
+        decomps = self.decompose(targets, stats)
+        del stats
+        ranks = self._ranks(targets, decomps, sensitivity)
+        del decomps
+        return self.apply_sequential(model, targets, context, ranks)
+
+    def apply_sequential(self, model: nn.Module, targets: dict[str, nn.Module], context: PassContext, ranks: dict[str, int]) -> list[LayerReport]:
+        """Factorize ``targets`` at ``ranks`` block by block (``sequential``; see :mod:`.sequential`).
+
+        Raises
+        ------
+        PassError
+            Blocks not found (names the model class), targets outside them, a failed refit;
+            the model is restored first.
+        """
+        ids = context.calibration_ids
+        if self.config.num_samples is not None:
+            ids = ids[: self.config.num_samples]
+        saving = self.config.min_layer_saving
+        return sequential_factorize(
+            model, targets, ids, ranks, kind=context.kind, transform=self.transform, replace=self._replace,
+            factorizes=lambda shape, rank: factorizes(shape, rank, saving), refit=self.config.refits,
+            refit_damping=self.config.refit_damping, batch_size=self.config.batch_size, progress=self.config.progress,
+        )
 
     def apply_with_statistics(
         self,
@@ -441,19 +492,22 @@ class ActivationSVDPass(CompressionPass):
             decomps.update(part)
         return self.apply_decomposed(model, targets, {name: decomps[name] for name in targets}, keep=False)
 
-    def _replace(self, model: nn.Module, name: str, module: nn.Module, decomp: WhitenedSVD, rank: int) -> LayerReport:
+    def _replace(self, model: nn.Module, name: str, module: nn.Module, decomp: WhitenedSVD | None, rank: int) -> LayerReport:
+        """Install the rank-``rank`` factors of ``decomp`` (None only for a layer that stays dense) and report."""
         weight, bias = linear_weight(module)
         m, n = weight.shape
         before = sum(p.numel() for p in module.parameters())
         kind = type(module).__name__
         notes = []
-        if decomp.transform.damping:
+        if decomp is not None and decomp.transform.damping:
             notes.append(f"Gram matrix not positive definite: added damping {decomp.transform.damping:g} * mean(diag)")
-        if decomp.transform.kind == "identity" and self.config.method == "svd_llm":
+        if decomp is not None and decomp.transform.kind == "identity" and self.config.method == "svd_llm":
             notes.append("input was all zeros on the calibration data: plain SVD")
         saving = self.config.min_layer_saving
-        basis = {"cholesky": "whitened", "identity": "weight"}.get(decomp.transform.kind, "scaled")
-        spectrum = Spectrum.from_singular_values(decomp.s, rank, basis)
+        spectrum = None
+        if decomp is not None:
+            basis = {"cholesky": "whitened", "identity": "weight"}.get(decomp.transform.kind, "scaled")
+            spectrum = Spectrum.from_singular_values(decomp.s, rank, basis)
         if not factorizes((m, n), rank, saving):
             if self.config.target_params_ratio is not None:
                 notes.insert(0, budget_dense_note((m, n), saving))

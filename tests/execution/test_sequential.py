@@ -157,3 +157,12 @@ def test_cli_device_cuda_without_cuda(tmp_path, capsys):
     assert main(["optimize", "--model", "minilm", "--recipe", str(tmp_path / "r.yaml"), "--output", str(tmp_path / "o"), "--device", "cuda"]) == 2
     assert "torch sees no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_sequential_execution_refuses_in_memory_sequential_option():
+    from optimum_lowrank.passes.linear.activation_svd import ActivationSVDConfig, ActivationSVDPass
+
+    config = ActivationSVDConfig(targets=["re:.*mlp.*"], rank=4, sequential=True)
+    problem = ActivationSVDPass(config).sequential_problem()
+    assert problem is not None and "sequential: true" in problem
+    assert ActivationSVDPass(ActivationSVDConfig(targets=["re:.*mlp.*"], rank=4)).sequential_problem() is None

@@ -459,6 +459,9 @@ class ActivationSVDPass(CompressionPass):
         if self.config.target_params_ratio is not None:
             return ("pass 'activation_svd' with target_params_ratio allocates one budget over all blocks (and 'fisher' "
                     "needs a backward pass through the whole model); use rank, rank_ratio, compression_ratio or energy")
+        if self.config.sequential:
+            return ("pass 'activation_svd' with sequential: true re-runs the compressed blocks in memory (error-aware "
+                    "calibration), while execution mode 'sequential' gives each block the original model's inputs; drop one of the two")
         if self.config.num_samples is not None:
             return "pass 'activation_svd' with num_samples: in sequential mode every calibration window runs; set calibration.num_samples instead"
         return None

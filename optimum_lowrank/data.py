@@ -335,6 +335,19 @@ def load_sts_pairs(path: str | os.PathLike) -> list[tuple[str, str, float]]:
     return pairs
 
 
+def _relocated_shared_data(path: Path) -> Path | None:
+    """``$OPTIMUM_LOWRANK_DATA/REST`` for a path ``.../shared/data/REST`` when that file exists, else None."""
+    env = os.environ.get("OPTIMUM_LOWRANK_DATA")
+    parts = path.parts
+    if not env:
+        return None
+    for i in range(len(parts) - 1):
+        if parts[i] == "shared" and parts[i + 1] == "data" and i + 2 < len(parts):
+            moved = Path(env).expanduser().joinpath(*parts[i + 2:])
+            return moved if moved.exists() else None
+    return None
+
+
 def resolve_recipe_paths(recipe: object, folder: Path) -> list[str]:
     """Make the relative data paths of a recipe read from a file in ``folder`` absolute, in place.
 
@@ -344,6 +357,9 @@ def resolve_recipe_paths(recipe: object, folder: Path) -> list[str]:
     resolved against ``folder``; ``datasets:...``, absolute and ``~`` paths are left as they
     are. For recipes written before this rule: when the path does not exist there but does
     relative to the working directory, that file is used and a warning says how to write it.
+    A path through the project's shared data folder (``.../shared/data/REST``) that exists
+    neither way is looked up as ``$OPTIMUM_LOWRANK_DATA/REST`` when that variable is set
+    (a checkout that does not sit beside ``shared/``, e.g. a CI clone).
 
     Parameters
     ----------
@@ -364,6 +380,10 @@ def resolve_recipe_paths(recipe: object, folder: Path) -> list[str]:
             return path_text
         beside = Path(os.path.normpath(folder / path))
         here = Path(os.path.normpath(Path.cwd() / path))
+        if not beside.exists() and not here.exists():
+            moved = _relocated_shared_data(path)
+            if moved is not None:
+                return str(moved)
         if not beside.exists() and here.exists():
             notes.append(
                 f"recipe {key}: {path_text!r} is not in the recipe's folder ({beside} does not exist); using {here} "

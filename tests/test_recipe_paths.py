@@ -100,3 +100,18 @@ def test_shipped_recipes_find_their_data_from_any_folder(path, data_dir, monkeyp
             continue
         file = source.removeprefix("tsv:").rsplit(":", 1)[0] if source.startswith("tsv:") else source
         assert Path(file).is_absolute() and Path(file).is_file(), (path.name, source)
+
+
+def test_shared_data_paths_follow_the_data_variable_when_the_checkout_is_elsewhere(tmp_path, monkeypatch):
+    """A checkout not beside ``shared/`` (a CI clone) finds ``../../shared/data/...`` under $OPTIMUM_LOWRANK_DATA."""
+    data = tmp_path / "somewhere" / "data"
+    (data / "wikitext-2").mkdir(parents=True)
+    (data / "wikitext-2" / "wiki.valid.tokens").write_text("text " * 100)
+    recipes = tmp_path / "clone" / "recipes"
+    recipes.mkdir(parents=True)
+    path = _write(recipes, "calibration: {data: ../../shared/data/wikitext-2/wiki.valid.tokens}\npasses: []\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OPTIMUM_LOWRANK_DATA", raising=False)
+    assert load_recipe(path).calibration.data == str(tmp_path / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens")
+    monkeypatch.setenv("OPTIMUM_LOWRANK_DATA", str(data))
+    assert load_recipe(path).calibration.data == str(data / "wikitext-2" / "wiki.valid.tokens")

@@ -14,7 +14,26 @@ from torch import nn
 __all__ = ["BiasOnlyAttention", "BiasOnlyOutput", "PassThrough"]
 
 
-class BiasOnlyAttention(nn.Module):
+class _BiasLayerNorm(nn.Module):
+    """``LayerNorm(residual + bias)``: what is left of a residual branch whose sublayer was pruned away.
+
+    Parameters
+    ----------
+    bias : Tensor, shape (hidden_size,)
+    layer_norm : nn.LayerNorm
+    """
+
+    def __init__(self, bias: torch.Tensor, layer_norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(bias.detach().clone())
+        self.LayerNorm = layer_norm
+
+    def layer_config(self) -> dict:
+        """Constructor arguments that rebuild this layer's structure (see :mod:`optimum_lowrank.saving`)."""
+        return {"bias": self.bias, "layer_norm": self.LayerNorm}
+
+
+class BiasOnlyAttention(_BiasLayerNorm):
     """Replaces a ``BertAttention`` whose heads were all pruned.
 
     Parameters
@@ -27,15 +46,6 @@ class BiasOnlyAttention(nn.Module):
     ``forward(hidden_states, *args, **kwargs) -> (LayerNorm(hidden_states + bias),)``,
     shape (batch, seq_len, hidden_size).
     """
-
-    def __init__(self, bias: torch.Tensor, layer_norm: nn.LayerNorm) -> None:
-        super().__init__()
-        self.bias = nn.Parameter(bias.detach().clone())
-        self.LayerNorm = layer_norm
-
-    def layer_config(self) -> dict:
-        """Constructor arguments that rebuild this layer's structure (see :mod:`optimum_lowrank.saving`)."""
-        return {"bias": self.bias, "layer_norm": self.LayerNorm}
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor]:
         return (self.LayerNorm(hidden_states + self.bias),)
@@ -52,21 +62,12 @@ class PassThrough(nn.Module):
         return hidden_states
 
 
-class BiasOnlyOutput(nn.Module):
+class BiasOnlyOutput(_BiasLayerNorm):
     """Replaces a ``BertOutput`` whose intermediate dimensions were all pruned.
 
     ``forward(intermediate, input_tensor) -> LayerNorm(input_tensor + bias)``; the first
     argument (what :class:`PassThrough` returned) is ignored.
     """
-
-    def __init__(self, bias: torch.Tensor, layer_norm: nn.LayerNorm) -> None:
-        super().__init__()
-        self.bias = nn.Parameter(bias.detach().clone())
-        self.LayerNorm = layer_norm
-
-    def layer_config(self) -> dict:
-        """Constructor arguments that rebuild this layer's structure (see :mod:`optimum_lowrank.saving`)."""
-        return {"bias": self.bias, "layer_norm": self.LayerNorm}
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(input_tensor + self.bias)

@@ -9,7 +9,10 @@ and one configuration:
                      (``loss: logits`` for decoders, ``hidden`` for encoders) within ``--heal-minutes`` CPU;
 - ``no_sequential``  plain SVD-LLM (statistics of the original model; no refit possible) + the same healing;
 - ``no_refit``       sequential, ``refit: false`` + the same healing;
-- ``no_distill``     sequential + refit, healed with the plain LM loss (decoders) in the same CPU budget.
+- ``no_distill``     sequential + refit, healed with the plain LM loss (decoders) in the same CPU budget;
+- ``dense_lm``       control (FEWER must be 0): the uncompressed model healed with the plain LM loss in the
+                     same CPU budget. The healing windows are WikiText-2 text, so LM healing also adapts the
+                     model to the evaluation's domain; this row measures how much of a gain is that.
 
 Each row records the metric after compression and after healing, the CPU seconds of
 calibration (statistics, sensitivities, decompositions: shared by the rows of one process
@@ -45,7 +48,7 @@ TARGETS = {
     "smollm2": ["re:model\\.layers\\.\\d+\\.(self_attn|mlp)\\.\\w+_proj"],
     "minilm": ["re:encoder\\.layer\\.\\d+\\..*(query|key|value|dense)"],
 }
-CONFIGS = ("full", "no_sequential", "no_refit", "no_distill")
+CONFIGS = ("full", "no_sequential", "no_refit", "no_distill", "dense_lm")
 
 
 def log(message: str) -> None:
@@ -67,6 +70,8 @@ def allocation(reports) -> dict:
         before_after[1] += r.params_after
     before = sum(r.params_before for r in reports)
     after = sum(r.params_after for r in reports)
+    if not reports:  # the dense_lm control: nothing compressed
+        return {"params_ratio": 1.0, "dense_layers": "all"}
     return {
         "params_before": before,
         "params_after": after,
@@ -119,10 +124,13 @@ def run(args) -> dict:
     targets = resolve_targets(model, tuple(patterns), (torch.nn.Linear,))
 
     cpu0, wall0 = cpu_s(), time.perf_counter()
-    stats = collect_input_statistics(model, targets, cal_ids, kind=kind, gram=True)
-    sensitivity = collect_output_sensitivity(model, targets, cal_ids[: args.sens_samples], kind=kind)
-    decomps = ActivationSVDPass(ActivationSVDConfig(targets=["x"], target_params_ratio=0.5)).decompose(targets, stats)
-    del stats
+    if all(spec.endswith(":dense_lm") for spec in args.rows):  # controls only: no calibration needed
+        decomps = sensitivity = None
+    else:
+        stats = collect_input_statistics(model, targets, cal_ids, kind=kind, gram=True)
+        sensitivity = collect_output_sensitivity(model, targets, cal_ids[: args.sens_samples], kind=kind)
+        decomps = ActivationSVDPass(ActivationSVDConfig(targets=["x"], target_params_ratio=0.5)).decompose(targets, stats)
+        del stats
     result["calibration_cpu_s"] = round(cpu_s() - cpu0, 1)
     result["calibration_wall_s"] = round(time.perf_counter() - wall0, 1)
     log(f"shared calibration: {result['calibration_cpu_s']:.0f} CPU s, {result['calibration_wall_s']:.0f} s wall")
@@ -134,14 +142,20 @@ def run(args) -> dict:
         keep = round(1 - fewer, 6)
         if config not in CONFIGS:
             raise SystemExit(f"unknown row config {config!r}; allowed: {', '.join(CONFIGS)}")
-        row: dict = {"fewer": fewer, "config": config, "calibration_cpu_s": result["calibration_cpu_s"]}
+        row: dict = {"fewer": fewer, "config": config, "calibration_cpu_s": 0.0 if config == "dense_lm" else result["calibration_cpu_s"]}
         sequential = config != "no_sequential"
-        svd = ActivationSVDPass(ActivationSVDConfig(
+        svd = None if config == "dense_lm" else ActivationSVDPass(ActivationSVDConfig(
             targets=patterns, target_params_ratio=keep, sequential=sequential, refit=(config != "no_refit") if sequential else None,
             refit_damping=args.refit_damping,
         ))
         key = (fewer, sequential, config != "no_refit")  # no_distill compresses as full does: reuse its compressed model
-        if key in cache:
+        if config == "dense_lm":
+            if fewer != 0:
+                raise SystemExit(f"row {spec!r}: dense_lm is the uncompressed control; write it as 0:dense_lm")
+            m, reports = copy.deepcopy(model), []
+            row["compress_cpu_s"] = row["compress_wall_s"] = 0.0
+            row["metric_compressed"] = result["original"]
+        elif key in cache:
             m, reports, row["compress_cpu_s"], row["compress_wall_s"], row["metric_compressed"] = cache.pop(key)
             m = copy.deepcopy(m)
             row["compression_reused"] = True
@@ -164,7 +178,7 @@ def run(args) -> dict:
             f"(params ratio {row['params_ratio']}, {row['compress_cpu_s']:.0f} CPU s)")
         used_min = (row["calibration_cpu_s"] + row["compress_cpu_s"]) / 60
         minutes = max(0.5, min(args.heal_minutes, args.row_budget_minutes - used_min - 0.5))
-        loss = ("logits" if kind == "decoder" else "hidden") if config != "no_distill" else "lm"
+        loss = ("logits" if kind == "decoder" else "hidden") if config not in ("no_distill", "dense_lm") else "lm"
         if args.heal_minutes > 0:
             cpu0, wall0 = cpu_s(), time.perf_counter()
             ft = finetune(m, heal_ids, kind=kind, max_minutes=minutes, lr=args.heal_lr if kind == "decoder" else args.heal_lr_encoder,

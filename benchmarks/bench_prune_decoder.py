@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64, help="calibration windows of WikiText-2 valid")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--mask-lr", type=float, default=0.2)
+    parser.add_argument("--droprate-init", type=float, default=0.05,
+                        help="initial closing probability (CoFi: 0.5; 0.5 closes ~17%% of the units at random before training)")
     parser.add_argument("--ppl-windows", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True)
@@ -79,7 +81,7 @@ def main() -> None:
 
     options = {"targets": ["re:model\\.layers\\.\\d+"], "target_sparsity": args.sparsity, "steps": args.steps,
                "finetune_steps": args.finetune_steps, "batch_size": args.batch_size, "max_length": args.seq, "lr": args.lr,
-               "mask_lr": args.mask_lr}
+               "mask_lr": args.mask_lr, "droprate_init": args.droprate_init}
     result["options"] = options
     cpu0, wall0 = cpu_s(), time.perf_counter()
     reports = StructuredPrunePass(options).run(model, context)
@@ -96,7 +98,7 @@ def main() -> None:
         path = export_onnx(model, Path(tmp) / "onnx", onnx_task(model))
         result["onnx_task"] = onnx_task(model)
         result["onnx_mb"] = onnx_size_mb(path)
-        parity = check_parity(model, path, atol=1e-3, seq_lengths=(8, 32), vocab_size=model.config.vocab_size)
+        parity = check_parity(model, path, atol=1e-3, rtol=1e-4, seq_lengths=(8, 32), vocab_size=model.config.vocab_size)
         result["parity_passed"], result["parity_max_abs_diff"] = parity.passed, parity.max_abs_diff
         result["ppl_after_onnx"] = evaluator.evaluate_onnx(path)
     log(f"export: parity {parity.passed} (max diff {parity.max_abs_diff:.2e}), ORT perplexity {result['ppl_after_onnx']:.3f}")

@@ -4,6 +4,9 @@ Gates over attention heads, FFN intermediate dimensions and (optionally) whole
 attention / FFN blocks are trained together with the model, under a Lagrangian
 penalty that drives the expected sparsity to the target, while the model is
 distilled from its unpruned copy. The closed units are then physically removed.
+BERT encoder layers, and Llama-like decoder layers (query-head slots within the
+key/value groups, FFN dimensions and whole MLPs, distilled on the next-token
+distribution; see :mod:`~optimum_lowrank.passes.pruning.decoder`).
 
 References
 ----------

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from optimum_lowrank.errors import DataError, PassError
 from optimum_lowrank.progress import bar
 
-__all__ = ["LOSSES", "finetune", "fresh_windows", "load_values", "lowrank_parameters", "make_loss"]
+__all__ = ["LOSSES", "finetune", "fresh_windows", "load_values", "lowrank_parameters", "make_loss", "next_token_kl"]
 
 LOSSES = ("auto", "lm", "hidden", "logits")
 
@@ -69,6 +69,14 @@ def lowrank_parameters(model: nn.Module) -> list[nn.Parameter]:
             for p in module.parameters():
                 seen.setdefault(id(p), p)
     return list(seen.values())
+
+
+def next_token_kl(logits: Tensor, ref_logits: Tensor) -> Tensor:
+    """``KL(p_ref || p)`` of the next-token distributions, mean over positions (nats); both ``(..., vocab)``,
+    ``ref_logits`` without gradient. The ``logits`` loss here and ``structured_prune`` on decoders use it."""
+    ref = F.log_softmax(ref_logits.float(), dim=-1)
+    out = F.log_softmax(logits.float(), dim=-1)
+    return F.kl_div(out.flatten(0, -2), ref.flatten(0, -2), log_target=True, reduction="batchmean")
 
 
 def _hidden(output: Any) -> Tensor:
@@ -130,9 +138,8 @@ def make_loss(
     if loss == "logits":
         def logits_kl(ids: Tensor) -> Tensor:
             with torch.no_grad():
-                ref = F.log_softmax(_forward(reference_model, ids, kind).logits.float(), dim=-1)
-            out = F.log_softmax(_forward(model, ids, kind).logits.float(), dim=-1)
-            return F.kl_div(out.flatten(0, -2), ref.flatten(0, -2), log_target=True, reduction="batchmean")
+                ref = _forward(reference_model, ids, kind).logits
+            return next_token_kl(_forward(model, ids, kind).logits, ref)
         return logits_kl
 
     base = getattr(model, "base_model", model) if kind == "decoder" else model

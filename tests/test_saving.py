@@ -87,6 +87,19 @@ def _pruned(model):
         second.output.dense.weight.copy_(down.weight[:, keep])
 
 
+def _pruned_llama(model):
+    """structured_prune's decoder removal: fewer query heads per KV group (an attribute), smaller projections, an MLP removed."""
+    from optimum_lowrank.passes.pruning.structure import install_gates, remove_closed
+
+    gates = install_gates({f"model.layers.{i}": model.model.layers[i] for i in range(2)}, 0.5, sublayers=True)
+    with torch.no_grad():
+        gates[0].heads.log_alpha.copy_(torch.tensor([5.0, -5.0]))
+        gates[0].ffn.log_alpha.fill_(5.0)
+        gates[1].ffn.log_alpha.fill_(-10.0)
+    remove_closed(gates)
+    assert model.model.layers[0].self_attn.num_key_value_groups == 1
+
+
 def _token_dropping(model):
     layers = model.encoder.layer
     predictor = TokenKeepPredictor(32, init_bias=0.0)
@@ -112,6 +125,7 @@ CASES: dict[str, tuple[str, Callable, set[str]]] = {
     "fourier": ("tiny_llama", _fourier, {"FourierEmbedding", "MaterializedHead"}),
     "hybrid": ("tiny_llama", _hybrid, {"HybridEmbedding", "HybridHead", "LowRankEmbedding", "LowRankHead"}),
     "pruned": ("tiny_bert", _pruned, {"BiasOnlyAttention", "BiasOnlyOutput", "PassThrough", "torch.nn.Linear", "torch.nn.LayerNorm"}),
+    "pruned_llama": ("tiny_llama", _pruned_llama, {"BiasOnlyMLP", "torch.nn.Linear"}),
     "resized_table": ("tiny_bert", _resized_table, {"torch.nn.Embedding"}),
     "token_dropping": (
         "tiny_bert", _token_dropping, {"TokenDroppingEncoder", "TokenKeepPredictor", "torch.nn.ModuleList", "torch.nn.Identity"},

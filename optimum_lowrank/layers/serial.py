@@ -19,7 +19,7 @@ from optimum_lowrank.layers.base import MaterializedHead
 from optimum_lowrank.layers.fourier import FourierEmbedding
 from optimum_lowrank.layers.hybrid import HybridEmbedding, HybridHead
 from optimum_lowrank.layers.lowrank import LowRankEmbedding, LowRankHead, LowRankLinear
-from optimum_lowrank.layers.pruned import BiasOnlyAttention, BiasOnlyOutput, PassThrough
+from optimum_lowrank.layers.pruned import BiasOnlyAttention, BiasOnlyMLP, BiasOnlyOutput, PassThrough
 from optimum_lowrank.layers.token_dropping import TokenDroppingEncoder, TokenKeepPredictor
 from optimum_lowrank.layers.tt import TTEmbedding, TTMatrixEmbedding
 
@@ -30,6 +30,7 @@ LAYER_CLASSES: tuple[type[nn.Module], ...] = (
     AffineFactorHead,
     AutoencoderEmbedding,
     BiasOnlyAttention,
+    BiasOnlyMLP,
     BiasOnlyOutput,
     FourierEmbedding,
     HybridEmbedding,

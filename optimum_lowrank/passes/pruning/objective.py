@@ -8,7 +8,12 @@ Two settings, chosen by what the model and the config provide:
   between the student's and the teacher's hidden states layer by layer;
 - **distillation** (a bare encoder, or no labels): the MSE between the student's and
   the teacher's mean-pooled last hidden states (and optionally every layer's), on
-  the texts of ``data`` or, without data, on the pipeline's calibration windows.
+  the texts of ``data`` or, without data, on the pipeline's calibration windows;
+- **decoders** (a causal LM, distillation only): ``KL(p_teacher || p_student)`` of the
+  next-token distributions at every position
+  (:func:`optimum_lowrank.finetune.next_token_kl`, the fine-tune's ``logits`` loss),
+  optionally plus the layer-wise hidden-state MSE, on ``max_length``-token windows cut
+  from the plain text file ``data`` or on the calibration windows.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from optimum_lowrank.api import PassContext
-from optimum_lowrank.errors import PassError
+from optimum_lowrank.errors import DataError, PassError
 from optimum_lowrank.evaluation.base import hidden_state, mean_pool
+from optimum_lowrank.exporters.onnx import is_causal_lm
+from optimum_lowrank.finetune import next_token_kl
 from optimum_lowrank.tasks import LabelledData, check_num_labels, encode_batches, load_labelled_tsv
 
 __all__ = ["NonFiniteLossError", "TaskObjective", "TrainingOptions", "check_finite", "warmup_schedule"]
@@ -42,10 +49,11 @@ class TrainingOptions(BaseModel):
     Attributes
     ----------
     data : str or None
-        A labelled TSV with a header (see :func:`optimum_lowrank.tasks.load_labelled_tsv`),
-        e.g. SST-2 ``train.tsv``. None: distil on the calibration windows.
+        Encoders: a labelled TSV with a header (see :func:`optimum_lowrank.tasks.load_labelled_tsv`),
+        e.g. SST-2 ``train.tsv``. Decoders: a plain text file, cut into ``max_length``-token
+        windows. None: distil on the calibration windows.
     max_examples : int >= 1 or None
-        Read only the first ``max_examples`` rows of ``data``.
+        Read only the first ``max_examples`` rows of ``data`` (decoders: windows).
     steps : int >= 1
         Optimisation steps.
     batch_size : int >= 1
@@ -67,15 +75,17 @@ class TrainingOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     data: str | None = Field(None, description=(
-        "A labelled TSV with a header (see `load_labelled_tsv`), e.g. SST-2 `train.tsv`. None: distil on the "
-        "calibration windows."
+        "Encoders: a labelled TSV with a header (see `load_labelled_tsv`), e.g. SST-2 `train.tsv`. Decoders: a plain "
+        "text file, cut into `max_length`-token windows. None: distil on the calibration windows."
     ))
-    max_examples: int | None = Field(None, ge=1, description="Read only the first `max_examples` rows of `data`.")
+    max_examples: int | None = Field(None, ge=1, description="Read only the first `max_examples` rows of `data` (decoders: windows).")
     steps: int = Field(200, ge=1, le=1_000_000, description="Optimisation steps.")
     batch_size: int = Field(32, ge=1, le=4096, description="Examples per optimisation step.")
     lr: float = Field(3e-5, gt=0, le=1, description="Learning rate of the model's weights (AdamW, weight decay 0.01, 10% warm-up).")
     max_length: int = Field(64, ge=8, le=512, description="Tokens per example.")
-    objective: Literal["auto", "task", "distill"] = Field("auto", description="`auto`: `task` when the model has a classification head and `data` is given, else `distill`.")
+    objective: Literal["auto", "task", "distill"] = Field("auto", description=(
+        "`auto`: `task` when the model has a classification head and `data` is given, else `distill` (decoders: "
+        "always `distill`, the next-token KL to the unpruned model)."))
     distill_temperature: float = Field(2.0, gt=0, description="Softmax temperature of the logit distillation.")
     distill_alpha: float = Field(0.5, ge=0, le=1, description="Weight of the logit KL against the task cross-entropy (task objective).")
     distill_hidden: float = Field(0.0, ge=0, description="Weight of the layer-wise hidden-state MSE to the teacher (0: off).")
@@ -88,8 +98,8 @@ class TaskObjective:
     Parameters
     ----------
     model : nn.Module
-        The model to train (a BERT-like encoder, with or without a classification head);
-        a frozen copy is taken as the teacher.
+        The model to train (a BERT-like encoder, with or without a classification head, or a
+        causal LM); a frozen copy is taken as the teacher.
     options : TrainingOptions
     context : PassContext
         Its tokenizer tokenizes ``data``; its calibration windows feed ``distill``
@@ -101,11 +111,13 @@ class TaskObjective:
         ``objective: task`` without a classification head or without ``data``, or no
         tokenizer for ``data``.
     DataError
-        A malformed task file or labels that do not fit the head.
+        A malformed task file, labels that do not fit the head, or a decoder's text too
+        short for one window.
     """
 
     def __init__(self, model: nn.Module, options: TrainingOptions, context: PassContext) -> None:
         self.options = options
+        self.decoder = context.kind == "decoder" or is_causal_lm(model)
         has_head = hasattr(model, "classifier") and hasattr(getattr(model, "config", None), "num_labels")
         mode = options.objective
         if mode == "auto":
@@ -123,14 +135,18 @@ class TaskObjective:
         if options.data is not None:
             if context.tokenizer is None:
                 raise PassError("training on 'data' needs the model's tokenizer, but the pipeline gave none")
-            self.data = load_labelled_tsv(options.data, max_rows=options.max_examples)
-            if has_head:
+            if self.decoder:
+                self._windows = _text_windows(context.tokenizer, options)
+            else:
+                self.data = load_labelled_tsv(options.data, max_rows=options.max_examples)
+            if has_head and self.data is not None:
                 check_num_labels(model, self.data)
             self.tokenizer = context.tokenizer
         else:
             self._windows = context.calibration_ids
-        self.description = (f"{mode} objective on " + (self.data.source if self.data is not None
-                                                        else f"{len(self._windows)} calibration windows"))
+        source = (self.data.source if self.data is not None else f"{len(self._windows)} windows of {options.data}"
+                  if options.data is not None else f"{len(self._windows)} calibration windows")
+        self.description = ("next-token KL distillation" if self.decoder else f"{mode} objective") + f" on {source}"
         self.teacher = copy.deepcopy(model).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -160,10 +176,13 @@ class TaskObjective:
         """The objective's loss on one batch (scalar); ``extra_hidden=False`` skips the layer-wise MSE."""
         opts = self.options
         want_hidden = opts.distill_hidden > 0 and extra_hidden
+        extra = {"use_cache": False} if self.decoder else {}
         with torch.no_grad():
-            teacher = self.teacher(**inputs, output_hidden_states=want_hidden)
-        out = student(**inputs, output_hidden_states=want_hidden)
-        if self.mode == "task":
+            teacher = self.teacher(**inputs, output_hidden_states=want_hidden, **extra)
+        out = student(**inputs, output_hidden_states=want_hidden, **extra)
+        if self.decoder:
+            loss = next_token_kl(out.logits, teacher.logits)
+        elif self.mode == "task":
             t = opts.distill_temperature
             ce = F.cross_entropy(out.logits, labels)
             kd = F.kl_div(F.log_softmax(out.logits / t, -1), F.log_softmax(teacher.logits / t, -1),
@@ -179,6 +198,22 @@ class TaskObjective:
             pairs = list(zip(out.hidden_states[1:], teacher.hidden_states[1:]))
             loss = loss + opts.distill_hidden * sum(F.mse_loss(s, t) for s, t in pairs) / len(pairs)
         return loss
+
+
+def _text_windows(tokenizer, options: TrainingOptions) -> torch.Tensor:
+    """``max_length``-token windows of the plain text file ``options.data`` (at most ``max_examples``)."""
+    from pathlib import Path
+
+    from optimum_lowrank.data import token_windows
+
+    path = Path(options.data)
+    if not path.is_file():
+        raise DataError(f"structured_prune data {options.data!r}: no such file (decoders take a plain text file)")
+    windows = token_windows(tokenizer, path.read_text(encoding="utf-8", errors="replace"), options.max_length,
+                            options.max_examples or 1_000_000)
+    if len(windows) == 0:
+        raise DataError(f"structured_prune data {options.data!r}: shorter than one window of {options.max_length} tokens")
+    return windows
 
 
 def check_finite(loss: torch.Tensor, step: int, what: str) -> None:

@@ -1,7 +1,8 @@
-"""Hard-concrete gates installed on BERT layers, their expected size, and the
-physical removal of what they close.
+"""Hard-concrete gates installed on BERT layers (and, through
+:mod:`~optimum_lowrank.passes.pruning.decoder`, on Llama-like decoder layers), their
+expected size, and the physical removal of what they close.
 
-Gates per layer (CoFi's structure, without hidden dimensions):
+Gates per BERT layer (CoFi's structure, without hidden dimensions):
 
 - one per attention head, applied to that head's slice of the attention context;
 - one per FFN intermediate dimension, applied after the activation;
@@ -24,38 +25,46 @@ from torch import nn
 
 from optimum_lowrank.errors import PassError
 from optimum_lowrank.layers.pruned import BiasOnlyAttention, BiasOnlyOutput, PassThrough
+from optimum_lowrank.passes.pruning.decoder import DECODER_LAYERS, decoder_sizes, gate_decoder, keep_columns, keep_rows, remove_decoder
 from optimum_lowrank.passes.pruning.hard_concrete import HardConcrete
 
 __all__ = ["LayerGates", "expected_sparsity", "install_gates", "remove_closed", "set_gate_values"]
 
-#: Module class names this pass knows how to gate and shrink.
-SUPPORTED_LAYERS = ("BertLayer",)
+#: Encoder layer classes this pass knows how to gate and shrink.
+ENCODER_LAYERS = ("BertLayer",)
+#: Every layer class this pass knows how to gate and shrink (encoders, then Llama-like decoders).
+SUPPORTED_LAYERS = ENCODER_LAYERS + DECODER_LAYERS
 
 
 @dataclass
 class LayerGates:
-    """The gates of one BERT layer and the hooks that apply them.
+    """The gates of one layer and the hooks that apply them.
 
     Attributes
     ----------
     name : str
         Qualified name of the layer.
     heads, intermediate : HardConcrete
-        Sizes (num_heads,) and (intermediate_size,).
+        Sizes (num_heads,) and (intermediate_size,); on a decoder layer ``heads`` has one
+        gate per query-head slot, size (num_attention_heads / num_key_value_heads,).
     mha, ffn : HardConcrete or None
-        One gate each for the whole blocks (``prune_sublayers``).
+        One gate each for the whole blocks (``prune_sublayers``); a decoder layer has no ``mha``.
     values : dict
         The gate values the hooks apply now (set by :func:`set_gate_values`).
     """
 
     name: str
     layer: nn.Module
-    heads: HardConcrete
-    intermediate: HardConcrete
-    mha: HardConcrete | None
-    ffn: HardConcrete | None
+    heads: HardConcrete | None = None
+    intermediate: HardConcrete | None = None
+    mha: HardConcrete | None = None
+    ffn: HardConcrete | None = None
     values: dict[str, torch.Tensor] = field(default_factory=dict)
     handles: list = field(default_factory=list)
+
+    @property
+    def decoder(self) -> bool:
+        return type(self.layer).__name__ in DECODER_LAYERS
 
     def modules(self) -> list[HardConcrete]:
         return [g for g in (self.heads, self.intermediate, self.mha, self.ffn) if g is not None]
@@ -68,8 +77,9 @@ class LayerGates:
 
 def _check_layer(name: str, layer: nn.Module) -> tuple[int, int, int, int]:
     """(hidden, heads, head_dim, intermediate) of a plain BERT layer, or PassError."""
-    if type(layer).__name__ not in SUPPORTED_LAYERS:
-        raise PassError(f"{name}: structured_prune supports {', '.join(SUPPORTED_LAYERS)} layers (encoders), got {type(layer).__name__}")
+    if type(layer).__name__ not in ENCODER_LAYERS:
+        raise PassError(f"{name}: structured_prune supports {', '.join(ENCODER_LAYERS)} layers (encoders) and "
+                        f"{', '.join(DECODER_LAYERS)} layers (Llama-like decoders), got {type(layer).__name__}")
     attn = getattr(layer.attention, "self", None)
     if attn is None or not isinstance(getattr(layer, "intermediate", None), nn.Module) or not hasattr(layer.intermediate, "dense"):
         raise PassError(f"{name}: already pruned or modified (no attention.self / intermediate.dense); prune an unpruned model")
@@ -84,10 +94,15 @@ def install_gates(layers: dict[str, nn.Module], droprate_init: float, sublayers:
     Raises
     ------
     PassError
-        If a layer is not a plain BERT layer (see :data:`SUPPORTED_LAYERS`).
+        If a layer is not a plain BERT or Llama-like layer (see :data:`SUPPORTED_LAYERS`).
     """
     out = []
     for name, layer in layers.items():
+        if type(layer).__name__ in DECODER_LAYERS:
+            gates = LayerGates(name, layer)
+            gates.heads, gates.intermediate, gates.mha, gates.ffn = gate_decoder(gates, droprate_init, sublayers)
+            out.append(gates)
+            continue
         _, heads, head_dim, inter = _check_layer(name, layer)
         gates = LayerGates(name, layer, HardConcrete(heads, droprate_init), HardConcrete(inter, droprate_init),
                            HardConcrete(1, droprate_init) if sublayers else None,
@@ -136,12 +151,17 @@ def set_gate_values(all_gates: list[LayerGates], mode: str, generator: torch.Gen
 def expected_sparsity(all_gates: list[LayerGates]) -> torch.Tensor:
     """Expected fraction of the gated layers' attention and FFN weights removed, in [0, 1].
 
-    Per layer, each head holds ``4 * hidden * head_dim`` weights (Q, K, V, output) and
+    Per BERT layer, each head holds ``4 * hidden * head_dim`` weights (Q, K, V, output) and
     each intermediate dimension ``2 * hidden``; a head counts with ``P(head open) *
-    P(block open)``. Biases and LayerNorms are ignored (as in CoFi).
+    P(block open)``. Biases and LayerNorms are ignored (as in CoFi). Decoder layers: see
+    :func:`~optimum_lowrank.passes.pruning.decoder.decoder_sizes`.
     """
     full, kept = 0.0, 0.0
     for g in all_gates:
+        if g.decoder:
+            layer_full, layer_kept = decoder_sizes(g)
+            full, kept = full + layer_full, kept + layer_kept
+            continue
         hidden, heads, head_dim, inter = _check_layer(g.name, g.layer)
         per_head, per_dim = 4 * hidden * head_dim, 2 * hidden
         full += heads * per_head + inter * per_dim
@@ -161,6 +181,9 @@ def remove_closed(all_gates: list[LayerGates]) -> list[dict]:
     summary = []
     for g in all_gates:
         g.remove_hooks()
+        if g.decoder:
+            summary.append(remove_decoder(g))
+            continue
         layer = g.layer
         _, heads, head_dim, inter = _check_layer(g.name, layer)
         z_heads = g.heads.deterministic()
@@ -186,8 +209,8 @@ def remove_closed(all_gates: list[LayerGates]) -> list[dict]:
             layer.output = BiasOnlyOutput(down.bias, layer.output.LayerNorm)
         elif keep.numel() < inter:
             up = layer.intermediate.dense
-            layer.intermediate.dense = _rows(up, keep)
-            layer.output.dense = _columns(down, keep)
+            layer.intermediate.dense = keep_rows(up, keep)
+            layer.output.dense = keep_columns(down, keep)
         summary.append({
             "heads_kept": heads - len(closed), "heads_total": heads,
             "intermediate_kept": int(keep.numel()), "intermediate_total": inter,
@@ -195,18 +218,3 @@ def remove_closed(all_gates: list[LayerGates]) -> list[dict]:
         })
     return summary
 
-
-def _rows(linear: nn.Linear, keep: torch.Tensor) -> nn.Linear:
-    new = nn.Linear(linear.in_features, keep.numel(), bias=linear.bias is not None)
-    new.weight.copy_(linear.weight[keep])
-    if linear.bias is not None:
-        new.bias.copy_(linear.bias[keep])
-    return new
-
-
-def _columns(linear: nn.Linear, keep: torch.Tensor) -> nn.Linear:
-    new = nn.Linear(keep.numel(), linear.out_features, bias=linear.bias is not None)
-    new.weight.copy_(linear.weight[:, keep])
-    if linear.bias is not None:
-        new.bias.copy_(linear.bias)
-    return new

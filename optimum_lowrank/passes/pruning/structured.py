@@ -4,6 +4,9 @@ Gates over attention heads, FFN intermediate dimensions and (optionally) whole
 attention / FFN blocks are trained together with the model, under a Lagrangian
 penalty that drives the expected sparsity to the target, while the model is
 distilled from its unpruned copy. The closed units are then physically removed.
+BERT encoder layers, and Llama-like decoder layers (query-head slots within the
+key/value groups, FFN dimensions and whole MLPs, distilled on the next-token
+distribution; see :mod:`~optimum_lowrank.passes.pruning.decoder`).
 
 References
 ----------
@@ -28,7 +31,7 @@ from optimum_lowrank.api import CompressionPass, PassConfig, PassContext, count_
 from optimum_lowrank.hookspecs import hookimpl
 from optimum_lowrank.passes.pruning.hard_concrete import Lagrangian
 from optimum_lowrank.passes.pruning.objective import TaskObjective, TrainingOptions, check_finite, lagrangian_step, warmup_schedule
-from optimum_lowrank.passes.pruning.structure import expected_sparsity, install_gates, remove_closed, set_gate_values
+from optimum_lowrank.passes.pruning.structure import SUPPORTED_LAYERS, expected_sparsity, install_gates, remove_closed, set_gate_values
 from optimum_lowrank.progress import bar
 from optimum_lowrank.report import LayerReport
 
@@ -40,11 +43,13 @@ class StructuredPruneConfig(PassConfig, TrainingOptions):
 
     Attributes
     ----------
-    targets : BERT layers, e.g. ``["re:.*encoder\\.layer\\.\\d+"]``.
+    targets : BERT layers, e.g. ``["re:.*encoder\\.layer\\.\\d+"]``, or Llama-like decoder layers,
+        e.g. ``["re:model\\.layers\\.\\d+"]`` (query-head slots and FFN dimensions; see
+        :mod:`~optimum_lowrank.passes.pruning.decoder`).
     target_sparsity : float, 0 <= target_sparsity < 1
         Fraction of the targeted layers' attention + FFN weights to remove.
     prune_sublayers : bool
-        Also gate whole attention and FFN blocks.
+        Also gate whole attention and FFN blocks (decoders: the whole MLP only).
     droprate_init : float in (0, 1)
         Initial closing probability of every gate (CoFi: 0.5).
     mask_lr : float > 0
@@ -64,7 +69,7 @@ class StructuredPruneConfig(PassConfig, TrainingOptions):
     """
 
     target_sparsity: float = Field(description="Fraction of the targeted layers' attention + FFN weights to remove.")
-    prune_sublayers: bool = Field(True, description="Also gate whole attention and FFN blocks.")
+    prune_sublayers: bool = Field(True, description="Also gate whole attention and FFN blocks (decoders: the whole MLP only).")
     droprate_init: float = Field(0.5, gt=0, lt=1, description="Initial closing probability of every gate (CoFi: 0.5).")
     mask_lr: float = Field(0.1, gt=0, description="Learning rate of the gates' `log_alpha` and of the Lagrange multipliers (CoFi: 0.1).")
     sparsity_warmup: float = Field(0.5, ge=0, le=1, description="Fraction of `steps` over which the target rises linearly from 0.")
@@ -88,9 +93,12 @@ class StructuredPrunePass(CompressionPass):
 
     Raises
     ------
+    TargetError
+        A target that is neither a BERT layer nor a Llama-like decoder layer (the message
+        names the supported layer classes).
     PassError
-        A target that is not a plain BERT layer (decoders are not supported yet), a
-        ``task`` objective without a head or data, or a non-finite loss.
+        A target already pruned or compressed, a ``task`` objective without a head or
+        data (decoders are always distilled), or a non-finite loss.
     DataError
         A malformed task file, or labels that do not fit the head.
 
@@ -101,8 +109,9 @@ class StructuredPrunePass(CompressionPass):
 
     name = "structured_prune"
     config_class = StructuredPruneConfig
-    target_types = ("BertLayer",)
-    summary = "CoFi-style L0 structured pruning of heads, FFN dimensions and blocks (Lagrangian sparsity target, distillation)"
+    target_types = SUPPORTED_LAYERS
+    summary = ("CoFi-style L0 structured pruning of heads, FFN dimensions and blocks (Lagrangian sparsity target, distillation); "
+               "BERT encoders and Llama-like decoders")
     example_options = {"targets": ["re:encoder\\.layer\\.\\d+"], "target_sparsity": 0.5, "steps": 4, "batch_size": 2,
                        "max_length": 16, "mask_lr": 0.5}
 

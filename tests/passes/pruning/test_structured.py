@@ -7,14 +7,14 @@ import torch
 from pydantic import ValidationError
 
 from optimum_lowrank.api import PassContext, count_parameters
-from optimum_lowrank.errors import DataError, PassError, RecipeError, TargetError
+from optimum_lowrank.errors import DataError, PassError, RecipeError
 from optimum_lowrank.layers.pruned import BiasOnlyAttention, BiasOnlyOutput
 from optimum_lowrank.passes.pruning.hard_concrete import HardConcrete
 from optimum_lowrank.passes.pruning.objective import NonFiniteLossError, TaskObjective
 from optimum_lowrank.passes.pruning.structure import expected_sparsity, install_gates, remove_closed, set_gate_values
 from optimum_lowrank.passes.pruning.structured import StructuredPrunePass
 from optimum_lowrank.recipe import load_recipe
-from optimum_lowrank.testing import tiny_bert, tiny_context, tiny_llama
+from optimum_lowrank.testing import tiny_bert, tiny_context
 from tests.helpers import padded_batch, sentiment_tsv, tiny_classifier, word_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,9 +122,7 @@ def test_a_non_finite_loss_stops_and_leaves_the_model_untouched(monkeypatch):
     assert not any(m._forward_hooks for m in model.modules())
 
 
-def test_decoder_layers_and_task_objective_without_head_are_errors():
-    with pytest.raises(TargetError, match="supports BertLayer"):
-        StructuredPrunePass({"targets": ["model.layers.*"], "target_sparsity": 0.5}).run(tiny_llama(), tiny_context(kind="decoder"))
+def test_task_objective_without_head_is_an_error():  # decoders: tests/passes/pruning/test_decoder.py
     with pytest.raises(PassError, match="objective 'task' needs a ...ForSequenceClassification"):
         StructuredPrunePass({"targets": LAYERS, "target_sparsity": 0.5, "objective": "task"}).run(tiny_bert(), tiny_context())
 

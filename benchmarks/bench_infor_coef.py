@@ -48,13 +48,15 @@ from optimum_lowrank.tasks import load_labelled_tsv
 RESULTS = ROOT / "benchmarks" / "results" / "infor_coef.json"
 
 
-def encoder_flops(model, tokens_per_layer: list[float]) -> float:
+def encoder_flops(model, tokens_per_layer: list[float], length: float | None = None) -> float:
     """Multiply-adds x 2 of the encoder layers (and token predictors) for one sentence.
 
-    ``tokens_per_layer[i]``: tokens layer ``i`` runs on. Per layer with ``n`` tokens,
+    ``tokens_per_layer[i]``: tokens layer ``i`` runs on; ``length``: the sentence's tokens
+    (default ``tokens_per_layer[0]``). Per layer with ``n`` tokens,
     ``a = heads x head_dim`` and FFN width ``f``: Q/K/V/O projections ``8 n D a``,
-    scores and context ``4 n^2 a``, FFN ``4 n D f``; a predictor adds ``2 n D (D + 2)``
-    on the tokens it scores. Embedding look-ups, LayerNorms and the classifier are left out.
+    scores and context ``4 n^2 a``, FFN ``4 n D f``; a predictor adds ``2 x`` its linear
+    layers' multiply-adds per token on the tokens it scores (those the previous layer ran
+    on). Embedding look-ups, LayerNorms and the classifier are left out.
     """
     encoder = model.bert.encoder
     width = model.config.hidden_size
@@ -65,14 +67,14 @@ def encoder_flops(model, tokens_per_layer: list[float]) -> float:
         a = 0 if attn is None else attn.num_attention_heads * attn.attention_head_size
         f = getattr(getattr(layer.intermediate, "dense", None), "out_features", 0)
         total += 8 * n * width * a + 4 * n * n * a + 4 * n * width * f
-        if isinstance(encoder, TokenDroppingEncoder) and hasattr(encoder.predictors[i], "net"):
-            scored = tokens_per_layer[i - 1] if i else tokens_per_layer[0]
-            total += 2 * scored * width * (width + 2)
+        if isinstance(encoder, TokenDroppingEncoder) and hasattr(encoder.predictors[i], "macs_per_token"):
+            scored = tokens_per_layer[i - 1] if i else (length if length is not None else tokens_per_layer[0])
+            total += 2 * scored * encoder.predictors[i].macs_per_token()
     return total
 
 
 def token_counts(model, tokenizer, sentences: list[str]) -> list[list[float]]:
-    """Per sentence, the tokens each layer runs on (batch 1, PyTorch eval)."""
+    """Per sentence, its token count followed by the tokens each layer runs on (batch 1, PyTorch eval)."""
     out = []
     encoder = model.bert.encoder
     with torch.inference_mode():
@@ -82,14 +84,14 @@ def token_counts(model, tokenizer, sentences: list[str]) -> list[list[float]]:
             n = enc["input_ids"].shape[1]
             if isinstance(encoder, TokenDroppingEncoder):
                 kept = iter(encoder.stats["kept_tokens"])
-                per, current = [], float(n)
+                per, current = [float(n)], float(n)
                 for p in encoder.predictors:
                     if hasattr(p, "net"):
                         current = next(kept)
                     per.append(current)
                 out.append(per)
             else:
-                out.append([float(n)] * len(encoder.layer))
+                out.append([float(n)] * (len(encoder.layer) + 1))
     return out
 
 
@@ -141,8 +143,8 @@ def measure(name, model, tokenizer, evaluator, sentences, seconds, notes, work: 
     if quantize:
         graphs["int8"] = quantize_onnx(fp32, folder / "model_quantized.onnx", "dynamic_int8", per_channel=True, reduce_range=True)
     counts = token_counts(model, tokenizer, sentences)
-    flops = statistics.fmean(encoder_flops(model, c) for c in counts)
-    mean_tokens = [statistics.fmean(c[i] for c in counts) for i in range(len(counts[0]))]
+    flops = statistics.fmean(encoder_flops(model, c[1:], c[0]) for c in counts)
+    mean_tokens = [statistics.fmean(c[i] for c in counts) for i in range(1, len(counts[0]))]
     for precision, path in graphs.items():
         row = {
             "row": name, "precision": precision,
@@ -166,17 +168,49 @@ def machine() -> dict:
     return {"cpus": os.cpu_count(), "load_1min": os.getloadavg()[0], "torch_threads": torch.get_num_threads()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training options of both passes (shared with ``pilot_infor_coef.py``)."""
     parser.add_argument("--prune-steps", type=int, default=300)
     parser.add_argument("--token-steps", type=int, default=200)
     parser.add_argument("--finetune-steps", type=int, default=100, help="steps after the units are removed")
     parser.add_argument("--sparsity", type=float, default=0.6)
     parser.add_argument("--target-keep", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--prune-lr", type=float, default=3e-5)
+    parser.add_argument("--mask-lr", type=float, default=0.1)
+    parser.add_argument("--sparsity-warmup", type=float, default=0.5)
+    parser.add_argument("--distill-alpha", type=float, default=0.7)
+    parser.add_argument("--token-lr", type=float, default=2e-5)
+    parser.add_argument("--predictor-lr", type=float, default=1e-3)
+    parser.add_argument("--token-layers", default="all", help="comma-separated layer indices that get a predictor, or 'all'")
+    parser.add_argument("--predictor-hidden", type=int, default=None, help="predictor hidden width (default: D; 0: linear)")
+    parser.add_argument("--predictor-init-bias", type=float, default=5.0)
     parser.add_argument("--torch-threads", type=int, default=1, help="training threads (1: no OpenMP spinning on a shared CPU)")
-    parser.add_argument("--latency-sentences", type=int, default=200)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench_infor_coef")
+
+
+def pass_entries(args, train_tsv: str) -> tuple[dict, dict, str, str]:
+    """The two recipe entries from the command line, and their cache tags (pruned, pruned + tokens)."""
+    prune = {"pass": "structured_prune", "targets": ["re:bert\\.encoder\\.layer\\.\\d+"], "target_sparsity": args.sparsity,
+             "data": train_tsv, "steps": args.prune_steps, "finetune_steps": args.finetune_steps, "batch_size": args.batch_size,
+             "lr": args.prune_lr, "mask_lr": args.mask_lr, "sparsity_warmup": args.sparsity_warmup, "distill_alpha": args.distill_alpha}
+    tokens = {"pass": "token_downsampling", "targets": ["bert.encoder"], "data": train_tsv, "steps": args.token_steps,
+              "batch_size": args.batch_size, "target_keep": args.target_keep, "lr": args.token_lr, "predictor_lr": args.predictor_lr,
+              "predictor_hidden": args.predictor_hidden, "predictor_init_bias": args.predictor_init_bias,
+              "distill_alpha": args.distill_alpha}
+    if args.token_layers != "all":
+        tokens["layers"] = [int(i) for i in args.token_layers.split(",")]
+    tag = (f"s{args.sparsity}-p{args.prune_steps}-f{args.finetune_steps}-b{args.batch_size}-lr{args.prune_lr}"
+           f"-m{args.mask_lr}-w{args.sparsity_warmup}-a{args.distill_alpha}")
+    token_tag = (f"{tag}-tokens-k{args.target_keep}-t{args.token_steps}-lr{args.token_lr}-plr{args.predictor_lr}"
+                 f"-L{args.token_layers.replace(',', '')}-h{args.predictor_hidden}-ib{args.predictor_init_bias}")
+    return prune, tokens, f"pruned-{tag}.pt", f"pruned-{token_tag}.pt"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_training_arguments(parser)
+    parser.add_argument("--latency-sentences", type=int, default=200)
     parser.add_argument("--rows", default="original,pruned,pruned+tokens,tokens")
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
@@ -190,25 +224,20 @@ def main() -> None:
     sentences = dev.texts[: args.latency_sentences]
     wanted = args.rows.split(",")
     rows: list = []
-    prune = {"pass": "structured_prune", "targets": ["re:bert\\.encoder\\.layer\\.\\d+"], "target_sparsity": args.sparsity,
-             "data": train_tsv, "steps": args.prune_steps, "finetune_steps": args.finetune_steps, "batch_size": args.batch_size,
-             "lr": 3e-5, "distill_alpha": 0.7}
-    tokens = {"pass": "token_downsampling", "targets": ["bert.encoder"], "data": train_tsv, "steps": args.token_steps,
-              "batch_size": args.batch_size, "target_keep": args.target_keep, "lr": 2e-5, "predictor_lr": 1e-3}
+    prune, tokens, pruned_cache, tokens_cache = pass_entries(args, train_tsv)
     print(f"{loaded.source}; torch accuracy {evaluator.evaluate_torch(base):.2f}", flush=True)
     if "original" in wanted:
         measure("original (minilm-sst2)", base, tokenizer, evaluator, sentences, {}, [], args.work, rows)
-    tag = f"s{args.sparsity}-p{args.prune_steps}-f{args.finetune_steps}-b{args.batch_size}"
     if "pruned" in wanted or "pruned+tokens" in wanted:
-        pruned, seconds, notes = train(base, [prune], tokenizer, args.work / f"pruned-{tag}.pt")
+        pruned, seconds, notes = train(base, [prune], tokenizer, args.work / pruned_cache)
         if "pruned" in wanted:
             measure(f"structured_prune s={args.sparsity}", pruned, tokenizer, evaluator, sentences, seconds, notes, args.work, rows)
         if "pruned+tokens" in wanted:
-            both, seconds2, notes2 = train(pruned, [tokens], tokenizer, args.work / f"pruned-{tag}-tokens-k{args.target_keep}-t{args.token_steps}-b{args.batch_size}.pt")
+            both, seconds2, notes2 = train(pruned, [tokens], tokenizer, args.work / tokens_cache)
             measure(f"+ token_downsampling keep={args.target_keep}", both, tokenizer, evaluator, sentences,
                     {**seconds, **seconds2}, notes + notes2, args.work, rows)
     if "tokens" in wanted:
-        only, seconds, notes = train(base, [tokens], tokenizer, args.work / f"tokens-k{args.target_keep}-t{args.token_steps}.pt")
+        only, seconds, notes = train(base, [tokens], tokenizer, args.work / tokens_cache.replace("pruned-", "tokens-only-"))
         measure(f"token_downsampling only keep={args.target_keep}", only, tokenizer, evaluator, sentences, seconds, notes, args.work, rows)
     if "minilm-stsb" in wanted:
         stsb_rows(args, rows)

@@ -63,13 +63,24 @@ class TokenDownsamplingConfig(PassConfig, TrainingOptions):
         tokens) to this value with a Lagrangian instead of ``beta_skim``.
     predictor_lr : float > 0
         Learning rate of the predictors and the Lagrange multipliers.
+    predictor_hidden : int >= 0 or None
+        Width of the predictor's hidden layer. None: the hidden size ``D`` (Infor-Coef's
+        ``D -> D -> 2``); e.g. 64: ``D -> 64 -> 2``; 0: a single ``Linear(D, 2)`` after a
+        LayerNorm. On short sentences the predictor's cost matters: ``D -> D`` per token
+        is a sixth of a BERT layer's projections.
+    predictor_init_bias : float >= 0
+        The predictors' output bias starts at (drop ``-b``, keep ``+b``), so every token is
+        kept at first (Infor-Coef: 5). A smaller ``b`` lets a short training move
+        decisions sooner.
 
     Sample yaml::
 
         - pass: token_downsampling
           targets: [bert.encoder]
           data: ../shared/data/sst2/train.tsv
-          target_keep: 0.4
+          layers: [2]
+          predictor_hidden: 64
+          target_keep: 0.5
           steps: 300
     """
 
@@ -83,14 +94,23 @@ class TokenDownsamplingConfig(PassConfig, TrainingOptions):
         "a Lagrangian instead of `beta_skim`."
     ))
     predictor_lr: float = Field(1e-3, gt=0, description="Learning rate of the predictors and the Lagrange multipliers.")
+    predictor_hidden: int | None = Field(None, ge=0, le=65536, description=(
+        "Width of the predictor's hidden layer. None: the hidden size D (Infor-Coef's D -> D -> 2); e.g. 64: "
+        "D -> 64 -> 2; 0: a single Linear(D, 2) after a LayerNorm (cheapest on short sentences)."
+    ))
+    predictor_init_bias: float = Field(5.0, ge=0, description=(
+        "The predictors' output bias starts at (drop -b, keep +b), so every token is kept at first (Infor-Coef: 5); "
+        "a smaller b lets a short training move decisions sooner."
+    ))
 
 
 class TokenDownsamplingPass(CompressionPass):
     """Train per-layer token-keep predictors and install the token-dropping encoder.
 
     Encoders only. The pass trains a copy of the model; the caller's model changes only
-    when training succeeded. The predictors add parameters (one ``D x D`` linear per
-    layer) and save compute: later layers run on fewer tokens.
+    when training succeeded. The predictors add parameters (one ``D x H`` and one
+    ``H x 2`` linear per predicted layer, ``H = predictor_hidden``) and save compute:
+    later layers run on fewer tokens.
 
     Raises
     ------
@@ -167,7 +187,9 @@ class TokenDownsamplingPass(CompressionPass):
             raise PassError(f"{name}: token dropping is already installed")
         hidden = work.config.hidden_size
         wanted = set(self._layer_indices(len(layers)))
-        predictors = nn.ModuleList([TokenKeepPredictor(hidden) if i in wanted else nn.Identity() for i in range(len(layers))])
+        cfg: TokenDownsamplingConfig = self.config
+        predictors = nn.ModuleList([TokenKeepPredictor(hidden, cfg.predictor_init_bias, cfg.predictor_hidden) if i in wanted
+                                    else nn.Identity() for i in range(len(layers))])
         dropping = TokenDroppingEncoder(layers, predictors, self.config.temperature)
         work.set_submodule(name, dropping)
         return dropping

@@ -97,23 +97,32 @@ def token_counts(model, tokenizer, sentences: list[str]) -> list[list[float]]:
 
 def latency(path: Path, tokenizer, sentences: list[str], threads: int = 2, rounds: int = 3) -> dict:
     """Batch-1 ORT latency over real sentences: per sentence the minimum of ``rounds`` runs (ms)."""
-    session = make_session(path, threads=threads)
-    names = {i.name for i in session.get_inputs()}
-    feeds = []
-    for text in sentences:
-        enc = tokenizer(text, return_tensors="np", truncation=True, max_length=128)
-        feeds.append({k: v.astype(np.int64) for k, v in enc.items() if k in names})
-    for feed in feeds[:10]:
-        session.run(None, feed)
-    times = []
-    for feed in feeds:
-        best = float("inf")
-        for _ in range(rounds):
-            t0 = time.perf_counter()
+    return interleaved_latency({"graph": path}, tokenizer, sentences, threads, rounds)["graph"]
+
+
+def interleaved_latency(paths: dict, tokenizer, sentences: list[str], threads: int = 2, rounds: int = 3) -> dict:
+    """Batch-1 ORT latency of several graphs, interleaved: for each round, for each sentence, every
+    graph runs once in turn, so load changes on the shared machine hit all graphs alike. Per graph
+    and sentence the minimum over ``rounds``; median and mean over sentences (ms)."""
+    sessions, feeds = {}, {}
+    for key, path in paths.items():
+        session = make_session(path, threads=threads)
+        names = {i.name for i in session.get_inputs()}
+        sessions[key] = session
+        feeds[key] = []
+        for text in sentences:
+            enc = tokenizer(text, return_tensors="np", truncation=True, max_length=128)
+            feeds[key].append({k: v.astype(np.int64) for k, v in enc.items() if k in names})
+        for feed in feeds[key][:10]:
             session.run(None, feed)
-            best = min(best, time.perf_counter() - t0)
-        times.append(best * 1e3)
-    return {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times)}
+    best = {key: [float("inf")] * len(sentences) for key in paths}
+    for _ in range(rounds):
+        for i in range(len(sentences)):
+            for key, session in sessions.items():
+                t0 = time.perf_counter()
+                session.run(None, feeds[key][i])
+                best[key][i] = min(best[key][i], (time.perf_counter() - t0) * 1e3)
+    return {key: {"median_ms": statistics.median(t), "mean_ms": statistics.fmean(t)} for key, t in best.items()}
 
 
 def train(base, recipe_passes, tokenizer, cache: Path):
@@ -137,7 +146,8 @@ def train(base, recipe_passes, tokenizer, cache: Path):
 
 
 def measure(name, model, tokenizer, evaluator, sentences, seconds, notes, work: Path, rows: list, quantize=True) -> None:
-    folder = work / name
+    """Accuracy, FLOPs, size of ``model``'s fp32 (and int8) graphs; latency comes later (:func:`time_rows`)."""
+    folder = work / name.replace(" ", "_").replace("=", "").replace("+", "plus").replace("(", "").replace(")", "")
     fp32 = export_onnx(model, folder, "text-classification")
     graphs = {"fp32": fp32}
     if quantize:
@@ -147,19 +157,35 @@ def measure(name, model, tokenizer, evaluator, sentences, seconds, notes, work: 
     mean_tokens = [statistics.fmean(c[i] for c in counts) for i in range(1, len(counts[0]))]
     for precision, path in graphs.items():
         row = {
-            "row": name, "precision": precision,
+            "row": name, "precision": precision, "graph": str(path),
             "accuracy": evaluator.evaluate_onnx(path),
-            **latency(path, tokenizer, sentences),
-            "gflops": flops / 1e9, "tokens_per_layer": mean_tokens,
+            "gflops": flops / 1e9, "tokens_per_layer": mean_tokens, "sentence_tokens": statistics.fmean(c[0] for c in counts),
             "params": count_parameters(model), "size_mb": onnx_size_mb(path),
             "train_seconds": seconds, "notes": notes,
         }
         rows.append(row)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1) + "\n")
-        print(f"{name:<34} {precision:<5} acc {row['accuracy']:6.2f}  median {row['median_ms']:6.2f} ms  "
-              f"mean {row['mean_ms']:6.2f} ms  {row['gflops']:.3f} GFLOPs  {row['params'] / 1e6:5.2f} M  {row['size_mb']:6.1f} MB",
-              flush=True)
+        write(rows)
+        print(f"{name:<34} {precision:<5} acc {row['accuracy']:6.2f}  {row['gflops']:.3f} GFLOPs  "
+              f"{row['params'] / 1e6:5.2f} M  {row['size_mb']:6.1f} MB", flush=True)
+
+
+def time_rows(rows: list, tokenizer, sentences: list[str], rounds: int) -> None:
+    """Latency of every row's graph, all graphs interleaved in one pass (see :func:`interleaved_latency`)."""
+    import os
+
+    todo = [r for r in rows if "graph" in r and "mean_ms" not in r]
+    load = os.getloadavg()[0]
+    times = interleaved_latency({i: Path(r["graph"]) for i, r in enumerate(todo)}, tokenizer, sentences, rounds=rounds)
+    for i, row in enumerate(todo):
+        row.update(times[i], latency_load_1min=[load, os.getloadavg()[0]])
+        print(f"{row['row']:<34} {row['precision']:<5} acc {row['accuracy']:6.2f}  median {row['median_ms']:6.2f} ms  "
+              f"mean {row['mean_ms']:6.2f} ms  {row['gflops']:.3f} GFLOPs", flush=True)
+    write(rows)
+
+
+def write(rows: list) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1) + "\n")
 
 
 def machine() -> dict:
@@ -211,15 +237,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_training_arguments(parser)
     parser.add_argument("--latency-sentences", type=int, default=200)
+    parser.add_argument("--latency-rounds", type=int, default=3)
+    parser.add_argument("--dev-examples", type=int, default=None, help="only the first N dev sentences for accuracy (smoke tests)")
+    parser.add_argument("--out", type=Path, default=None, help="the JSON written after every row (default: benchmarks/results/infor_coef.json)")
     parser.add_argument("--rows", default="original,pruned,pruned+tokens,tokens")
+    parser.add_argument("--saved", type=Path, action="append", default=[],
+                        help="also measure a model an `optimize --save-pytorch` run wrote (its OUTPUT folder; repeatable)")
     args = parser.parse_args()
+    global RESULTS
+    RESULTS = args.out or RESULTS
     torch.set_num_threads(args.torch_threads)
     args.work.mkdir(parents=True, exist_ok=True)
     data = shared_data_dir()
     train_tsv, dev_tsv = str(data / "sst2" / "train.tsv"), str(data / "sst2" / "dev.tsv")
     loaded = load_model("minilm-sst2")
     base, tokenizer = loaded.model, loaded.tokenizer
-    dev = load_labelled_tsv(dev_tsv)
+    dev = load_labelled_tsv(dev_tsv, max_rows=args.dev_examples)
     evaluator = ClassificationAccuracyEvaluator(tokenizer, dev, max_length=128)
     sentences = dev.texts[: args.latency_sentences]
     wanted = args.rows.split(",")
@@ -239,9 +272,23 @@ def main() -> None:
     if "tokens" in wanted:
         only, seconds, notes = train(base, [tokens], tokenizer, args.work / tokens_cache.replace("pruned-", "tokens-only-"))
         measure(f"token_downsampling only keep={args.target_keep}", only, tokenizer, evaluator, sentences, seconds, notes, args.work, rows)
+    for folder in args.saved:
+        measure_saved(folder, tokenizer, evaluator, sentences, args.work, rows)
+    time_rows(rows, tokenizer, sentences, args.latency_rounds)
     if "minilm-stsb" in wanted:
         stsb_rows(args, rows)
     print(f"wrote {RESULTS}")
+
+
+def measure_saved(folder: Path, tokenizer, evaluator, sentences, work: Path, rows: list) -> None:
+    """Measure the PyTorch model an ``optimize --save-pytorch`` run saved (training seconds from its report.json)."""
+    from optimum_lowrank.saving import from_pretrained
+
+    model = from_pretrained(folder)
+    report = json.loads((folder / "report.json").read_text())
+    seconds = {p["pass_id"]: p["seconds"] for p in report.get("passes", [])}
+    name = "recipe " + "+".join(seconds) + f" ({folder.name})"
+    measure(name, model, tokenizer, evaluator, sentences, seconds, report.get("notes", []), work, rows)
 
 
 def stsb_rows(args, rows: list) -> None:

@@ -67,7 +67,7 @@ class TokenDownsamplingConfig(PassConfig, TrainingOptions):
         Width of the predictor's hidden layer. None: the hidden size ``D`` (Infor-Coef's
         ``D -> D -> 2``); e.g. 64: ``D -> 64 -> 2``; 0: a single ``Linear(D, 2)`` after a
         LayerNorm. On short sentences the predictor's cost matters: ``D -> D`` per token
-        is a sixth of a BERT layer's projections.
+        is a twelfth of a BERT layer's multiply-adds (12 D^2).
     predictor_init_bias : float >= 0
         The predictors' output bias starts at (drop ``-b``, keep ``+b``), so every token is
         kept at first (Infor-Coef: 5). A smaller ``b`` lets a short training move

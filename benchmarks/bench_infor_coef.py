@@ -178,7 +178,8 @@ def time_rows(rows: list, tokenizer, sentences: list[str], rounds: int) -> None:
     times = interleaved_latency({i: Path(r["graph"]) for i, r in enumerate(todo)}, tokenizer, sentences, rounds=rounds)
     for i, row in enumerate(todo):
         row.update(times[i], latency_load_1min=[load, os.getloadavg()[0]])
-        print(f"{row['row']:<34} {row['precision']:<5} acc {row['accuracy']:6.2f}  median {row['median_ms']:6.2f} ms  "
+        metric = f"acc {row['accuracy']:6.2f}" if "accuracy" in row else f"STS-B {row['stsb_spearman']:6.2f}"
+        print(f"{row['row']:<34} {row['precision']:<5} {metric}  median {row['median_ms']:6.2f} ms  "
               f"mean {row['mean_ms']:6.2f} ms  {row['gflops']:.3f} GFLOPs", flush=True)
     write(rows)
 
@@ -305,8 +306,9 @@ def stsb_rows(args, rows: list) -> None:
     windows = token_windows(loaded.tokenizer, train_text, 32, 4096)
     sentences = [a for a, _, _ in pairs[: args.latency_sentences]]
     entry = {"pass": "structured_prune", "targets": ["re:encoder\\.layer\\.\\d+"], "target_sparsity": args.sparsity,
-             "steps": args.prune_steps, "finetune_steps": args.finetune_steps, "batch_size": 32, "lr": 3e-5, "distill_hidden": 1.0}
-    cache = args.work / f"minilm-stsb-s{args.sparsity}-p{args.prune_steps}-f{args.finetune_steps}.pt"
+             "steps": args.prune_steps, "finetune_steps": args.finetune_steps, "batch_size": 32, "lr": args.prune_lr,
+             "mask_lr": args.mask_lr, "sparsity_warmup": args.sparsity_warmup, "distill_hidden": 1.0}
+    cache = args.work / f"minilm-stsb-s{args.sparsity}-p{args.prune_steps}-f{args.finetune_steps}-lr{args.prune_lr}.pt"
     for name, model, seconds in (("minilm (sentence embedding)", loaded.model, {}),):
         _stsb_measure(name, model, loaded.tokenizer, evaluator, sentences, seconds, args.work, rows)
     if cache.is_file():
@@ -320,6 +322,7 @@ def stsb_rows(args, rows: list) -> None:
         seconds = {"structured_prune": time.perf_counter() - t0}
         torch.save({"model": pruned, "seconds": seconds}, cache)
     _stsb_measure(f"minilm structured_prune s={args.sparsity} (distill)", pruned, loaded.tokenizer, evaluator, sentences, seconds, args.work, rows)
+    time_rows(rows, loaded.tokenizer, sentences, args.latency_rounds)
 
 
 def _stsb_measure(name, model, tokenizer, evaluator, sentences, seconds, work: Path, rows: list) -> None:
@@ -336,13 +339,13 @@ def _stsb_measure(name, model, tokenizer, evaluator, sentences, seconds, work: P
             f = getattr(getattr(layer.intermediate, "dense", None), "out_features", 0)
             flops += 8 * n * width * a + 4 * n * n * a + 4 * n * width * f
     for precision, path in graphs.items():
-        row = {"row": name, "precision": precision, "stsb_spearman": evaluator.evaluate_onnx(path),
-               **latency(path, tokenizer, sentences), "gflops": flops / len(sentences) / 1e9,
+        row = {"row": name, "precision": precision, "graph": str(path), "stsb_spearman": evaluator.evaluate_onnx(path),
+               "gflops": flops / len(sentences) / 1e9,
                "params": count_parameters(model), "size_mb": onnx_size_mb(path), "train_seconds": seconds}
         rows.append(row)
         RESULTS.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1) + "\n")
-        print(f"{name:<34} {precision:<5} STS-B {row['stsb_spearman']:6.2f}  median {row['median_ms']:6.2f} ms  "
-              f"mean {row['mean_ms']:6.2f} ms  {row['gflops']:.3f} GFLOPs  {row['size_mb']:6.1f} MB", flush=True)
+        print(f"{name:<34} {precision:<5} STS-B {row['stsb_spearman']:6.2f}  {row['gflops']:.3f} GFLOPs  {row['size_mb']:6.1f} MB",
+              flush=True)
 
 
 if __name__ == "__main__":

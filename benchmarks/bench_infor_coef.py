@@ -152,6 +152,10 @@ def measure(name, model, tokenizer, evaluator, sentences, seconds, notes, work: 
     graphs = {"fp32": fp32}
     if quantize:
         graphs["int8"] = quantize_onnx(fp32, folder / "model_quantized.onnx", "dynamic_int8", per_channel=True, reduce_range=True)
+        predictor_nodes = _predictor_nodes(fp32)
+        if predictor_nodes:  # the keep/drop decisions are discrete: int8 noise in the predictor flips borderline tokens
+            graphs["int8, predictors fp32"] = quantize_onnx(fp32, folder / "model_quantized_pred_fp32.onnx", "dynamic_int8",
+                                                            per_channel=True, reduce_range=True, exclude_nodes=predictor_nodes)
     counts = token_counts(model, tokenizer, sentences)
     flops = statistics.fmean(encoder_flops(model, c[1:], c[0]) for c in counts)
     mean_tokens = [statistics.fmean(c[i] for c in counts) for i in range(1, len(counts[0]))]
@@ -167,6 +171,14 @@ def measure(name, model, tokenizer, evaluator, sentences, seconds, notes, work: 
         write(rows)
         print(f"{name:<34} {precision:<5} acc {row['accuracy']:6.2f}  {row['gflops']:.3f} GFLOPs  "
               f"{row['params'] / 1e6:5.2f} M  {row['size_mb']:6.1f} MB", flush=True)
+
+
+def _predictor_nodes(path: Path) -> list[str]:
+    """Names of the token-keep predictors' MatMul / Gemm nodes in an exported graph."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [n.name for n in graph.node if "predictors" in n.name and n.op_type in ("MatMul", "Gemm")]
 
 
 def time_rows(rows: list, tokenizer, sentences: list[str], rounds: int) -> None:
@@ -240,6 +252,8 @@ def main() -> None:
     parser.add_argument("--latency-sentences", type=int, default=200)
     parser.add_argument("--latency-rounds", type=int, default=3)
     parser.add_argument("--dev-examples", type=int, default=None, help="only the first N dev sentences for accuracy (smoke tests)")
+    parser.add_argument("--wait-saved", type=float, default=0.0,
+                        help="wait up to this many seconds for each --saved folder's report.json (a run still going)")
     parser.add_argument("--out", type=Path, default=None, help="the JSON written after every row (default: benchmarks/results/infor_coef.json)")
     parser.add_argument("--rows", default="original,pruned,pruned+tokens,tokens")
     parser.add_argument("--saved", type=Path, action="append", default=[],
@@ -274,7 +288,13 @@ def main() -> None:
         only, seconds, notes = train(base, [tokens], tokenizer, args.work / tokens_cache.replace("pruned-", "tokens-only-"))
         measure(f"token_downsampling only keep={args.target_keep}", only, tokenizer, evaluator, sentences, seconds, notes, args.work, rows)
     for folder in args.saved:
-        measure_saved(folder, tokenizer, evaluator, sentences, args.work, rows)
+        deadline = time.time() + args.wait_saved
+        while not (folder / "report.json").is_file() and time.time() < deadline:
+            time.sleep(15)
+        if (folder / "pytorch").is_dir():
+            measure_saved(folder, tokenizer, evaluator, sentences, args.work, rows)
+        else:
+            print(f"{folder}: no saved PyTorch model (the run failed or is still going); skipped", flush=True)
     time_rows(rows, tokenizer, sentences, args.latency_rounds)
     if "minilm-stsb" in wanted:
         stsb_rows(args, rows)

@@ -224,6 +224,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-layers", default="all", help="comma-separated layer indices that get a predictor, or 'all'")
     parser.add_argument("--predictor-hidden", type=int, default=None, help="predictor hidden width (default: D; 0: linear)")
     parser.add_argument("--predictor-init-bias", type=float, default=5.0)
+    parser.add_argument("--calibrate-keep", action="store_true", help="token_downsampling's calibrate_keep")
     parser.add_argument("--torch-threads", type=int, default=1, help="training threads (1: no OpenMP spinning on a shared CPU)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench_infor_coef")
 
@@ -236,13 +237,13 @@ def pass_entries(args, train_tsv: str) -> tuple[dict, dict, str, str]:
     tokens = {"pass": "token_downsampling", "targets": ["bert.encoder"], "data": train_tsv, "steps": args.token_steps,
               "batch_size": args.batch_size, "target_keep": args.target_keep, "lr": args.token_lr, "predictor_lr": args.predictor_lr,
               "predictor_hidden": args.predictor_hidden, "predictor_init_bias": args.predictor_init_bias,
-              "distill_alpha": args.distill_alpha}
+              "distill_alpha": args.distill_alpha, "calibrate_keep": args.calibrate_keep}
     if args.token_layers != "all":
         tokens["layers"] = [int(i) for i in args.token_layers.split(",")]
     tag = (f"s{args.sparsity}-p{args.prune_steps}-f{args.finetune_steps}-b{args.batch_size}-lr{args.prune_lr}"
            f"-m{args.mask_lr}-w{args.sparsity_warmup}-a{args.distill_alpha}")
     token_tag = (f"{tag}-tokens-k{args.target_keep}-t{args.token_steps}-lr{args.token_lr}-plr{args.predictor_lr}"
-                 f"-L{args.token_layers.replace(',', '')}-h{args.predictor_hidden}-ib{args.predictor_init_bias}")
+                 f"-L{args.token_layers.replace(',', '')}-h{args.predictor_hidden}-ib{args.predictor_init_bias}" + ("-cal" if args.calibrate_keep else ""))
     return prune, tokens, f"pruned-{tag}.pt", f"pruned-{token_tag}.pt"
 
 

@@ -101,7 +101,9 @@ class TokenDroppingEncoder(nn.Module):
         layer, training: straight-through, differentiable), ``keep_prob`` (the soft keep
         probabilities), ``masked_norm`` (per-layer mean over the batch of
         ``||H_l * m_l||_F``), ``kept_tokens`` (eval: per layer, kept tokens summed over
-        the batch, as floats) and ``valid_tokens`` (non-padding tokens in the batch).
+        the batch, as floats), ``margins`` (eval: per predicted layer, the keep-minus-drop
+        logit margins of the non-[CLS] tokens it decided on), ``rows`` (eval: the batch size)
+        and ``valid_tokens`` (non-padding tokens in the batch).
     """
 
     def __init__(self, layers: nn.ModuleList, predictors: nn.ModuleList, temperature: float = 1.0,
@@ -180,13 +182,15 @@ class TokenDroppingEncoder(nn.Module):
         positions = torch.arange(length, device=hidden.device).unsqueeze(0).expand(batch, length)
         full = hidden
         current, current_valid = hidden, valid
-        kept_tokens = []
+        kept_tokens, margins = [], []
         for layer, predictor in zip(self.layer, self.predictors):
             if isinstance(predictor, TokenKeepPredictor):
                 logits = predictor(current)
                 decision = logits[..., 1] > logits[..., 0]
                 first = torch.zeros_like(decision)
                 first[:, 0] = True
+                if not torch.jit.is_tracing():  # keep-minus-drop margins of the tokens this predictor decides on
+                    margins.append((logits[..., 1] - logits[..., 0])[current_valid & ~first])
                 current_valid = current_valid & (decision | first)
                 # Kept tokens first, in order: a unique score, sorted descending (TopK in ONNX).
                 n = current_valid.shape[1]
@@ -206,7 +210,8 @@ class TokenDroppingEncoder(nn.Module):
                 previous = full.gather(1, spread)
                 full = full.scatter(1, spread, torch.where(current_valid.unsqueeze(-1), current, previous))
         if not torch.jit.is_tracing():
-            self.stats = {"kept_tokens": kept_tokens, "valid_tokens": float(valid.sum())}
+            self.stats = {"kept_tokens": kept_tokens, "valid_tokens": float(valid.sum()), "margins": margins,
+                          "rows": float(valid.shape[0])}
         if self.restore_positions:
             return full
         return current

@@ -163,6 +163,27 @@ def test_cheap_predictors_before_chosen_layers_only(tmp_path):
         TokenDownsamplingPass({"targets": ["bert.encoder"], "predictor_hidden": -1})
 
 
+def test_calibrate_keep_matches_the_inference_kept_fraction_to_training(tmp_path):
+    """``calibrate_keep``: eval-mode (argmax) decisions keep what the sampled training decisions kept."""
+    from optimum_lowrank.tasks import encode_batches, load_labelled_tsv
+
+    model = tiny_classifier()
+    data = sentiment_tsv(tmp_path / "train.tsv", rows=32)
+    tokenizer = word_tokenizer(tmp_path)
+    reports = TokenDownsamplingPass({"targets": ["bert.encoder"], "data": str(data), "steps": 20, "batch_size": 8, "layers": [1],
+                                     "predictor_hidden": 8, "predictor_init_bias": 0.5, "target_keep": 0.6, "predictor_lr": 0.02,
+                                     "calibrate_keep": True}).run(model, PassContext(tokenizer=tokenizer))
+    assert "keep-bias shifts" in reports[0].note
+    wanted = reports[0].metrics["kept_fraction_train_tail_0"]
+    kept = valid = 0.0
+    with torch.no_grad():
+        for inputs, _, _ in encode_batches(tokenizer, load_labelled_tsv(str(data)), 8, 64):
+            model(**inputs)
+            kept += model.bert.encoder.stats["kept_tokens"][0]
+            valid += model.bert.encoder.stats["valid_tokens"]
+    assert wanted < 0.9 and kept / valid == pytest.approx(wanted, abs=0.05), (wanted, kept / valid)
+
+
 def test_decoder_is_a_clear_error_and_a_nan_loss_leaves_the_model(monkeypatch):
     with pytest.raises(PassError, match="encoders only; LlamaForCausalLM is a decoder"):
         TokenDownsamplingPass({"targets": ["model"]}).run(tiny_llama(), tiny_context(kind="decoder"))

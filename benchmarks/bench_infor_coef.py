@@ -259,6 +259,8 @@ def main() -> None:
     parser.add_argument("--rows", default="original,pruned,pruned+tokens,tokens")
     parser.add_argument("--saved", type=Path, action="append", default=[],
                         help="also measure a model an `optimize --save-pytorch` run wrote (its OUTPUT folder; repeatable)")
+    parser.add_argument("--retime", type=Path, default=None,
+                        help="only re-measure the latency of the graphs in this results JSON (interleaved), write --out")
     args = parser.parse_args()
     global RESULTS
     RESULTS = args.out or RESULTS
@@ -268,6 +270,13 @@ def main() -> None:
     train_tsv, dev_tsv = str(data / "sst2" / "train.tsv"), str(data / "sst2" / "dev.tsv")
     loaded = load_model("minilm-sst2")
     base, tokenizer = loaded.model, loaded.tokenizer
+    if args.retime is not None:
+        rows = json.loads(args.retime.read_text())["rows"]
+        for row in rows:
+            row.pop("mean_ms", None)
+            row.pop("median_ms", None)
+        time_rows(rows, tokenizer, load_labelled_tsv(dev_tsv).texts[: args.latency_sentences], args.latency_rounds)
+        return
     dev = load_labelled_tsv(dev_tsv, max_rows=args.dev_examples)
     evaluator = ClassificationAccuracyEvaluator(tokenizer, dev, max_length=128)
     sentences = dev.texts[: args.latency_sentences]

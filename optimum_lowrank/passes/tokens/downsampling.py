@@ -70,8 +70,10 @@ class TokenDownsamplingConfig(PassConfig, TrainingOptions):
         is a twelfth of a BERT layer's multiply-adds (12 D^2).
     calibrate_keep : bool
         After training, shift each predictor's keep bias so that the inference decisions
-        keep the fraction of tokens the sampled training decisions kept (last fifth of
-        the steps), layer by layer on 16 training batches.
+        keep ``target_keep`` of the tokens (without it: the fraction the sampled training
+        decisions kept over the last fifth of the steps), layer by layer on 16 training
+        batches. With several predicted layers the training per-layer profile is scaled
+        to mean ``target_keep``.
     predictor_init_bias : float >= 0
         The predictors' output bias starts at (drop ``-b``, keep ``+b``), so every token is
         kept at first (Infor-Coef: 5). A smaller ``b`` lets a short training move
@@ -104,9 +106,10 @@ class TokenDownsamplingConfig(PassConfig, TrainingOptions):
     ))
     calibrate_keep: bool = Field(False, description=(
         "After training, shift each predictor's keep bias so that the inference decisions (keep when the keep "
-        "logit wins) keep the same fraction of tokens as the Gumbel-sampled training decisions did over the last "
-        "fifth of the steps (measured on 16 training batches, layer by layer). Without it, tokens whose keep "
-        "probability is above 0.5 but far from 1 are dropped often in training and always kept at inference."
+        "logit wins) keep `target_keep` of the tokens (without `target_keep`: the fraction the Gumbel-sampled "
+        "training decisions kept over the last fifth of the steps), measured on 16 training batches, layer by "
+        "layer. Without it, tokens whose keep probability is above 0.5 but far from 1 are dropped often in "
+        "training and always kept at inference."
     ))
     predictor_init_bias: float = Field(5.0, ge=0, description=(
         "The predictors' output bias starts at (drop -b, keep +b), so every token is kept at first (Infor-Coef: 5); "
@@ -163,7 +166,11 @@ class TokenDownsamplingPass(CompressionPass):
             encoders = {name: self._install(work, name) for name in targets}
             history = self._train(work, list(encoders.values()), objective)
             if cfg.calibrate_keep:
-                history["calibration"] = self._calibrate(work, list(encoders.values()), objective, history["per_layer"])
+                fractions = history["per_layer"]
+                if cfg.target_keep is not None and fractions:  # the constraint, not the (oscillating) sampled fraction
+                    scale = cfg.target_keep / max(sum(fractions) / len(fractions), 1e-6)
+                    fractions = [min(1.0, f * scale) for f in fractions]
+                history["calibration"] = self._calibrate(work, list(encoders.values()), objective, fractions)
             restore = not hasattr(work, "classifier")
             for encoder in encoders.values():
                 encoder.restore_positions = restore

@@ -164,7 +164,7 @@ def test_cheap_predictors_before_chosen_layers_only(tmp_path):
 
 
 def test_calibrate_keep_matches_the_inference_kept_fraction_to_training(tmp_path):
-    """``calibrate_keep``: eval-mode (argmax) decisions keep what the sampled training decisions kept."""
+    """``calibrate_keep``: eval-mode (argmax) decisions keep ``target_keep`` of the tokens."""
     from optimum_lowrank.tasks import encode_batches, load_labelled_tsv
 
     model = tiny_classifier()
@@ -174,7 +174,7 @@ def test_calibrate_keep_matches_the_inference_kept_fraction_to_training(tmp_path
                                      "predictor_hidden": 8, "predictor_init_bias": 0.5, "target_keep": 0.6, "predictor_lr": 0.02,
                                      "calibrate_keep": True}).run(model, PassContext(tokenizer=tokenizer))
     assert "keep-bias shifts" in reports[0].note
-    wanted = reports[0].metrics["kept_fraction_train_tail_0"]
+    wanted = 0.6  # target_keep (the sampled training fraction oscillates under the Lagrangian)
     kept = valid = 0.0
     with torch.no_grad():
         for inputs, _, _ in encode_batches(tokenizer, load_labelled_tsv(str(data)), 8, 64):

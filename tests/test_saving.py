@@ -108,6 +108,15 @@ def _token_dropping(model):
     model.encoder = TokenDroppingEncoder(layers, nn.ModuleList([nn.Identity(), predictor]), restore_positions=True)
 
 
+def _token_dropping_linear(model):
+    """A cheap predictor (``LayerNorm -> Linear(D, 2)``, ``predictor_hidden: 0``) before the first layer only."""
+    layers = model.encoder.layer
+    predictor = TokenKeepPredictor(32, init_bias=0.0, inner=0)
+    with torch.no_grad():
+        predictor.net[-1].weight.normal_()
+    model.encoder = TokenDroppingEncoder(layers, nn.ModuleList([predictor, nn.Identity()]), restore_positions=True)
+
+
 def _resized_table(model):
     """A pass may also leave a plain torch module of another shape (here a vocabulary cut to 100 rows)."""
     old = model.embeddings.word_embeddings
@@ -129,6 +138,9 @@ CASES: dict[str, tuple[str, Callable, set[str]]] = {
     "resized_table": ("tiny_bert", _resized_table, {"torch.nn.Embedding"}),
     "token_dropping": (
         "tiny_bert", _token_dropping, {"TokenDroppingEncoder", "TokenKeepPredictor", "torch.nn.ModuleList", "torch.nn.Identity"},
+    ),
+    "token_dropping_linear": (
+        "tiny_bert", _token_dropping_linear, {"TokenDroppingEncoder", "TokenKeepPredictor", "torch.nn.ModuleList", "torch.nn.Identity"},
     ),
 }
 

@@ -38,7 +38,7 @@ __all__ = ["TokenDroppingEncoder", "TokenKeepPredictor"]
 
 
 class TokenKeepPredictor(nn.Module):
-    """``LayerNorm -> Linear(D, D) -> LayerNorm -> GELU -> Linear(D, 2)``: logits (drop, keep) per token.
+    """``LayerNorm -> Linear(D, H) -> LayerNorm -> GELU -> Linear(H, 2)``: logits (drop, keep) per token.
 
     Parameters
     ----------
@@ -46,22 +46,34 @@ class TokenKeepPredictor(nn.Module):
     init_bias : float
         The output bias starts at ``(-init_bias, +init_bias)`` and the output weight at
         zero, so every token is kept at first (Infor-Coef: 5).
+    inner : int >= 0 or None
+        ``H``, the width of the hidden layer. None: ``D`` (Infor-Coef's predictor,
+        ``~D^2`` multiply-adds per token); a smaller ``H`` costs ``~D H``; 0: no hidden
+        layer, ``LayerNorm -> Linear(D, 2)`` (``2 D`` per token).
 
     ``forward(hidden)``: (batch, seq_len, hidden_size) -> (batch, seq_len, 2).
     """
 
-    def __init__(self, hidden_size: int, init_bias: float = 5.0) -> None:
+    def __init__(self, hidden_size: int, init_bias: float = 5.0, inner: int | None = None) -> None:
         super().__init__()
-        self.hidden_size, self.init_bias = hidden_size, init_bias
-        self.net = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, hidden_size), nn.LayerNorm(hidden_size),
-                                 nn.GELU(), nn.Linear(hidden_size, 2))
+        self.hidden_size, self.init_bias, self.inner = hidden_size, init_bias, inner
+        width = hidden_size if inner is None else inner
+        if width:
+            self.net = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, width), nn.LayerNorm(width),
+                                     nn.GELU(), nn.Linear(width, 2))
+        else:
+            self.net = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, 2))
         with torch.no_grad():
             self.net[-1].weight.mul_(0.01)
             self.net[-1].bias.copy_(torch.tensor([-init_bias, init_bias]))
 
     def layer_config(self) -> dict:
         """Constructor arguments that rebuild this layer's structure (see :mod:`optimum_lowrank.saving`)."""
-        return {"hidden_size": self.hidden_size, "init_bias": self.init_bias}
+        return {"hidden_size": self.hidden_size, "init_bias": self.init_bias, "inner": self.inner}
+
+    def macs_per_token(self) -> int:
+        """Multiply-adds of the predictor's linear layers for one token (LayerNorms and GELU left out)."""
+        return sum(m.in_features * m.out_features for m in self.net if isinstance(m, nn.Linear))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.net(hidden)
@@ -89,7 +101,9 @@ class TokenDroppingEncoder(nn.Module):
         layer, training: straight-through, differentiable), ``keep_prob`` (the soft keep
         probabilities), ``masked_norm`` (per-layer mean over the batch of
         ``||H_l * m_l||_F``), ``kept_tokens`` (eval: per layer, kept tokens summed over
-        the batch, as floats) and ``valid_tokens`` (non-padding tokens in the batch).
+        the batch, as floats), ``margins`` (eval: per predicted layer, the keep-minus-drop
+        logit margins of the non-[CLS] tokens it decided on), ``rows`` (eval: the batch size)
+        and ``valid_tokens`` (non-padding tokens in the batch).
     """
 
     def __init__(self, layers: nn.ModuleList, predictors: nn.ModuleList, temperature: float = 1.0,
@@ -168,13 +182,15 @@ class TokenDroppingEncoder(nn.Module):
         positions = torch.arange(length, device=hidden.device).unsqueeze(0).expand(batch, length)
         full = hidden
         current, current_valid = hidden, valid
-        kept_tokens = []
+        kept_tokens, margins = [], []
         for layer, predictor in zip(self.layer, self.predictors):
             if isinstance(predictor, TokenKeepPredictor):
                 logits = predictor(current)
                 decision = logits[..., 1] > logits[..., 0]
                 first = torch.zeros_like(decision)
                 first[:, 0] = True
+                if not torch.jit.is_tracing():  # keep-minus-drop margins of the tokens this predictor decides on
+                    margins.append((logits[..., 1] - logits[..., 0])[current_valid & ~first])
                 current_valid = current_valid & (decision | first)
                 # Kept tokens first, in order: a unique score, sorted descending (TopK in ONNX).
                 n = current_valid.shape[1]
@@ -194,7 +210,8 @@ class TokenDroppingEncoder(nn.Module):
                 previous = full.gather(1, spread)
                 full = full.scatter(1, spread, torch.where(current_valid.unsqueeze(-1), current, previous))
         if not torch.jit.is_tracing():
-            self.stats = {"kept_tokens": kept_tokens, "valid_tokens": float(valid.sum())}
+            self.stats = {"kept_tokens": kept_tokens, "valid_tokens": float(valid.sum()), "margins": margins,
+                          "rows": float(valid.shape[0])}
         if self.restore_positions:
             return full
         return current

@@ -63,13 +63,30 @@ class TokenDownsamplingConfig(PassConfig, TrainingOptions):
         tokens) to this value with a Lagrangian instead of ``beta_skim``.
     predictor_lr : float > 0
         Learning rate of the predictors and the Lagrange multipliers.
+    predictor_hidden : int >= 0 or None
+        Width of the predictor's hidden layer. None: the hidden size ``D`` (Infor-Coef's
+        ``D -> D -> 2``); e.g. 64: ``D -> 64 -> 2``; 0: a single ``Linear(D, 2)`` after a
+        LayerNorm. On short sentences the predictor's cost matters: ``D -> D`` per token
+        is a twelfth of a BERT layer's multiply-adds (12 D^2).
+    calibrate_keep : bool
+        After training, shift each predictor's keep bias so that the inference decisions
+        keep ``target_keep`` of the tokens (without it: the fraction the sampled training
+        decisions kept over the last fifth of the steps), layer by layer on 16 training
+        batches. With several predicted layers the training per-layer profile is scaled
+        to mean ``target_keep``.
+    predictor_init_bias : float >= 0
+        The predictors' output bias starts at (drop ``-b``, keep ``+b``), so every token is
+        kept at first (Infor-Coef: 5). A smaller ``b`` lets a short training move
+        decisions sooner.
 
     Sample yaml::
 
         - pass: token_downsampling
           targets: [bert.encoder]
           data: ../shared/data/sst2/train.tsv
-          target_keep: 0.4
+          layers: [2]
+          predictor_hidden: 64
+          target_keep: 0.5
           steps: 300
     """
 
@@ -83,14 +100,30 @@ class TokenDownsamplingConfig(PassConfig, TrainingOptions):
         "a Lagrangian instead of `beta_skim`."
     ))
     predictor_lr: float = Field(1e-3, gt=0, description="Learning rate of the predictors and the Lagrange multipliers.")
+    predictor_hidden: int | None = Field(None, ge=0, le=65536, description=(
+        "Width of the predictor's hidden layer. None: the hidden size D (Infor-Coef's D -> D -> 2); e.g. 64: "
+        "D -> 64 -> 2; 0: a single Linear(D, 2) after a LayerNorm (cheapest on short sentences)."
+    ))
+    calibrate_keep: bool = Field(False, description=(
+        "After training, shift each predictor's keep bias so that the inference decisions (keep when the keep "
+        "logit wins) keep `target_keep` of the tokens (without `target_keep`: the fraction the Gumbel-sampled "
+        "training decisions kept over the last fifth of the steps), measured on 16 training batches, layer by "
+        "layer. Without it, tokens whose keep probability is above 0.5 but far from 1 are dropped often in "
+        "training and always kept at inference."
+    ))
+    predictor_init_bias: float = Field(5.0, ge=0, description=(
+        "The predictors' output bias starts at (drop -b, keep +b), so every token is kept at first (Infor-Coef: 5); "
+        "a smaller b lets a short training move decisions sooner."
+    ))
 
 
 class TokenDownsamplingPass(CompressionPass):
     """Train per-layer token-keep predictors and install the token-dropping encoder.
 
     Encoders only. The pass trains a copy of the model; the caller's model changes only
-    when training succeeded. The predictors add parameters (one ``D x D`` linear per
-    layer) and save compute: later layers run on fewer tokens.
+    when training succeeded. The predictors add parameters (one ``D x H`` and one
+    ``H x 2`` linear per predicted layer, ``H = predictor_hidden``) and save compute:
+    later layers run on fewer tokens.
 
     Raises
     ------
@@ -132,6 +165,12 @@ class TokenDownsamplingPass(CompressionPass):
             objective = TaskObjective(work, cfg, context)
             encoders = {name: self._install(work, name) for name in targets}
             history = self._train(work, list(encoders.values()), objective)
+            if cfg.calibrate_keep:
+                fractions = history["per_layer"]
+                if cfg.target_keep is not None and fractions:  # the constraint, not the (oscillating) sampled fraction
+                    scale = cfg.target_keep / max(sum(fractions) / len(fractions), 1e-6)
+                    fractions = [min(1.0, f * scale) for f in fractions]
+                history["calibration"] = self._calibrate(work, list(encoders.values()), objective, fractions)
             restore = not hasattr(work, "classifier")
             for encoder in encoders.values():
                 encoder.restore_positions = restore
@@ -145,8 +184,10 @@ class TokenDownsamplingPass(CompressionPass):
                 name=name, module_type=type(targets[name]).__name__, action="replaced",
                 params_before=count_parameters(targets[name]), params_after=count_parameters(encoder),
                 note=f"token-keep predictors before layers {self._layer_indices(len(encoder.layer))}; "
-                     f"training kept fraction {history['kept_fraction']:.3f}",
-                metrics={"kept_fraction_train": history["kept_fraction"]}))
+                     f"training kept fraction {history['kept_fraction']:.3f}"
+                     + (f"; keep-bias shifts {[round(x, 3) for x in history['calibration']]}" if "calibration" in history else ""),
+                metrics={"kept_fraction_train": history["kept_fraction"],
+                         **{f"kept_fraction_train_tail_{i}": f for i, f in enumerate(history["per_layer"])}}))
         context.notes.append(f"token_downsampling: {objective.description}, {cfg.steps} steps in {seconds:.0f} s, "
                              f"kept-token fraction at the end of training {history['kept_fraction']:.3f}")
         return reports
@@ -167,7 +208,9 @@ class TokenDownsamplingPass(CompressionPass):
             raise PassError(f"{name}: token dropping is already installed")
         hidden = work.config.hidden_size
         wanted = set(self._layer_indices(len(layers)))
-        predictors = nn.ModuleList([TokenKeepPredictor(hidden) if i in wanted else nn.Identity() for i in range(len(layers))])
+        cfg: TokenDownsamplingConfig = self.config
+        predictors = nn.ModuleList([TokenKeepPredictor(hidden, cfg.predictor_init_bias, cfg.predictor_hidden) if i in wanted
+                                    else nn.Identity() for i in range(len(layers))])
         dropping = TokenDroppingEncoder(layers, predictors, self.config.temperature)
         work.set_submodule(name, dropping)
         return dropping
@@ -185,20 +228,55 @@ class TokenDownsamplingPass(CompressionPass):
         batches = objective.batches()
         work.train()
         kept = torch.tensor(1.0)
+        tail = max(1, cfg.steps // 5)
+        per_layer: list[list[float]] = []
         for step in bar(range(cfg.steps), desc="token_downsampling", unit="step"):
             inputs, labels = next(batches)
             loss = objective.loss(work, inputs, labels, extra_hidden=False)
             terms = [e.stats for e in encoders if e.stats.get("keep")]
             if terms:
                 valid = inputs["attention_mask"].to(torch.float32)
-                kept = torch.stack([k.sum() / valid.sum() for s in terms for k in s["keep"]]).mean()
+                fractions = torch.stack([k.sum() / valid.sum() for s in terms for k in s["keep"]])
+                kept = fractions.mean()
+                if step >= cfg.steps - tail:
+                    per_layer.append(fractions.detach().tolist())
                 norm = torch.stack([n for s in terms for n in s["masked_norm"]]).mean()
                 binary = torch.stack([(p * (1 - p)).sum() / valid.sum() for s in terms for p in s["keep_prob"]]).mean()
                 skim = lagrangian(kept, cfg.target_keep) if cfg.target_keep is not None else cfg.beta_skim * kept
                 loss = loss + cfg.beta_norm * norm + cfg.beta_binary * binary + skim
             lagrangian_step(loss, step, "token_downsampling", (optimizer, side), lagrangian, weights, schedule)
         work.eval()
-        return {"kept_fraction": float(kept.detach())}
+        mean = [sum(col) / len(col) for col in zip(*per_layer)] if per_layer else []
+        return {"kept_fraction": float(kept.detach()), "per_layer": mean}
+
+    @torch.no_grad()
+    def _calibrate(self, work: nn.Module, encoders: list[TokenDroppingEncoder], objective: TaskObjective,
+                   fractions: list[float], batches: int = 16) -> list[float]:
+        """Shift each predictor's keep bias (earliest layer first) so that, in eval mode on ``batches``
+        training batches, the cumulative kept fraction after it equals ``fractions`` (training's)."""
+        batch_iter = objective.batches()
+        data = [next(batch_iter)[0] for _ in range(batches)]
+        located = [(e, j, p) for e in encoders for j, p in enumerate(q for q in e.predictors if isinstance(q, TokenKeepPredictor))]
+        shifts = []
+        work.eval()
+        for (encoder, j, predictor), fraction in zip(located, fractions):
+            margins, valid, rows = [], 0.0, 0.0
+            for inputs in data:
+                work(**inputs)
+                margins.append(encoder.stats["margins"][j])
+                valid += encoder.stats["valid_tokens"]
+                rows += encoder.stats["rows"]
+            scores = torch.cat(margins).sort(descending=True).values
+            wanted = int(round(fraction * valid - rows))  # [CLS] is always kept
+            if scores.numel() == 0 or not 0 <= wanted <= scores.numel():
+                shifts.append(0.0)
+                continue
+            upper = scores[wanted - 1] if wanted > 0 else scores[0] + 1.0
+            lower = scores[wanted] if wanted < scores.numel() else scores[-1] - 1.0
+            shift = float((upper + lower) / 2)  # keep iff margin > shift
+            predictor.net[-1].bias[1] -= shift
+            shifts.append(shift)
+        return shifts
 
 
 @hookimpl

@@ -23,9 +23,11 @@ def _padded():
     return padded_batch(5, 64, 14, (14, 9, 4), seed=1)
 
 
-def _install(model, restore=False):
+def _install(model, restore=False, inner=None, only=None):
+    """Predictors (hidden width ``inner``, see TokenKeepPredictor) before every layer, or before the layers in ``only``."""
     layers = model.bert.encoder.layer
-    encoder = TokenDroppingEncoder(layers, torch.nn.ModuleList([TokenKeepPredictor(64) for _ in layers]), restore_positions=restore)
+    predictors = [TokenKeepPredictor(64, inner=inner) if only is None or i in only else torch.nn.Identity() for i in range(len(layers))]
+    encoder = TokenDroppingEncoder(layers, torch.nn.ModuleList(predictors), restore_positions=restore)
     model.bert.encoder = encoder
     model.eval()
     return encoder
@@ -36,6 +38,8 @@ def _dropping(encoder, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in encoder.predictors:
+            if not isinstance(p, TokenKeepPredictor):
+                continue
             p.net[-1].bias.zero_()
             p.net[-1].weight.copy_(torch.randn(p.net[-1].weight.shape, generator=g))
 
@@ -71,10 +75,11 @@ def test_dropped_tokens_are_removed_and_rows_of_a_batch_are_exact():
     torch.testing.assert_close(torch.stack(rows), batch, atol=1e-5, rtol=0)
 
 
-def test_train_mode_with_hard_decisions_matches_eval_removal():
+@pytest.mark.parametrize("inner", [None, 8, 0])
+def test_train_mode_with_hard_decisions_matches_eval_removal(inner):
     """The straight-through training path (masking) and the inference path (removal) agree."""
     model = tiny_classifier()
-    encoder = _install(model)
+    encoder = _install(model, inner=inner)
     with torch.no_grad():
         for p in encoder.predictors:
             p.net[-1].bias.copy_(torch.tensor([-1e4, 1e4]))  # decisions certain: Gumbel noise cannot flip them
@@ -92,13 +97,15 @@ def test_train_mode_with_hard_decisions_matches_eval_removal():
     torch.testing.assert_close(trained, evaluated, atol=1e-5, rtol=0)
 
 
-def test_exported_graph_matches_pytorch_in_onnx_runtime_batch_1_and_padded(tmp_path):
+@pytest.mark.parametrize(("inner", "only"), [(None, None), (0, (0,)), (8, (1,))])
+def test_exported_graph_matches_pytorch_in_onnx_runtime_batch_1_and_padded(tmp_path, inner, only):
+    """Also with the cheap predictors (a D -> 8 -> 2 MLP, a linear D -> 2) before one chosen layer only."""
     import onnx
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = tiny_classifier()
-    encoder = _install(model)
+    encoder = _install(model, inner=inner, only=only)
     _dropping(encoder)
     path = export_onnx(model, tmp_path / "onnx", "text-classification")
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
@@ -127,6 +134,54 @@ def test_pass_trains_on_labelled_data_and_drops_tokens(tmp_path):
     assert isinstance(model.bert.encoder, TokenDroppingEncoder) and not model.bert.encoder.restore_positions
     assert reports[0].params_after > reports[0].params_before
     assert reports[0].metrics["kept_fraction_train"] < 0.9
+
+
+def test_cheap_predictors_before_chosen_layers_only(tmp_path):
+    """``layers`` + ``predictor_hidden`` (0: a linear D -> 2; n: D -> n -> 2) + ``predictor_init_bias``."""
+    assert TokenKeepPredictor(64).macs_per_token() == 64 * 64 + 64 * 2
+    assert TokenKeepPredictor(64, inner=16).macs_per_token() == 64 * 16 + 16 * 2
+    assert TokenKeepPredictor(64, inner=0).macs_per_token() == 64 * 2
+    model = tiny_classifier()
+    ids, mask = _padded()
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask).logits
+    encoder = _install(model, inner=0, only=(0,))  # starts fully kept: the original model
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, reference, atol=1e-6, rtol=0)
+    assert len(encoder.stats["kept_tokens"]) == 1
+    model = tiny_classifier()
+    data = sentiment_tsv(tmp_path / "train.tsv", rows=32)
+    context = PassContext(tokenizer=word_tokenizer(tmp_path))
+    reports = TokenDownsamplingPass({"targets": ["bert.encoder"], "data": str(data), "steps": 25, "batch_size": 8, "layers": [0],
+                                     "predictor_hidden": 0, "predictor_init_bias": 1.0, "target_keep": 0.3,
+                                     "predictor_lr": 0.05}).run(model, context)
+    first, second = model.bert.encoder.predictors
+    assert isinstance(first, TokenKeepPredictor) and first.inner == 0 and isinstance(second, torch.nn.Identity)
+    assert reports[0].params_after - reports[0].params_before == 2 * 64 + 64 * 2 + 2  # LayerNorm + Linear(64, 2)
+    assert reports[0].metrics["kept_fraction_train"] < 0.9
+    with pytest.raises(ValueError, match="predictor_hidden"):
+        TokenDownsamplingPass({"targets": ["bert.encoder"], "predictor_hidden": -1})
+
+
+def test_calibrate_keep_matches_the_inference_kept_fraction_to_training(tmp_path):
+    """``calibrate_keep``: eval-mode (argmax) decisions keep ``target_keep`` of the tokens."""
+    from optimum_lowrank.tasks import encode_batches, load_labelled_tsv
+
+    model = tiny_classifier()
+    data = sentiment_tsv(tmp_path / "train.tsv", rows=32)
+    tokenizer = word_tokenizer(tmp_path)
+    reports = TokenDownsamplingPass({"targets": ["bert.encoder"], "data": str(data), "steps": 20, "batch_size": 8, "layers": [1],
+                                     "predictor_hidden": 8, "predictor_init_bias": 0.5, "target_keep": 0.6, "predictor_lr": 0.02,
+                                     "calibrate_keep": True}).run(model, PassContext(tokenizer=tokenizer))
+    assert "keep-bias shifts" in reports[0].note
+    wanted = 0.6  # target_keep (the sampled training fraction oscillates under the Lagrangian)
+    kept = valid = 0.0
+    with torch.no_grad():
+        for inputs, _, _ in encode_batches(tokenizer, load_labelled_tsv(str(data)), 8, 64):
+            model(**inputs)
+            kept += model.bert.encoder.stats["kept_tokens"][0]
+            valid += model.bert.encoder.stats["valid_tokens"]
+    assert wanted < 0.9 and kept / valid == pytest.approx(wanted, abs=0.05), (wanted, kept / valid)
 
 
 def test_decoder_is_a_clear_error_and_a_nan_loss_leaves_the_model(monkeypatch):

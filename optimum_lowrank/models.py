@@ -420,7 +420,8 @@ _TASK_CACHE_FORMAT = 1
 def task_cache_dir(alias: str) -> Path:
     """Cache folder of a task model of :data:`TASK_ALIASES`: ``<root>/tasks/<alias>-<hash>``.
 
-    The hash covers the base model's location, the task file (path, size, mtime), the
+    The hash covers the base model's alias, the task file's content (SHA-256, not its path
+    or modification time: a re-copied or relocated data folder reuses the cache), the
     training settings and the cache format, so a change to any of them builds afresh.
 
     Raises
@@ -439,8 +440,9 @@ def task_cache_dir(alias: str) -> Path:
     if task_path is None or not task_path.is_file():
         raise ModelLoadError(f"task model {alias!r} is built from {task_file!r} under the shared data folder, "
                              f"which was not found (set OPTIMUM_LOWRANK_DATA)")
-    stat = task_path.stat()
-    key = f"{_TASK_CACHE_FORMAT}\0{resolve_alias(base)}\0{task_path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{settings}"
+    resolve_alias(base)  # ModelLoadError when the base model's package is missing
+    content = hashlib.sha256(task_path.read_bytes()).hexdigest()
+    key = f"{_TASK_CACHE_FORMAT}\0{base}\0{content}\0{settings}"
     return cache_root() / "tasks" / f"{alias}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 

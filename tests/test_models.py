@@ -397,3 +397,18 @@ def test_integration_smollm2_gguf_cache(tmp_path: Path, monkeypatch: pytest.Monk
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert second.tokenizer("Hello world").input_ids == [19556, 905]
+
+
+def test_task_cache_key_follows_content_not_mtime_or_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-copied or relocated data folder reuses the fine-tuned task model; changed labels rebuild it."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder in (first, second):
+        (folder / "sst2").mkdir(parents=True)
+        (folder / "sst2" / "train.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
+    os.utime(second / "sst2" / "train.tsv", (1_000_000, 1_000_000))
+    monkeypatch.setenv("OPTIMUM_LOWRANK_DATA", str(first))
+    key_first = models.task_cache_dir("minilm-sst2")
+    monkeypatch.setenv("OPTIMUM_LOWRANK_DATA", str(second))
+    assert models.task_cache_dir("minilm-sst2") == key_first
+    (second / "sst2" / "train.tsv").write_text("sentence\tlabel\ngood\t0\nbad\t1\n")
+    assert models.task_cache_dir("minilm-sst2") != key_first

@@ -79,3 +79,12 @@ def sentiment_tsv(path, rows: int = 24, seed: int = 0):
         lines.append(f"{label}\t{text}")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def fill_gates(gates, log_alpha: float, names: tuple[str, ...] | None = None) -> None:
+    """Set ``log_alpha`` of every hard-concrete gate of ``gates`` (or only the named ones of each layer)."""
+    with torch.no_grad():
+        for layer in gates:
+            modules = layer.modules() if names is None else (getattr(layer, n) for n in names)
+            for gate in modules:
+                gate.log_alpha.fill_(log_alpha)

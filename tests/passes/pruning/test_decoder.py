@@ -12,7 +12,7 @@ from optimum_lowrank.passes.pruning.decoder import decoder_sizes
 from optimum_lowrank.passes.pruning.structure import expected_sparsity, install_gates, remove_closed, set_gate_values
 from optimum_lowrank.passes.pruning.structured import StructuredPrunePass
 from optimum_lowrank.testing import tiny_context
-from tests.helpers import word_tokenizer
+from tests.helpers import fill_gates, word_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,15 +82,9 @@ def test_pruned_and_removed_decoder_equals_the_gated_decoder(heads):
 def test_expected_sparsity_counts_key_value_projections_as_kept():
     model = llama()
     gates = install_gates({n: model.get_submodule(n) for n in LAYERS}, 0.5, sublayers=True)
-    with torch.no_grad():
-        for g in gates:
-            for gate in g.modules():
-                gate.log_alpha.fill_(20.0)
+    fill_gates(gates, 20.0)
     assert float(expected_sparsity(gates)) == pytest.approx(0.0, abs=1e-6)
-    with torch.no_grad():
-        for g in gates:
-            g.heads.log_alpha.fill_(-20.0)
-            g.ffn.log_alpha.fill_(-20.0)
+    fill_gates(gates, -20.0, ("heads", "ffn"))
     full, _ = decoder_sizes(gates[0])
     kv = 2 * 64 * 32  # k_proj + v_proj: 2 KV heads of 16 dims
     assert full == 2 * 64 * 64 + kv + 3 * 64 * 128

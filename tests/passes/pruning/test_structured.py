@@ -15,7 +15,7 @@ from optimum_lowrank.passes.pruning.structure import expected_sparsity, install_
 from optimum_lowrank.passes.pruning.structured import StructuredPrunePass
 from optimum_lowrank.recipe import load_recipe
 from optimum_lowrank.testing import tiny_bert, tiny_context
-from tests.helpers import padded_batch, sentiment_tsv, tiny_classifier, word_tokenizer
+from tests.helpers import fill_gates, padded_batch, sentiment_tsv, tiny_classifier, word_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,15 +66,9 @@ def test_deterministic_gates_close_the_expected_number():
 def test_expected_sparsity_is_zero_with_open_gates_and_one_with_closed():
     model = tiny_bert()
     gates = install_gates({n: model.get_submodule(n) for n in LAYERS}, 0.5, sublayers=True)
-    with torch.no_grad():
-        for g in gates:
-            for gate in g.modules():
-                gate.log_alpha.fill_(20.0)
+    fill_gates(gates, 20.0)
     assert float(expected_sparsity(gates)) == pytest.approx(0.0, abs=1e-6)
-    with torch.no_grad():
-        for g in gates:
-            g.mha.log_alpha.fill_(-20.0)
-            g.ffn.log_alpha.fill_(-20.0)
+    fill_gates(gates, -20.0, ("mha", "ffn"))
     assert float(expected_sparsity(gates)) == pytest.approx(1.0, abs=1e-6)
 
 

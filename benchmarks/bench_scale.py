@@ -68,6 +68,43 @@ def _libc():
         return None
 
 
+def _install_timers() -> dict[str, float]:
+    """Wrap the per-block steps with wall-clock accumulators (seconds since the last reset, by step).
+
+    ``calibration_forward`` contains ``gram`` (the statistics hooks run inside the block's forward);
+    the other steps do not nest. The wrappers add a ``perf_counter`` pair per call, nothing else.
+    """
+    import torch
+
+    import optimum_lowrank.execution.sequential as engine
+    from optimum_lowrank.execution.checkpoint import SourceCheckpoint
+    from optimum_lowrank.linalg.whitening import InputStatistics, InputTransform
+
+    totals: dict[str, float] = {}
+
+    def timed(owner, attr: str, label: str) -> None:
+        inner = getattr(owner, attr)
+
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return inner(*a, **k)
+            finally:
+                totals[label] = totals.get(label, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, attr, wrapper)
+
+    timed(SourceCheckpoint, "read", "read_bf16_to_fp32")
+    timed(engine, "run_block", "calibration_forward")
+    timed(InputStatistics, "update", "gram")
+    timed(torch.linalg, "cholesky_ex", "cholesky")
+    timed(InputTransform, "right", "weight_times_L")
+    timed(torch.linalg, "svd", "svd")
+    timed(torch.linalg, "solve_triangular", "triangular_solve")
+    timed(engine, "_write", "write")
+    return totals
+
+
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -145,6 +182,7 @@ def row_llama3b_sequential(args) -> dict:
     blocks: list[dict] = []
     after_block, after_trim = [], []
     libc = _libc()
+    timers = _install_timers() if args.timings else None
     source = SourceCheckpoint(subset)
     started = time.perf_counter()
 
@@ -158,6 +196,9 @@ def row_llama3b_sequential(args) -> dict:
         after_trim.append(trimmed)
         blocks.append({"block": i, "seconds": round(block_seconds, 1), "rss_mb": rss, "rss_after_malloc_trim_mb": trimmed,
                        "peak_rss_mb_so_far": round(_rss()[1], 1), "load": _load(), "elapsed_s": round(time.perf_counter() - started, 1)})
+        if timers is not None:
+            blocks[-1]["step_seconds"] = {k: round(v, 1) for k, v in timers.items()}  # block 0 includes the non-block read and capture
+            timers.clear()
         if partial is not None:
             partial.write_text(json.dumps({"row": "llama3b_sequential", "blocks_in_run": args.blocks, "threads": torch.get_num_threads(),
                                            "calibration": f"{args.windows} random-token windows x {args.seq_len} tokens",
@@ -272,6 +313,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--partial", help="llama3b_sequential: rewrite this JSON file after every block (per-block seconds, RSS, load)")
+    parser.add_argument("--timings", action="store_true", help="llama3b_sequential: seconds per step of each block (read, forward, Gram, SVD ...)")
     parser.add_argument("--progress", action="store_true", help="llama3b_sequential: the pass's progress bars on stderr")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--markdown", action="store_true")
@@ -287,7 +329,7 @@ def main() -> None:
     for name in args.rows:
         cmd = [sys.executable, __file__, "--child", name, "--workdir", args.workdir, "--blocks", str(args.blocks),
                "--windows", str(args.windows), "--seq-len", str(args.seq_len)] + (["--partial", args.partial] if args.partial else []) \
-            + (["--progress"] if args.progress else [])
+            + (["--progress"] if args.progress else []) + (["--timings"] if args.timings else [])
         load_before, started = _load(), time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
         if proc.returncode == 0:

@@ -11,7 +11,10 @@ is its own):
   ``num_hidden_layers = --blocks`` beside symbolic links to the same shards: the embeddings, head
   and the first blocks are read exactly as in the full model). Peak memory, resident memory after
   each block (flat: each block is freed) and seconds per block; the full-model time is
-  extrapolated as seconds/block x 28 and labelled so.
+  extrapolated as seconds/block x 28 and labelled so. ``--partial FILE`` rewrites FILE after every
+  block (seconds, resident memory before and after ``malloc_trim(0)``, peak so far, load average),
+  so a run cut short still leaves its blocks; ``--timings`` adds the seconds of each step of the
+  block (read, calibration forward, Gram, Cholesky, W @ L, SVD, triangular solve, write).
 - ``smollm2_whole`` / ``smollm2_sequential``: ``optimize("smollm2", ...)`` with the same
   activation_svd recipe (no export; ``--windows`` WikiText-2 valid windows of ``--seq-len``
   tokens), execution mode whole vs sequential: peak memory, wall time, and every layer's rank and
@@ -22,6 +25,7 @@ is its own):
 Usage
 -----
     python benchmarks/bench_scale.py --rows llama3b_build llama3b_sequential --blocks 3
+    python benchmarks/bench_scale.py --child llama3b_sequential --blocks 28 --partial out.json --timings --progress
     python benchmarks/bench_scale.py --rows smollm2_whole smollm2_sequential smollm2_2proc
     python benchmarks/bench_scale.py --markdown
 

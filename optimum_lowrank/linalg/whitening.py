@@ -234,9 +234,13 @@ class InputStatistics:
             self.abs_sum = part if self.abs_sum is None else self.abs_sum.add_(part)
         if gram:
             # the batch's X^T X in float32 (one batch: sums of at most batch*seq_len products),
-            # accumulated over batches in float64
-            part = (rows.t() @ rows).double()
-            self.gram = part if self.gram is None else self.gram.add_(part)
+            # accumulated over batches in float64; add_ widens each float32 entry exactly (the same
+            # sums as adding part.double()) without a float64 temporary of in_features^2 per batch
+            part = rows.t() @ rows
+            if self.gram is None:
+                self.gram = part.double()
+            else:
+                self.gram.add_(part)
         self.count += rows.shape[0]
 
     def reduce(self, all_reduce: Callable[[Tensor], None]) -> None:

@@ -109,3 +109,18 @@ def test_whitened_svd_of_a_wide_layer_matches_the_direct_svd():
         ref = ((u[:, :rank] * s[:rank]) @ transform.undo(vh[:rank])).float()
         assert_close(a @ b, ref, rtol=1e-5, atol=1e-5)
         assert got.relative_error(rank) == pytest.approx(float((s[rank:].square().sum() / s.square().sum()).sqrt()), rel=1e-10)
+
+
+def test_gram_accumulates_float32_batch_products_in_float64_exactly():
+    """The running Gram sum equals the sum of each batch's float32 X^T X widened to float64, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(64, 40, generator=g) * torch.logspace(-3, 3, 40) for _ in range(4)]
+    stats = InputStatistics(40)
+    for x in batches:
+        stats.update(x, gram=True, abs_mean=False)
+    expected = sum((x.t() @ x).double() for x in batches[1:]) + (batches[0].t() @ batches[0]).double()
+    reference = (batches[0].t() @ batches[0]).double()
+    for x in batches[1:]:
+        reference = reference + (x.t() @ x).double()
+    assert stats.gram.dtype == torch.float64 and torch.equal(stats.gram, reference)
+    assert_close(stats.gram, expected, rtol=1e-15, atol=0)

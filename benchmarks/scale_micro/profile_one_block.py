@@ -6,7 +6,7 @@ sys.argv = ["x"]
 sys.path.insert(0, "/work/wt16b/benchmarks")
 import bench_scale
 from types import SimpleNamespace
-args = SimpleNamespace(workdir="/tmp/bench_scale16b", blocks=int(os.environ.get("BLOCKS", "1")), windows=16, seq_len=128)
+args = SimpleNamespace(workdir="/tmp/bench_scale16b", blocks=int(os.environ.get("BLOCKS", "1")), windows=16, seq_len=128, partial=None, progress=True, timings=False)
 prof = cProfile.Profile()
 prof.enable()
 row = bench_scale.row_llama3b_sequential(args)

@@ -11,7 +11,10 @@ is its own):
   ``num_hidden_layers = --blocks`` beside symbolic links to the same shards: the embeddings, head
   and the first blocks are read exactly as in the full model). Peak memory, resident memory after
   each block (flat: each block is freed) and seconds per block; the full-model time is
-  extrapolated as seconds/block x 28 and labelled so.
+  extrapolated as seconds/block x 28 and labelled so. ``--partial FILE`` rewrites FILE after every
+  block (seconds, resident memory before and after ``malloc_trim(0)``, peak so far, load average),
+  so a run cut short still leaves its blocks; ``--timings`` adds the seconds of each step of the
+  block (read, calibration forward, Gram, Cholesky, W @ L, SVD, triangular solve, write).
 - ``smollm2_whole`` / ``smollm2_sequential``: ``optimize("smollm2", ...)`` with the same
   activation_svd recipe (no export; ``--windows`` WikiText-2 valid windows of ``--seq-len``
   tokens), execution mode whole vs sequential: peak memory, wall time, and every layer's rank and
@@ -22,6 +25,7 @@ is its own):
 Usage
 -----
     python benchmarks/bench_scale.py --rows llama3b_build llama3b_sequential --blocks 3
+    python benchmarks/bench_scale.py --child llama3b_sequential --blocks 28 --partial out.json --timings --progress
     python benchmarks/bench_scale.py --rows smollm2_whole smollm2_sequential smollm2_2proc
     python benchmarks/bench_scale.py --markdown
 
@@ -55,6 +59,54 @@ def _rss() -> tuple[float, float]:
     import psutil
 
     return psutil.Process().memory_info().rss / 1e6, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+
+
+def _libc():
+    """glibc (for ``malloc_trim``), or None elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def _install_timers() -> dict[str, float]:
+    """Wrap the per-block steps with wall-clock accumulators (seconds since the last reset, by step).
+
+    ``calibration_forward`` contains ``gram`` (the statistics hooks run inside the block's forward);
+    the other steps do not nest. The wrappers add a ``perf_counter`` pair per call, nothing else.
+    """
+    import torch
+
+    import optimum_lowrank.execution.sequential as engine
+    from optimum_lowrank.execution.checkpoint import SourceCheckpoint
+    from optimum_lowrank.linalg.whitening import InputStatistics, InputTransform
+
+    totals: dict[str, float] = {}
+
+    def timed(owner, attr: str, label: str) -> None:
+        inner = getattr(owner, attr)
+
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return inner(*a, **k)
+            finally:
+                totals[label] = totals.get(label, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, attr, wrapper)
+
+    timed(SourceCheckpoint, "read", "read_bf16_to_fp32")
+    timed(engine, "run_block", "calibration_forward")
+    timed(InputStatistics, "update", "gram")
+    timed(torch.linalg, "cholesky_ex", "cholesky")
+    timed(InputTransform, "right", "weight_times_L")
+    timed(torch.linalg, "svd", "svd")
+    timed(torch.linalg, "solve_triangular", "triangular_solve")
+    timed(engine, "_write", "write")
+    return totals
 
 
 def _load() -> str:
@@ -130,19 +182,35 @@ def row_llama3b_sequential(args) -> dict:
         shutil.rmtree(out)
     out.mkdir()
     context = tiny_context(vocab_size=config["vocab_size"], num_samples=args.windows, seq_len=args.seq_len, kind="decoder")
-    after_block = []
-    import optimum_lowrank.execution.sequential as engine
-
-    original_gc = engine.gc.collect
-
-    def collect_and_measure():  # called once per block, after the block is sent back to meta
-        original_gc()
-        after_block.append(round(_rss()[0], 1))
-
-    engine.gc.collect = collect_and_measure
+    partial = Path(args.partial) if args.partial else None
+    blocks: list[dict] = []
+    after_block, after_trim = [], []
+    libc = _libc()
+    timers = _install_timers() if args.timings else None
     source = SourceCheckpoint(subset)
     started = time.perf_counter()
-    result = compress_sequentially(source, [ActivationSVDPass({"targets": TARGETS, "rank_ratio": 0.25})], context, out, kind="decoder")
+
+    def on_block(i: int, block_seconds: float) -> None:  # after block i is written, sent back to meta and gc.collect()ed
+        rss = round(_rss()[0], 1)
+        trimmed = rss
+        if libc is not None:  # glibc returns freed heap pages to the OS: what stays is live (or fragmented) memory
+            libc.malloc_trim(0)
+            trimmed = round(_rss()[0], 1)
+        after_block.append(rss)
+        after_trim.append(trimmed)
+        blocks.append({"block": i, "seconds": round(block_seconds, 1), "rss_mb": rss, "rss_after_malloc_trim_mb": trimmed,
+                       "peak_rss_mb_so_far": round(_rss()[1], 1), "load": _load(), "elapsed_s": round(time.perf_counter() - started, 1)})
+        if timers is not None:
+            blocks[-1]["step_seconds"] = {k: round(v, 1) for k, v in timers.items()}  # block 0 includes the non-block read and capture
+            timers.clear()
+        if partial is not None:
+            partial.write_text(json.dumps({"row": "llama3b_sequential", "blocks_in_run": args.blocks, "threads": torch.get_num_threads(),
+                                           "calibration": f"{args.windows} random-token windows x {args.seq_len} tokens",
+                                           "command": " ".join(sys.argv), "blocks": blocks}, indent=1))
+        print(json.dumps(blocks[-1]), file=sys.stderr, flush=True)
+
+    result = compress_sequentially(source, [ActivationSVDPass({"targets": TARGETS, "rank_ratio": 0.25, "progress": args.progress})], context, out,
+                                   kind="decoder", on_block=on_block)
     seconds = time.perf_counter() - started
     per_block = result.block_seconds
     full_params = SourceCheckpoint(full).numel()
@@ -150,7 +218,8 @@ def row_llama3b_sequential(args) -> dict:
     return {
         "blocks_run": args.blocks, "blocks_in_model": config["num_hidden_layers"], "model_params": full_params,
         "calibration": f"{args.windows} random-token windows x {args.seq_len} tokens", "threads": torch.get_num_threads(),
-        "peak_rss_mb": _rss()[1], "rss_after_each_block_mb": after_block, "seconds_per_block": [round(s, 1) for s in per_block],
+        "peak_rss_mb": _rss()[1], "rss_after_each_block_mb": after_block, "rss_after_each_block_malloc_trim_mb": after_trim,
+        "seconds_per_block": [round(s, 1) for s in per_block], "load_after_each_block": [b["load"] for b in blocks],
         "seconds_total_run": seconds, "layers_factorized": sum(r.action == "factorized" for r in result.layers[0]),
         "extrapolated_seconds_all_blocks": (sum(per_block) / len(per_block)) * config["num_hidden_layers"],
         "params_blocks_run_before_after": [run_params, run_params - sum(r.params_before - r.params_after for r in result.layers[0])],
@@ -247,6 +316,9 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=3)
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--partial", help="llama3b_sequential: rewrite this JSON file after every block (per-block seconds, RSS, load)")
+    parser.add_argument("--timings", action="store_true", help="llama3b_sequential: seconds per step of each block (read, forward, Gram, SVD ...)")
+    parser.add_argument("--progress", action="store_true", help="llama3b_sequential: the pass's progress bars on stderr")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
@@ -260,7 +332,8 @@ def main() -> None:
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     for name in args.rows:
         cmd = [sys.executable, __file__, "--child", name, "--workdir", args.workdir, "--blocks", str(args.blocks),
-               "--windows", str(args.windows), "--seq-len", str(args.seq_len)]
+               "--windows", str(args.windows), "--seq-len", str(args.seq_len)] + (["--partial", args.partial] if args.partial else []) \
+            + (["--progress"] if args.progress else []) + (["--timings"] if args.timings else [])
         load_before, started = _load(), time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
         if proc.returncode == 0:

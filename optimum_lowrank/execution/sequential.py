@@ -32,6 +32,7 @@ import gc
 import resource
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -116,6 +117,7 @@ def compress_sequentially(
     batch_size: int = 1,
     spread_layers: bool = True,
     progress: bool = False,
+    on_block: Callable[[int, float], None] | None = None,
 ) -> SequentialResult:
     """Run ``passes`` block by block over the model in ``source``; write the compressed checkpoint to ``output``.
 
@@ -139,6 +141,9 @@ def compress_sequentially(
         With ``ranks``: spread per-layer decompositions over the ranks.
     progress : bool
         A bar over the blocks on stderr.
+    on_block : callable, optional
+        Called as ``on_block(i, seconds)`` after block ``i`` is written and freed (e.g. to record
+        resident memory per block, or save partial results of a long run).
 
     Returns
     -------
@@ -221,6 +226,8 @@ def compress_sequentially(
         block.to("meta")
         gc.collect()
         seconds.append(time.perf_counter() - started)
+        if on_block is not None:
+            on_block(i, seconds[-1])
     if writing:
         write_compressed_index(output, weight_map, replaced, config)
     saved = sum(layer.params_before - layer.params_after for step in layers for layer in step)

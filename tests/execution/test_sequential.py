@@ -70,6 +70,22 @@ def test_two_passes_follow_recipe_order(tmp_path):
     assert result.params_after == sum(p.numel() for p in whole.parameters())
 
 
+def test_on_block_is_called_after_each_block_is_written_and_freed(tmp_path):
+    """on_block(i, seconds) runs once per block, in order, after the block's file is written; seconds are block_seconds."""
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "src")
+    (tmp_path / "out").mkdir()
+    calls = []
+
+    def on_block(i, seconds):
+        calls.append((i, seconds, (tmp_path / "out" / f"block-{i:05d}.safetensors").is_file()))
+
+    result = compress_sequentially(SourceCheckpoint(tmp_path / "src"), [ActivationSVDPass(OPTIONS["decoder"])], tiny_context(kind="decoder"),
+                                   tmp_path / "out", kind="decoder", on_block=on_block)
+    assert [(i, written) for i, _, written in calls] == [(0, True), (1, True)]
+    assert [seconds for _, seconds, _ in calls] == result.block_seconds
+
+
 def _recipe(tmp_path, **extra):
     g = torch.Generator().manual_seed(0)
     (tmp_path / "cal.txt").write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 128, (3000,), generator=g)))

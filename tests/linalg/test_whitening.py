@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from optimum_lowrank.linalg.whitening import InputStatistics, InputTransform, asvd_transform, cholesky_transform, whitened_svd
+from optimum_lowrank.linalg.whitening import InputStatistics, InputTransform, asvd_transform, cholesky_transform, thin_svd, whitened_svd
 from optimum_lowrank.passes.linear.activation_svd import ActivationSVDConfig, ActivationSVDPass
 from tests.helpers import correlated_inputs, decoder_context
 
@@ -79,3 +79,48 @@ def test_statistics_summed_over_shards_equal_one_pass():
     assert shards[0].count == whole.count == 20
     assert_close(shards[0].gram, whole.gram, rtol=1e-15, atol=0)
     assert_close(shards[0].abs_sum, whole.abs_sum, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(12, 40), (40, 12), (20, 20)])
+def test_thin_svd_of_either_orientation_is_the_thin_svd(shape):
+    """thin_svd factors a wide matrix as its transpose: the same spectrum and rank-r products as torch.linalg.svd."""
+    matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    u, s, vh = thin_svd(matrix)
+    ref_u, ref_s, ref_vh = torch.linalg.svd(matrix, full_matrices=False)
+    k = min(shape)
+    assert u.shape == (shape[0], k) and s.shape == (k,) and vh.shape == (k, shape[1])
+    assert_close(s, ref_s, rtol=1e-12, atol=1e-12)
+    assert_close(u.mT @ u, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert_close(vh @ vh.mT, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-12)
+    for r in (1, k // 2, k):
+        assert_close((u[:, :r] * s[:r]) @ vh[:r], (ref_u[:, :r] * ref_s[:r]) @ ref_vh[:r], rtol=1e-10, atol=1e-10)
+
+
+def test_whitened_svd_of_a_wide_layer_matches_the_direct_svd():
+    """A wide weight (out < in, e.g. k_proj, down_proj) gives the factors' product and error of the direct SVD."""
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(8, 24, generator=g)
+    _, _, stats = _layer_and_stats()
+    transform = cholesky_transform(stats)
+    got = whitened_svd(weight, transform)
+    u, s, vh = torch.linalg.svd(transform.right(weight.double()), full_matrices=False)
+    for rank in (2, 5, 8):
+        a, b = got.factors(rank)
+        ref = ((u[:, :rank] * s[:rank]) @ transform.undo(vh[:rank])).float()
+        assert_close(a @ b, ref, rtol=1e-5, atol=1e-5)
+        assert got.relative_error(rank) == pytest.approx(float((s[rank:].square().sum() / s.square().sum()).sqrt()), rel=1e-10)
+
+
+def test_gram_accumulates_float32_batch_products_in_float64_exactly():
+    """The running Gram sum equals the sum of each batch's float32 X^T X widened to float64, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(64, 40, generator=g) * torch.logspace(-3, 3, 40) for _ in range(4)]
+    stats = InputStatistics(40)
+    for x in batches:
+        stats.update(x, gram=True, abs_mean=False)
+    expected = sum((x.t() @ x).double() for x in batches[1:]) + (batches[0].t() @ batches[0]).double()
+    reference = (batches[0].t() @ batches[0]).double()
+    for x in batches[1:]:
+        reference = reference + (x.t() @ x).double()
+    assert stats.gram.dtype == torch.float64 and torch.equal(stats.gram, reference)
+    assert_close(stats.gram, expected, rtol=1e-15, atol=0)

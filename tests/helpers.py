@@ -88,3 +88,12 @@ def fill_gates(gates, log_alpha: float, names: tuple[str, ...] | None = None) ->
             modules = layer.modules() if names is None else (getattr(layer, n) for n in names)
             for gate in modules:
                 gate.log_alpha.fill_(log_alpha)
+
+
+def randomize_gates(gates, seed: int = 0, scale: float = 3.0) -> None:
+    """Draw every gate's ``log_alpha`` from ``N(0, scale^2)`` (seeded): a mix of open, closed and partial gates."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in gates:
+            for gate in layer.modules():
+                gate.log_alpha.copy_(torch.randn(gate.log_alpha.shape, generator=generator) * scale)

@@ -12,7 +12,7 @@ from optimum_lowrank.passes.pruning.decoder import decoder_sizes
 from optimum_lowrank.passes.pruning.structure import expected_sparsity, install_gates, remove_closed, set_gate_values
 from optimum_lowrank.passes.pruning.structured import StructuredPrunePass
 from optimum_lowrank.testing import tiny_context
-from tests.helpers import fill_gates, word_tokenizer
+from tests.helpers import fill_gates, randomize_gates, word_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,11 +36,9 @@ def _ids(seed: int = 3) -> torch.Tensor:
 
 def _gated(model, closed_attention: int | None = 0, closed_mlp: int | None = 1):
     gates = install_gates({n: model.get_submodule(n) for n in LAYERS}, 0.5, sublayers=True)
-    generator = torch.Generator().manual_seed(0)
+    randomize_gates(gates)
     with torch.no_grad():
         for g in gates:
-            for gate in g.modules():
-                gate.log_alpha.copy_(torch.randn(gate.log_alpha.shape, generator=generator) * 3)
             g.ffn.log_alpha.fill_(10.0)
         if closed_attention is not None:
             gates[closed_attention].heads.log_alpha.fill_(-10.0)  # every query slot closes

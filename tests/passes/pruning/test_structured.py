@@ -15,7 +15,7 @@ from optimum_lowrank.passes.pruning.structure import expected_sparsity, install_
 from optimum_lowrank.passes.pruning.structured import StructuredPrunePass
 from optimum_lowrank.recipe import load_recipe
 from optimum_lowrank.testing import tiny_bert, tiny_context
-from tests.helpers import fill_gates, padded_batch, sentiment_tsv, tiny_classifier, word_tokenizer
+from tests.helpers import fill_gates, padded_batch, randomize_gates, sentiment_tsv, tiny_classifier, word_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,11 +29,8 @@ def _inputs():
 def test_pruned_and_removed_model_equals_the_gated_model():
     model = tiny_bert()
     gates = install_gates({n: model.get_submodule(n) for n in LAYERS}, 0.5, sublayers=True)
-    generator = torch.Generator().manual_seed(0)
+    randomize_gates(gates)
     with torch.no_grad():
-        for g in gates:
-            for gate in g.modules():
-                gate.log_alpha.copy_(torch.randn(gate.log_alpha.shape, generator=generator) * 3)
         gates[0].heads.log_alpha.fill_(-10.0)  # every head of layer 0 closes: the block becomes a bias
         gates[1].intermediate.log_alpha.fill_(-10.0)  # every FFN dim of layer 1 closes
     set_gate_values(gates, "deterministic")

@@ -96,6 +96,10 @@ class TokenDroppingEncoder(nn.Module):
 
     Attributes
     ----------
+    hard_decisions : bool
+        Training only (not saved): take the inference decisions (keep iff the keep logit
+        wins) instead of Gumbel samples, so a training step sees exactly the tokens the
+        exported graph keeps; the predictors get no gradient then. Default False.
     stats : dict
         After a forward pass: ``keep`` (list of (batch, seq_len) decisions per predicted
         layer, training: straight-through, differentiable), ``keep_prob`` (the soft keep
@@ -115,6 +119,7 @@ class TokenDroppingEncoder(nn.Module):
         self.predictors = predictors
         self.temperature = temperature
         self.restore_positions = restore_positions
+        self.hard_decisions = False
         self.gradient_checkpointing = False
         self.stats: dict = {}
 
@@ -162,7 +167,10 @@ class TokenDroppingEncoder(nn.Module):
         for layer, predictor in zip(self.layer, self.predictors):
             if isinstance(predictor, TokenKeepPredictor):
                 logits = predictor(hidden)
-                hard = F.gumbel_softmax(logits, tau=self.temperature, hard=True)[..., 1]
+                if self.hard_decisions:
+                    hard = (logits[..., 1] > logits[..., 0]).to(hidden.dtype)
+                else:
+                    hard = F.gumbel_softmax(logits, tau=self.temperature, hard=True)[..., 1]
                 decision = cls + (1.0 - cls) * hard  # [CLS] always kept
                 keep = keep * decision
                 stats["keep"].append(keep)

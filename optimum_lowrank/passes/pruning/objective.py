@@ -36,7 +36,7 @@ from optimum_lowrank.exporters.onnx import is_causal_lm
 from optimum_lowrank.finetune import next_token_kl
 from optimum_lowrank.tasks import LabelledData, check_num_labels, encode_batches, load_labelled_tsv
 
-__all__ = ["NonFiniteLossError", "TaskObjective", "TrainingOptions", "check_finite", "warmup_schedule"]
+__all__ = ["NonFiniteLossError", "TaskObjective", "TrainingOptions", "check_finite", "finetune_weights", "warmup_schedule"]
 
 
 class NonFiniteLossError(PassError):
@@ -250,3 +250,32 @@ def lagrangian_step(loss: torch.Tensor, step: int, what: str, optimizers: tuple[
     for optimizer in optimizers:
         optimizer.step()
     schedule.step()
+
+
+def finetune_weights(work: nn.Module, objective: TaskObjective, steps: int, lr: float, what: str,
+                     frozen: list[nn.Parameter] = ()) -> None:
+    """``steps`` steps of ``objective`` alone on ``work``'s trainable weights except ``frozen``
+    (AdamW, weight decay 0.01, :func:`warmup_schedule`, gradients clipped to norm 1); ``work``
+    ends in eval mode.
+
+    Raises
+    ------
+    NonFiniteLossError
+        If a loss is NaN or infinite (``what`` names the phase in the message).
+    """
+    skip = {id(p) for p in frozen}
+    weights = [p for p in work.parameters() if p.requires_grad and id(p) not in skip]
+    optimizer = torch.optim.AdamW(weights, lr=lr, weight_decay=0.01)
+    schedule = warmup_schedule(optimizer, steps)
+    batches = objective.batches()
+    work.train()
+    for step in range(steps):
+        inputs, labels = next(batches)
+        loss = objective.loss(work, inputs, labels)
+        check_finite(loss, step, what)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(weights, 1.0)
+        optimizer.step()
+        schedule.step()
+    work.eval()

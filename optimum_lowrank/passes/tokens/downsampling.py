@@ -35,7 +35,7 @@ from optimum_lowrank.errors import PassError
 from optimum_lowrank.hookspecs import hookimpl
 from optimum_lowrank.layers.token_dropping import TokenDroppingEncoder, TokenKeepPredictor
 from optimum_lowrank.passes.pruning.hard_concrete import Lagrangian
-from optimum_lowrank.passes.pruning.objective import TaskObjective, TrainingOptions, lagrangian_step, warmup_schedule
+from optimum_lowrank.passes.pruning.objective import TaskObjective, TrainingOptions, finetune_weights, lagrangian_step, warmup_schedule
 from optimum_lowrank.progress import bar
 from optimum_lowrank.report import LayerReport
 
@@ -78,6 +78,11 @@ class TokenDownsamplingConfig(PassConfig, TrainingOptions):
         The predictors' output bias starts at (drop ``-b``, keep ``+b``), so every token is
         kept at first (Infor-Coef: 5). A smaller ``b`` lets a short training move
         decisions sooner.
+    finetune_steps : int >= 0
+        Steps of the task (or distillation) loss alone after training (and after
+        ``calibrate_keep``), with the predictors frozen and the inference decisions
+        (keep iff the keep logit wins) in place of Gumbel samples: the weights adapt to
+        the tokens the exported graph actually drops. Learning rate ``lr``.
 
     Sample yaml::
 
@@ -114,6 +119,11 @@ class TokenDownsamplingConfig(PassConfig, TrainingOptions):
     predictor_init_bias: float = Field(5.0, ge=0, description=(
         "The predictors' output bias starts at (drop -b, keep +b), so every token is kept at first (Infor-Coef: 5); "
         "a smaller b lets a short training move decisions sooner."
+    ))
+    finetune_steps: int = Field(0, ge=0, description=(
+        "Steps of the task (or distillation) loss alone after training and `calibrate_keep`, predictors frozen, "
+        "with the inference decisions (keep iff the keep logit wins) instead of Gumbel samples, so the weights "
+        "adapt to the tokens the exported graph drops."
     ))
 
 
@@ -171,6 +181,8 @@ class TokenDownsamplingPass(CompressionPass):
                     scale = cfg.target_keep / max(sum(fractions) / len(fractions), 1e-6)
                     fractions = [min(1.0, f * scale) for f in fractions]
                 history["calibration"] = self._calibrate(work, list(encoders.values()), objective, fractions)
+            if cfg.finetune_steps:
+                self._finetune(work, list(encoders.values()), objective)
             restore = not hasattr(work, "classifier")
             for encoder in encoders.values():
                 encoder.restore_positions = restore
@@ -188,7 +200,8 @@ class TokenDownsamplingPass(CompressionPass):
                      + (f"; keep-bias shifts {[round(x, 3) for x in history['calibration']]}" if "calibration" in history else ""),
                 metrics={"kept_fraction_train": history["kept_fraction"],
                          **{f"kept_fraction_train_tail_{i}": f for i, f in enumerate(history["per_layer"])}}))
-        context.notes.append(f"token_downsampling: {objective.description}, {cfg.steps} steps in {seconds:.0f} s, "
+        context.notes.append(f"token_downsampling: {objective.description}, {cfg.steps} steps + {cfg.finetune_steps} on the "
+                             f"inference decisions in {seconds:.0f} s, "
                              f"kept-token fraction at the end of training {history['kept_fraction']:.3f}")
         return reports
 
@@ -248,6 +261,18 @@ class TokenDownsamplingPass(CompressionPass):
         work.eval()
         mean = [sum(col) / len(col) for col in zip(*per_layer)] if per_layer else []
         return {"kept_fraction": float(kept.detach()), "per_layer": mean}
+
+    def _finetune(self, work: nn.Module, encoders: list[TokenDroppingEncoder], objective: TaskObjective) -> None:
+        """``finetune_steps`` of the objective alone, on the decisions inference takes (predictors frozen)."""
+        cfg: TokenDownsamplingConfig = self.config
+        for encoder in encoders:
+            encoder.hard_decisions = True
+        try:
+            finetune_weights(work, objective, cfg.finetune_steps, cfg.lr, "token_downsampling (fine-tuning on the inference decisions)",
+                             frozen=[p for e in encoders for p in e.predictors.parameters()])
+        finally:
+            for encoder in encoders:
+                encoder.hard_decisions = False
 
     @torch.no_grad()
     def _calibrate(self, work: nn.Module, encoders: list[TokenDroppingEncoder], objective: TaskObjective,

@@ -97,6 +97,49 @@ def test_train_mode_with_hard_decisions_matches_eval_removal(inner):
     torch.testing.assert_close(trained, evaluated, atol=1e-5, rtol=0)
 
 
+def test_hard_decisions_train_on_exactly_what_inference_drops():
+    """``hard_decisions``: uncertain predictors (Gumbel samples would flip decisions), yet the
+    training forward equals the inference graph's output."""
+    model = tiny_classifier()
+    encoder = _install(model)
+    _dropping(encoder)
+    ids, mask = _padded()
+    with torch.no_grad():
+        evaluated = model(input_ids=ids, attention_mask=mask).logits
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+            if hasattr(m, "dropout_prob"):
+                m.dropout_prob = 0.0
+        torch.manual_seed(0)
+        model(input_ids=ids, attention_mask=mask)
+        sampled = [k.clone() for k in encoder.stats["keep"]]
+        encoder.hard_decisions = True
+        trained = model(input_ids=ids, attention_mask=mask).logits
+    assert any(not torch.equal(a, b) for a, b in zip(sampled, encoder.stats["keep"]))  # Gumbel samples differ from inference
+    torch.testing.assert_close(trained, evaluated, atol=1e-5, rtol=0)
+
+
+def test_finetune_steps_adapt_the_weights_and_leave_the_predictors(tmp_path):
+    """``finetune_steps`` runs after training: same predictors as without it, other weights moved."""
+    data = sentiment_tsv(tmp_path / "train.tsv", rows=32)
+    tokenizer = word_tokenizer(tmp_path)
+    options = {"targets": ["bert.encoder"], "data": str(data), "steps": 10, "batch_size": 8, "layers": [1],
+               "predictor_hidden": 8, "predictor_init_bias": 0.5, "target_keep": 0.5, "predictor_lr": 0.02}
+    models = {}
+    for steps in (0, 6):
+        models[steps] = tiny_classifier()
+        TokenDownsamplingPass({**options, "finetune_steps": steps}).run(models[steps], PassContext(tokenizer=tokenizer))
+    plain, tuned = (dict(models[s].named_parameters()) for s in (0, 6))
+    predictors = [k for k in plain if ".predictors." in k]
+    assert predictors and all(torch.equal(plain[k], tuned[k]) for k in predictors)
+    assert any(not torch.equal(plain[k], tuned[k]) for k in plain if ".predictors." not in k)
+    assert not models[6].bert.encoder.hard_decisions  # switched off again
+    with pytest.raises(ValueError, match="finetune_steps"):
+        TokenDownsamplingPass({"targets": ["bert.encoder"], "finetune_steps": -1})
+
+
 @pytest.mark.parametrize(("inner", "only"), [(None, None), (0, (0,)), (8, (1,))])
 def test_exported_graph_matches_pytorch_in_onnx_runtime_batch_1_and_padded(tmp_path, inner, only):
     """Also with the cheap predictors (a D -> 8 -> 2 MLP, a linear D -> 2) before one chosen layer only."""

@@ -84,15 +84,30 @@ class Lagrangian(nn.Module):
     The multipliers are trained to *maximise* the penalty (give them to an optimizer
     with a negative learning rate, or flip their gradients with :meth:`flip_gradients`),
     so the model is pushed towards ``s == t`` ever harder while it stays away.
+
+    Parameters
+    ----------
+    anti_windup : bool
+        Reset ``lambda_1`` (and its optimizer state) to 0 whenever the gap ``s - t``
+        changes sign (:meth:`reset_on_crossing`). While ``s`` lags a rising target,
+        ``lambda_1`` integrates the gap; without the reset it keeps pushing after ``s``
+        has crossed ``t`` until it has unwound, and a short training ends far past the
+        target (measured on SST-2 MiniLM, 200 steps: targets 0.3 / 0.5 ended at 0.495 /
+        0.675 without the reset; see ``docs/infor_coef.md``). Integrator anti-windup, as in
+        PI control.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, anti_windup: bool = True) -> None:
         super().__init__()
         self.lambda_1 = nn.Parameter(torch.zeros(()))
         self.lambda_2 = nn.Parameter(torch.zeros(()))
+        self.anti_windup = anti_windup
+        self._sign = 0.0
+        self._previous_sign = 0.0
 
     def forward(self, value: torch.Tensor, target: float) -> torch.Tensor:
         gap = value - target
+        self._previous_sign, self._sign = self._sign, math.copysign(1.0, float(gap.detach()))
         return self.lambda_1 * gap + self.lambda_2 * gap * gap
 
     def flip_gradients(self) -> None:
@@ -100,3 +115,15 @@ class Lagrangian(nn.Module):
         for p in (self.lambda_1, self.lambda_2):
             if p.grad is not None:
                 p.grad.neg_()
+
+    @torch.no_grad()
+    def reset_on_crossing(self, optimizers: tuple[torch.optim.Optimizer, ...] = ()) -> bool:
+        """With ``anti_windup``: if the gap of the last :meth:`forward` has the other sign than
+        the one before, set ``lambda_1`` to 0 and drop its state from ``optimizers``
+        (Adam's moments). Returns whether it reset."""
+        if not self.anti_windup or not self._previous_sign or self._sign == self._previous_sign:
+            return False
+        self.lambda_1.zero_()
+        for optimizer in optimizers:
+            optimizer.state.pop(self.lambda_1, None)
+        return True

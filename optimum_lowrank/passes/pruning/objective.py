@@ -69,6 +69,9 @@ class TrainingOptions(BaseModel):
         Weight of the logit KL against the task cross-entropy (task objective).
     distill_hidden : float >= 0
         Weight of the layer-wise hidden-state MSE to the teacher (0: off).
+    anti_windup : bool
+        Reset the first Lagrange multiplier when the constrained quantity crosses its target
+        (see :class:`~optimum_lowrank.passes.pruning.hard_concrete.Lagrangian`).
     seed : int
     """
 
@@ -89,6 +92,9 @@ class TrainingOptions(BaseModel):
     distill_temperature: float = Field(2.0, gt=0, description="Softmax temperature of the logit distillation.")
     distill_alpha: float = Field(0.5, ge=0, le=1, description="Weight of the logit KL against the task cross-entropy (task objective).")
     distill_hidden: float = Field(0.0, ge=0, description="Weight of the layer-wise hidden-state MSE to the teacher (0: off).")
+    anti_windup: bool = Field(True, description=(
+        "Reset the first Lagrange multiplier (and its optimizer state) when the constrained quantity (expected "
+        "sparsity, kept-token fraction) crosses its target, so a short training ends near the target instead of past it."))
     seed: int = Field(0, description="Seed of the example order and of the stochastic parts of training.")
 
 
@@ -249,6 +255,7 @@ def lagrangian_step(loss: torch.Tensor, step: int, what: str, optimizers: tuple[
     torch.nn.utils.clip_grad_norm_(weights, 1.0)
     for optimizer in optimizers:
         optimizer.step()
+    lagrangian.reset_on_crossing(optimizers)
     schedule.step()
 
 

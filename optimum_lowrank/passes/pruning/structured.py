@@ -156,7 +156,7 @@ class StructuredPrunePass(CompressionPass):
 
     def _train(self, work: nn.Module, gates, objective: TaskObjective) -> dict:
         cfg: StructuredPruneConfig = self.config
-        lagrangian = Lagrangian()
+        lagrangian = Lagrangian(cfg.anti_windup)
         weights = [p for p in work.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(weights, lr=cfg.lr, weight_decay=0.01)
         schedule = warmup_schedule(optimizer, cfg.steps)

@@ -233,7 +233,7 @@ class TokenDownsamplingPass(CompressionPass):
         predictor_params = [p for e in encoders for p in e.predictors.parameters()]
         ids = {id(p) for p in predictor_params}
         weights = [p for p in work.parameters() if p.requires_grad and id(p) not in ids]
-        lagrangian = Lagrangian()
+        lagrangian = Lagrangian(cfg.anti_windup)
         optimizer = torch.optim.AdamW(weights, lr=cfg.lr, weight_decay=0.01)
         schedule = warmup_schedule(optimizer, cfg.steps)
         side = torch.optim.AdamW([{"params": predictor_params}, {"params": list(lagrangian.parameters())}],

@@ -225,6 +225,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictor-hidden", type=int, default=None, help="predictor hidden width (default: D; 0: linear)")
     parser.add_argument("--predictor-init-bias", type=float, default=5.0)
     parser.add_argument("--calibrate-keep", action="store_true", help="token_downsampling's calibrate_keep")
+    parser.add_argument("--token-finetune-steps", type=int, default=0, help="token_downsampling's finetune_steps (on the inference decisions)")
+    parser.add_argument("--prune-anti-windup", action=argparse.BooleanOptionalAction, default=True,
+                        help="structured_prune's anti_windup (off: the runs before 2026-12-03)")
+    parser.add_argument("--token-anti-windup", action=argparse.BooleanOptionalAction, default=True, help="token_downsampling's anti_windup")
     parser.add_argument("--torch-threads", type=int, default=1, help="training threads (1: no OpenMP spinning on a shared CPU)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench_infor_coef")
 
@@ -233,17 +237,20 @@ def pass_entries(args, train_tsv: str) -> tuple[dict, dict, str, str]:
     """The two recipe entries from the command line, and their cache tags (pruned, pruned + tokens)."""
     prune = {"pass": "structured_prune", "targets": ["re:bert\\.encoder\\.layer\\.\\d+"], "target_sparsity": args.sparsity,
              "data": train_tsv, "steps": args.prune_steps, "finetune_steps": args.finetune_steps, "batch_size": args.batch_size,
-             "lr": args.prune_lr, "mask_lr": args.mask_lr, "sparsity_warmup": args.sparsity_warmup, "distill_alpha": args.distill_alpha}
+             "lr": args.prune_lr, "mask_lr": args.mask_lr, "sparsity_warmup": args.sparsity_warmup, "distill_alpha": args.distill_alpha,
+             "anti_windup": args.prune_anti_windup}
     tokens = {"pass": "token_downsampling", "targets": ["bert.encoder"], "data": train_tsv, "steps": args.token_steps,
               "batch_size": args.batch_size, "target_keep": args.target_keep, "lr": args.token_lr, "predictor_lr": args.predictor_lr,
               "predictor_hidden": args.predictor_hidden, "predictor_init_bias": args.predictor_init_bias,
-              "distill_alpha": args.distill_alpha, "calibrate_keep": args.calibrate_keep}
+              "distill_alpha": args.distill_alpha, "calibrate_keep": args.calibrate_keep,
+              "finetune_steps": args.token_finetune_steps, "anti_windup": args.token_anti_windup}
     if args.token_layers != "all":
         tokens["layers"] = [int(i) for i in args.token_layers.split(",")]
     tag = (f"s{args.sparsity}-p{args.prune_steps}-f{args.finetune_steps}-b{args.batch_size}-lr{args.prune_lr}"
-           f"-m{args.mask_lr}-w{args.sparsity_warmup}-a{args.distill_alpha}")
+           f"-m{args.mask_lr}-w{args.sparsity_warmup}-a{args.distill_alpha}" + ("-aw" if args.prune_anti_windup else ""))
     token_tag = (f"{tag}-tokens-k{args.target_keep}-t{args.token_steps}-lr{args.token_lr}-plr{args.predictor_lr}"
-                 f"-L{args.token_layers.replace(',', '')}-h{args.predictor_hidden}-ib{args.predictor_init_bias}" + ("-cal" if args.calibrate_keep else ""))
+                 f"-L{args.token_layers.replace(',', '')}-h{args.predictor_hidden}-ib{args.predictor_init_bias}" + ("-cal" if args.calibrate_keep else "")
+                 + (f"-tf{args.token_finetune_steps}" if args.token_finetune_steps else "") + ("-taw" if args.token_anti_windup else ""))
     return prune, tokens, f"pruned-{tag}.pt", f"pruned-{token_tag}.pt"
 
 

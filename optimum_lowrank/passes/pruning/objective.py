@@ -260,10 +260,11 @@ def lagrangian_step(loss: torch.Tensor, step: int, what: str, optimizers: tuple[
 
 
 def finetune_weights(work: nn.Module, objective: TaskObjective, steps: int, lr: float, what: str,
-                     frozen: list[nn.Parameter] = ()) -> None:
+                     frozen: list[nn.Parameter] = (), extra_hidden: bool = True) -> None:
     """``steps`` steps of ``objective`` alone on ``work``'s trainable weights except ``frozen``
     (AdamW, weight decay 0.01, :func:`warmup_schedule`, gradients clipped to norm 1); ``work``
-    ends in eval mode.
+    ends in eval mode. ``extra_hidden=False`` leaves out the layer-wise hidden-state MSE (see
+    :meth:`TaskObjective.loss`).
 
     Raises
     ------
@@ -278,7 +279,7 @@ def finetune_weights(work: nn.Module, objective: TaskObjective, steps: int, lr: 
     work.train()
     for step in range(steps):
         inputs, labels = next(batches)
-        loss = objective.loss(work, inputs, labels)
+        loss = objective.loss(work, inputs, labels, extra_hidden=extra_hidden)
         check_finite(loss, step, what)
         optimizer.zero_grad()
         loss.backward()

@@ -269,7 +269,7 @@ class TokenDownsamplingPass(CompressionPass):
             encoder.hard_decisions = True
         try:
             finetune_weights(work, objective, cfg.finetune_steps, cfg.lr, "token_downsampling (fine-tuning on the inference decisions)",
-                             frozen=[p for e in encoders for p in e.predictors.parameters()])
+                             frozen=[p for e in encoders for p in e.predictors.parameters()], extra_hidden=False)
         finally:
             for encoder in encoders:
                 encoder.hard_decisions = False

@@ -34,9 +34,10 @@ from optimum_lowrank.errors import DataError, PassError
 from optimum_lowrank.evaluation.base import hidden_state, mean_pool
 from optimum_lowrank.exporters.onnx import is_causal_lm
 from optimum_lowrank.finetune import next_token_kl
+from optimum_lowrank.progress import bar
 from optimum_lowrank.tasks import LabelledData, check_num_labels, encode_batches, load_labelled_tsv
 
-__all__ = ["NonFiniteLossError", "TaskObjective", "TrainingOptions", "check_finite", "warmup_schedule"]
+__all__ = ["NonFiniteLossError", "TaskObjective", "TrainingOptions", "check_finite", "train_steps", "warmup_schedule"]
 
 
 class NonFiniteLossError(PassError):
@@ -228,6 +229,42 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: float 
     """Linear warm-up over ``warmup * steps`` steps, then linear decay to 0."""
     warm = max(1, int(warmup * steps))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+
+
+def train_steps(model: nn.Module, objective: TaskObjective, steps: int, lr: float, what: str, progress: bool = False) -> list[float]:
+    """``steps`` optimisation steps of ``objective`` on ``model``'s trainable parameters; returns the losses.
+
+    AdamW (weight decay 0.01) at ``lr`` with :func:`warmup_schedule`, gradients clipped to
+    norm 1, ``model`` in train mode while it runs and in eval mode after. This is
+    ``structured_prune``'s fine-tune after removal; any compressed model can be healed the
+    same way against the objective's teacher (the model the objective was built from).
+
+    Raises
+    ------
+    NonFiniteLossError
+        If a loss is NaN or infinite (``what`` names the caller in the message); the
+        parameters keep the updates of the steps before it.
+    """
+    weights = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(weights, lr=lr, weight_decay=0.01)
+    schedule = warmup_schedule(optimizer, steps)
+    batches = objective.batches()
+    losses = []
+    model.train()
+    try:
+        for step in bar(range(steps), desc=what, unit="step", enabled=progress):
+            inputs, labels = next(batches)
+            loss = objective.loss(model, inputs, labels)
+            check_finite(loss, step, what)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(weights, 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+    finally:
+        model.eval()
+    return losses
 
 
 def lagrangian_step(loss: torch.Tensor, step: int, what: str, optimizers: tuple[torch.optim.Optimizer, ...], lagrangian,

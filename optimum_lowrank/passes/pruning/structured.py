@@ -30,7 +30,13 @@ from torch import nn
 from optimum_lowrank.api import CompressionPass, PassConfig, PassContext, count_parameters
 from optimum_lowrank.hookspecs import hookimpl
 from optimum_lowrank.passes.pruning.hard_concrete import Lagrangian
-from optimum_lowrank.passes.pruning.objective import TaskObjective, TrainingOptions, check_finite, lagrangian_step, warmup_schedule
+from optimum_lowrank.passes.pruning.objective import (
+    TaskObjective,
+    TrainingOptions,
+    lagrangian_step,
+    train_steps,
+    warmup_schedule,
+)
 from optimum_lowrank.passes.pruning.structure import SUPPORTED_LAYERS, expected_sparsity, install_gates, remove_closed, set_gate_values
 from optimum_lowrank.progress import bar
 from optimum_lowrank.report import LayerReport
@@ -181,21 +187,7 @@ class StructuredPrunePass(CompressionPass):
 
     def _finetune(self, work: nn.Module, objective: TaskObjective) -> None:
         cfg: StructuredPruneConfig = self.config
-        weights = [p for p in work.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(weights, lr=cfg.lr, weight_decay=0.01)
-        schedule = warmup_schedule(optimizer, cfg.finetune_steps)
-        batches = objective.batches()
-        work.train()
-        for step in range(cfg.finetune_steps):
-            inputs, labels = next(batches)
-            loss = objective.loss(work, inputs, labels)
-            check_finite(loss, step, "structured_prune (fine-tuning after removal)")
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(weights, 1.0)
-            optimizer.step()
-            schedule.step()
-        work.eval()
+        train_steps(work, objective, cfg.finetune_steps, cfg.lr, "structured_prune (fine-tuning after removal)")
 
 
 @hookimpl

@@ -2,8 +2,10 @@
 token downsampling, measured in ONNX Runtime next to the analytic FLOPs.
 
 Rows (fp32 and dynamic int8 each): the unpruned fine-tuned model; ``structured_prune``;
-``structured_prune`` + ``token_downsampling``; optionally the project's ``svd`` pass at
-about the pruned model's parameter count. For each: SST-2 dev accuracy in ONNX Runtime
+``structured_prune`` + ``token_downsampling``; optionally (``lowrank``) the project's
+``activation_svd`` (or ``svd``) pass on the same 36 linear layers at the pruned models'
+encoder-layer parameter counts, healed with the pruning row's objective and step budget
+(:func:`lowrank_rows`). For each: SST-2 dev accuracy in ONNX Runtime
 (all 872 sentences, padded batches of 32), ORT CPU latency at batch 1 on real dev
 sentences (2 threads, each sentence unpadded, median and mean over sentences), the
 analytic encoder FLOPs per sentence (kept heads and dimensions, and the measured
@@ -52,21 +54,21 @@ def encoder_flops(model, tokens_per_layer: list[float], length: float | None = N
     """Multiply-adds x 2 of the encoder layers (and token predictors) for one sentence.
 
     ``tokens_per_layer[i]``: tokens layer ``i`` runs on; ``length``: the sentence's tokens
-    (default ``tokens_per_layer[0]``). Per layer with ``n`` tokens,
-    ``a = heads x head_dim`` and FFN width ``f``: Q/K/V/O projections ``8 n D a``,
-    scores and context ``4 n^2 a``, FFN ``4 n D f``; a predictor adds ``2 x`` its linear
+    (default ``tokens_per_layer[0]``). Per layer with ``n`` tokens and
+    ``a = heads x head_dim``: ``2 n`` x the multiply-adds per token of its linear layers
+    (dense: Q/K/V/O ``4 D a``, FFN ``2 D f``; a low-rank layer of rank ``r``: ``r (in + out)``),
+    scores and context ``4 n^2 a``; a predictor adds ``2 x`` its linear
     layers' multiply-adds per token on the tokens it scores (those the previous layer ran
     on). Embedding look-ups, LayerNorms and the classifier are left out.
     """
     encoder = model.bert.encoder
-    width = model.config.hidden_size
     total = 0.0
     for i, layer in enumerate(encoder.layer):
         n = tokens_per_layer[i]
         attn = getattr(layer.attention, "self", None)
         a = 0 if attn is None else attn.num_attention_heads * attn.attention_head_size
-        f = getattr(getattr(layer.intermediate, "dense", None), "out_features", 0)
-        total += 8 * n * width * a + 4 * n * n * a + 4 * n * width * f
+        linear = sum(m.in_features * m.out_features for m in layer.modules() if isinstance(m, torch.nn.Linear))
+        total += 2 * n * linear + 4 * n * n * a
         if isinstance(encoder, TokenDroppingEncoder) and hasattr(encoder.predictors[i], "macs_per_token"):
             scored = tokens_per_layer[i - 1] if i else (length if length is not None else tokens_per_layer[0])
             total += 2 * scored * encoder.predictors[i].macs_per_token()
@@ -266,6 +268,17 @@ def main() -> None:
     parser.add_argument("--rows", default="original,pruned,pruned+tokens,tokens")
     parser.add_argument("--saved", type=Path, action="append", default=[],
                         help="also measure a model an `optimize --save-pytorch` run wrote (its OUTPUT folder; repeatable)")
+    parser.add_argument("--lowrank-method", default="svd_llm",
+                        help="lowrank rows, comma-separated: activation_svd's method (svd_llm, asvd) or the plain svd pass (svd)")
+    parser.add_argument("--lowrank-layer-params", default="3406747,5584330",
+                        help="lowrank rows: encoder-layer parameter counts to match, comma-separated "
+                             "(default: the structured_prune models at 0.675 and 0.495 sparsity)")
+    parser.add_argument("--lowrank-allocation", choices=("fisher", "relative", "absolute"), default="fisher",
+                        help="activation_svd's allocation (ignored by svd)")
+    parser.add_argument("--lowrank-min-layer-saving", type=float, default=0.1)
+    parser.add_argument("--calibration-windows", type=int, default=64, help="lowrank rows: windows of 128 SST-2 train tokens")
+    parser.add_argument("--heal-steps", type=int, default=None,
+                        help="lowrank rows: healing steps (default: --prune-steps + --finetune-steps, the pruned row's budget)")
     parser.add_argument("--retime", type=Path, default=None,
                         help="only re-measure the latency of the graphs in this results JSON (interleaved), write --out")
     args = parser.parse_args()
@@ -288,6 +301,9 @@ def main() -> None:
     evaluator = ClassificationAccuracyEvaluator(tokenizer, dev, max_length=128)
     sentences = dev.texts[: args.latency_sentences]
     wanted = args.rows.split(",")
+    unknown = set(args.lowrank_method.split(",")) - {"svd_llm", "asvd", "svd"}
+    if unknown:
+        parser.error(f"--lowrank-method: unknown {sorted(unknown)}; choose from svd_llm, asvd, svd")
     rows: list = []
     prune, tokens, pruned_cache, tokens_cache = pass_entries(args, train_tsv)
     print(f"{loaded.source}; torch accuracy {evaluator.evaluate_torch(base):.2f}", flush=True)
@@ -304,6 +320,9 @@ def main() -> None:
     if "tokens" in wanted:
         only, seconds, notes = train(base, [tokens], tokenizer, args.work / tokens_cache.replace("pruned-", "tokens-only-"))
         measure(f"token_downsampling only keep={args.target_keep}", only, tokenizer, evaluator, sentences, seconds, notes, args.work, rows)
+    if "lowrank" in wanted:
+        for method in args.lowrank_method.split(","):
+            lowrank_rows(args, method, base, tokenizer, evaluator, sentences, train_tsv, rows)
     for folder in args.saved:
         deadline = time.time() + args.wait_saved
         while not (folder / "report.json").is_file() and time.time() < deadline:
@@ -316,6 +335,79 @@ def main() -> None:
     if "minilm-stsb" in wanted:
         stsb_rows(args, rows)
     print(f"wrote {RESULTS}")
+
+
+LOWRANK_TARGETS = [("re:bert\\.encoder\\.layer\\.\\d+\\.(attention\\.self\\.(query|key|value)|attention\\.output\\.dense|"
+                    "intermediate\\.dense|output\\.dense)")]
+
+
+def lowrank_rows(args, method: str, base, tokenizer, evaluator, sentences, train_tsv: str, rows: list) -> None:
+    """The low-rank rows of ``method``: for each ``--lowrank-layer-params`` count, the 36 linear layers of the encoder
+    blocks factorised under one global budget (``target_params_ratio`` chosen so the encoder layers hold
+    that many parameters, the LayerNorms and biases counted as kept), then healed with the pruning row's
+    objective (task CE + logit distillation from the unpruned model, :class:`TaskObjective`) and its step
+    budget (``--prune-steps`` + ``--finetune-steps`` steps of ``--batch-size`` at ``--prune-lr``, one
+    warm-up + linear-decay schedule, :func:`finetune_weights`). Calibration: ``--calibration-windows`` windows
+    of 128 tokens cut from the SST-2 train sentences."""
+    from torch import nn
+
+    from optimum_lowrank.api import resolve_targets
+    from optimum_lowrank.data import token_windows
+    from optimum_lowrank.passes.pruning.objective import TaskObjective, TrainingOptions, finetune_weights
+
+    heal = args.heal_steps if args.heal_steps is not None else args.prune_steps + args.finetune_steps
+    layers_before = count_parameters(base.bert.encoder.layer)
+    linears = resolve_targets(base, tuple(LOWRANK_TARGETS), (nn.Linear,))
+    linear_params = sum(count_parameters(m) for m in linears.values())
+    text = " ".join(load_labelled_tsv(train_tsv).texts[:20000])
+    windows = token_windows(tokenizer, text, 128, args.calibration_windows, strict=True)
+    for goal in (int(x) for x in args.lowrank_layer_params.split(",")):
+        ratio = (goal - (layers_before - linear_params)) / linear_params
+        allocation = "" if method == "svd" else f"-{args.lowrank_allocation}"
+        tag = (f"lowrank-{method}{allocation}-L{goal}-ms{args.lowrank_min_layer_saving}"
+               f"-c{args.calibration_windows}-h{heal}-b{args.batch_size}-lr{args.prune_lr}-a{args.distill_alpha}")
+        cache = args.work / f"{tag}.pt"
+        if cache.is_file():
+            saved = torch.load(cache, weights_only=False)
+        else:
+            entry = {"targets": LOWRANK_TARGETS, "target_params_ratio": ratio, "min_layer_saving": args.lowrank_min_layer_saving}
+            if method == "svd":
+                pass_name = "svd"  # its budget allocates by the weights' own spectra (no allocation option)
+            else:
+                pass_name = "activation_svd"
+                entry.update(method=method, allocation=args.lowrank_allocation, progress=False)
+            model = copy.deepcopy(base)
+            context = PassContext(kind="encoder", tokenizer=tokenizer, calibration_loader=lambda: windows, seed=0)
+            t0 = time.perf_counter()
+            reports = get_registry().get(pass_name)(entry).run(model, context)
+            compress_s = time.perf_counter() - t0
+            before_heal = evaluator.evaluate_torch(model)
+            print(f"  {pass_name} to {goal} layer params (ratio {ratio:.4f}): {compress_s:.0f} s, "
+                  f"layer params {count_parameters(model.bert.encoder.layer)}, torch acc before healing {before_heal:.2f}", flush=True)
+            options = TrainingOptions(data=train_tsv, steps=heal, batch_size=args.batch_size, lr=args.prune_lr,
+                                      distill_alpha=args.distill_alpha)
+            objective = TaskObjective(base, options, context)  # the teacher: the unpruned model
+            t0 = time.perf_counter()
+            losses = finetune_weights(model, objective, heal, args.prune_lr, "low-rank healing", progress=True)
+            heal_s = time.perf_counter() - t0
+            factorized = [r for r in reports if r.action == "factorized"]
+            saved = {"model": model, "seconds": {pass_name: compress_s, "heal": heal_s},
+                     "notes": [*context.notes, (f"{pass_name} {method if pass_name != 'svd' else ''} target_params_ratio "
+                                                f"{ratio:.4f}: {len(factorized)}/{len(reports)} layers factorised, ranks "
+                                                f"{[r.rank for r in reports]}; healed {heal} steps of {args.batch_size} at lr "
+                                                f"{args.prune_lr}, {objective.description}, last loss {losses[-1]:.4f}")],
+                     "accuracy_before_healing_torch": before_heal, "target_params_ratio": ratio,
+                     "ranks": {r.name: (r.rank if r.action == "factorized" else None) for r in reports}}
+            torch.save(saved, cache)
+        model = saved["model"]
+        start = len(rows)
+        layer_params = count_parameters(model.bert.encoder.layer)
+        measure(f"{method} {layer_params / 1e6:.2f} M layer params + heal", model, tokenizer, evaluator, sentences,
+                saved["seconds"], saved["notes"], args.work, rows)
+        for row in rows[start:]:
+            row.update(layer_params=layer_params, layer_params_goal=goal, target_params_ratio=saved["target_params_ratio"],
+                       accuracy_before_healing_torch=saved["accuracy_before_healing_torch"], ranks=saved["ranks"])
+        write(rows)
 
 
 def measure_saved(folder: Path, tokenizer, evaluator, sentences, work: Path, rows: list) -> None:

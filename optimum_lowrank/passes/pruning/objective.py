@@ -34,6 +34,7 @@ from optimum_lowrank.errors import DataError, PassError
 from optimum_lowrank.evaluation.base import hidden_state, mean_pool
 from optimum_lowrank.exporters.onnx import is_causal_lm
 from optimum_lowrank.finetune import next_token_kl
+from optimum_lowrank.progress import bar
 from optimum_lowrank.tasks import LabelledData, check_num_labels, encode_batches, load_labelled_tsv
 
 __all__ = ["NonFiniteLossError", "TaskObjective", "TrainingOptions", "check_finite", "finetune_weights", "warmup_schedule"]
@@ -260,30 +261,41 @@ def lagrangian_step(loss: torch.Tensor, step: int, what: str, optimizers: tuple[
 
 
 def finetune_weights(work: nn.Module, objective: TaskObjective, steps: int, lr: float, what: str,
-                     frozen: list[nn.Parameter] = (), extra_hidden: bool = True) -> None:
-    """``steps`` steps of ``objective`` alone on ``work``'s trainable weights except ``frozen``
-    (AdamW, weight decay 0.01, :func:`warmup_schedule`, gradients clipped to norm 1); ``work``
-    ends in eval mode. ``extra_hidden=False`` leaves out the layer-wise hidden-state MSE (see
-    :meth:`TaskObjective.loss`).
+                     frozen: list[nn.Parameter] = (), extra_hidden: bool = True, progress: bool = False) -> list[float]:
+    """``steps`` steps of ``objective`` alone on ``work``'s trainable weights except ``frozen``;
+    returns the losses.
+
+    AdamW (weight decay 0.01) at ``lr`` with :func:`warmup_schedule`, gradients clipped to
+    norm 1; ``work`` in train mode while it runs and in eval mode after (also on an error).
+    ``extra_hidden=False`` leaves out the layer-wise hidden-state MSE (see
+    :meth:`TaskObjective.loss`). The fine-tune after ``structured_prune``'s removal and after
+    ``token_downsampling``'s training; any compressed model can be healed the same way against
+    the objective's teacher (the model the objective was built from).
 
     Raises
     ------
     NonFiniteLossError
-        If a loss is NaN or infinite (``what`` names the phase in the message).
+        If a loss is NaN or infinite (``what`` names the phase in the message); the
+        parameters keep the updates of the steps before it.
     """
     skip = {id(p) for p in frozen}
     weights = [p for p in work.parameters() if p.requires_grad and id(p) not in skip]
     optimizer = torch.optim.AdamW(weights, lr=lr, weight_decay=0.01)
     schedule = warmup_schedule(optimizer, steps)
     batches = objective.batches()
+    losses = []
     work.train()
-    for step in range(steps):
-        inputs, labels = next(batches)
-        loss = objective.loss(work, inputs, labels, extra_hidden=extra_hidden)
-        check_finite(loss, step, what)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(weights, 1.0)
-        optimizer.step()
-        schedule.step()
-    work.eval()
+    try:
+        for step in bar(range(steps), desc=what, unit="step", enabled=progress):
+            inputs, labels = next(batches)
+            loss = objective.loss(work, inputs, labels, extra_hidden=extra_hidden)
+            check_finite(loss, step, what)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(weights, 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+    finally:
+        work.eval()
+    return losses

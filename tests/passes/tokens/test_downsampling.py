@@ -44,6 +44,16 @@ def _dropping(encoder, seed=0):
             p.net[-1].weight.copy_(torch.randn(p.net[-1].weight.shape, generator=g))
 
 
+def _train_without_dropout(model):
+    """Train mode (the straight-through token path) with every dropout off, so it can be compared with eval."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if hasattr(m, "dropout_prob"):  # sdpa attention applies its own dropout
+            m.dropout_prob = 0.0
+
+
 @pytest.mark.parametrize("restore", [False, True])
 def test_fully_kept_mask_equals_the_original(restore):
     model = tiny_classifier()
@@ -87,12 +97,7 @@ def test_train_mode_with_hard_decisions_matches_eval_removal(inner):
     ids, mask = _padded()
     with torch.no_grad():
         evaluated = model(input_ids=ids, attention_mask=mask).logits
-        model.train()
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-            if hasattr(m, "dropout_prob"):  # sdpa attention applies its own dropout
-                m.dropout_prob = 0.0
+        _train_without_dropout(model)
         trained = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(trained, evaluated, atol=1e-5, rtol=0)
 
@@ -106,12 +111,7 @@ def test_hard_decisions_train_on_exactly_what_inference_drops():
     ids, mask = _padded()
     with torch.no_grad():
         evaluated = model(input_ids=ids, attention_mask=mask).logits
-        model.train()
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-            if hasattr(m, "dropout_prob"):
-                m.dropout_prob = 0.0
+        _train_without_dropout(model)
         torch.manual_seed(0)
         model(input_ids=ids, attention_mask=mask)
         sampled = [k.clone() for k in encoder.stats["keep"]]
